@@ -1,0 +1,304 @@
+"""
+A GPT language model in the style of nanoGPT, with the attention chosen by name.
+
+The attention interface (every attention file implements it):
+
+  Attention(config, layer_idx)          an nn.Module; projections keep nanoGPT's names (c_attn, c_proj)
+  attention(x, x0, cache=None) -> y     x:  (B, T, C) this block's input after ln_1: queries come from it
+                                        x0: (B, T0, C) the initial token states (the input of block 0), T0 >= T.
+                                            InAttention makes keys and values from x0; the others ignore it.
+                                        cache=None: a full forward over positions 0..T0-1 (training).
+                                        cache given: x holds the tokens that follow the cache.length tokens
+                                            already cached; the attention appends them to its part of the
+                                            cache and returns their outputs (prefill and one-step decode).
+  Cache(config, batch_size, max_len, **options)
+                                        the attention's inference cache, for all layers together, so an
+                                        attention may share it across layers (InAttention does). It has
+                                        .length (tokens seen), .nbytes() (bytes held) and .last_token_only
+                                        (True when earlier tokens never need to run through the blocks).
+                                        options are inference-time settings (selective's budget), passed
+                                        through generate(..., **cache_options).
+  Attention.aux_loss                    optional: an extra training loss term set by forward (selective's
+                                        memory loss); GPT adds it to the language-model loss.
+  Attention.streams                     True when the attention has no context limit (Infini-attention): it
+                                        then brings its own positions and the model has no position table.
+
+Positions: a learned absolute table (GPT-2's wpe) added to the initial states, as InAttention's cache needs
+(positions must live in x0); Infini-attention streams past block_size, so it instead rotates queries and keys
+inside each segment (RoPE) and keeps its memory position-free, as its paper does.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+ATTENTIONS = ('causal', 'in', 'infini', 'selective')
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    attention: str = 'causal'    # one of ATTENTIONS
+    use_kernels: bool = True     # Triton kernels on CUDA where they exist; False forces the PyTorch reference
+    # infini: segment length, memory update rule ('linear' or 'delta'), learning-rate multiplier of the gates
+    segment_len: int = 64
+    memory_update: str = 'delta'
+    gate_lr_mult: float = 10.0
+    # selective: the head whose logits select (paper: head 0) and the auxiliary memory loss weight (0 = off)
+    selection_head: int = 0
+    selection_loss: float = 0.0
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention '{self.attention}', choose one of: {', '.join(ATTENTIONS)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+
+def attention_classes(name):
+    """The (Attention, Cache) classes of an attention, by name. Imported here so each file stands alone."""
+    if name == 'causal':
+        return CausalSelfAttention, KVCache
+    if name == 'in':
+        from attention_in import InAttention, InCache
+        return InAttention, InCache
+    if name == 'infini':
+        from attention_infini import InfiniAttention, InfiniCache
+        return InfiniAttention, InfiniCache
+    if name == 'selective':
+        from attention_selective import SelectiveAttention, SelectiveCache
+        return SelectiveAttention, SelectiveCache
+    raise ValueError(f"unknown attention '{name}', choose one of: {', '.join(ATTENTIONS)}")
+
+
+def causal_mask(t_q, t_k, device):
+    """Boolean mask letting the last t_q of t_k positions see themselves and everything before them."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The baseline: plain causal self-attention with a standard KV cache.
+
+class CausalSelfAttention(nn.Module):
+    streams = False
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, x0, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:
+            k, v = cache.append(self.layer_idx, k, v)
+            mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class KVCache:
+    """Keys and values of every layer for every token seen: 2 * n_layer * n_embd numbers per token."""
+    last_token_only = False
+
+    def __init__(self, config, batch_size, max_len):
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = self.v = None  # allocated on first use, in the dtype the model computes in
+        self.length = 0
+
+    def append(self, layer, k, v):
+        if self.k is None:
+            self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        if end > self.shape[3]:
+            raise ValueError(f"KV cache holds {self.shape[3]} tokens, {end} asked for")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def nbytes(self):
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shared parts: nanoGPT's MLP, Block and GPT.
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        attention_class, _ = attention_classes(config.attention)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = attention_class(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, x0, cache=None):
+        x = x + self.attn(self.ln_1(x), x0, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        attention_class, self.cache_class = attention_classes(config.attention)
+        self.streams = attention_class.streams
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=None if self.streams else nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def get_num_params(self, non_embedding=True):
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.transformer.wpe is not None:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def check_length(self, t):
+        if not self.streams and t > self.config.block_size:
+            raise ValueError(f"{t} tokens is more than block_size={self.config.block_size}, the context this "
+                             f"'{self.config.attention}' model was trained for; crop the input or fine-tune "
+                             f"with a larger --block_size")
+
+    def new_cache(self, batch_size, max_len=None, **options):
+        """An empty inference cache for up to max_len tokens (default block_size)."""
+        return self.cache_class(self.config, batch_size, max_len or self.config.block_size, **options)
+
+    def forward(self, idx, targets=None, cache=None):
+        b, t = idx.size()
+        start = 0 if cache is None else cache.length
+        self.check_length(start + t)
+        x0 = self.transformer.wte(idx)
+        if self.transformer.wpe is not None:
+            pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
+            x0 = x0 + self.transformer.wpe(pos)
+        x0 = self.transformer.drop(x0)
+        x = x0
+        if cache is not None and targets is None and cache.last_token_only:
+            x = x[:, -1:]  # InAttention: keys and values come from x0 alone, so only the last token runs
+        for block in self.transformer.h:
+            x = block(x, x0, cache)
+        if cache is not None:
+            cache.length += t
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = loss + sum(getattr(block.attn, 'aux_loss', 0.0) for block in self.transformer.h)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
+            loss = None
+        return logits, loss
+
+    def resize_block_size(self, block_size):
+        """Crop, or extend by tiling the learned position table (keeps logits of short inputs unchanged)."""
+        self.config.block_size = block_size
+        wpe = self.transformer.wpe
+        if wpe is None or wpe.weight.size(0) == block_size:
+            return
+        reps = -(-block_size // wpe.weight.size(0))
+        wpe.weight = nn.Parameter(wpe.weight.detach().repeat(reps, 1)[:block_size].clone())
+        wpe.num_embeddings = block_size
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # matrices are decayed, vectors (biases, norms, gates) are not; a parameter may carry an lr_mult
+        groups = {}
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            decay = weight_decay if p.dim() >= 2 else 0.0
+            lr_mult = getattr(p, 'lr_mult', 1.0)
+            groups.setdefault((decay, lr_mult), []).append(p)
+        optim_groups = [{'params': ps, 'weight_decay': wd, 'lr_mult': m, 'lr': learning_rate * m}
+                        for (wd, m), ps in groups.items()]
+        fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=989e12):
+        """Model flops utilization against peak_flops (default: H100 bf16 dense), PaLM appendix B."""
+        N = self.get_num_params()
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, **cache_options):
+        """Sample max_new_tokens after idx (b, t), with the attention's cache: the prefix is never recomputed.
+
+        Attentions with a context limit keep nanoGPT's semantics past block_size: the context is the last
+        block_size tokens, so the cache is rebuilt from that window each step. Streaming ones never crop.
+        """
+        limit = None if self.streams else self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if cache is None or (limit is not None and cache.length >= limit):
+                context = idx if limit is None else idx[:, -limit:]
+                max_len = context.size(1) + max_new_tokens
+                cache = self.new_cache(idx.size(0), max_len if limit is None else min(max_len, limit), **cache_options)
+                logits, _ = self(context, cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
