@@ -1,0 +1,94 @@
+"""The core: config errors, forward/backward and cached generation for every attention."""
+import pytest
+import torch
+
+from model import ATTENTIONS, GPT, GPTConfig
+
+
+def tiny(attention, **kw):
+    args = dict(block_size=32, vocab_size=23, n_layer=2, n_head=2, n_embd=16, attention=attention, segment_len=8)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+def test_unknown_attention_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attention 'flash'.*causal, in, infini, selective"):
+        GPTConfig(attention='flash')
+
+
+@pytest.mark.parametrize('attention', ATTENTIONS)
+def test_forward_backward(attention):
+    torch.manual_seed(0)
+    model = GPT(tiny(attention))
+    idx = torch.randint(0, 23, (2, 32))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 32, 23) and torch.isfinite(loss)
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+@pytest.mark.parametrize('attention', ATTENTIONS)
+def test_cached_greedy_generation_equals_recomputation(attention):
+    """generate() with the cache must pick exactly the tokens that re-running the full forward picks."""
+    torch.manual_seed(0)
+    model = GPT(tiny(attention)).double().eval()
+    prompt = torch.randint(0, 23, (2, 5))
+    new = 45  # past block_size: cropped for fixed-context attentions, streamed for infini
+    out = model.generate(prompt, new, top_k=1)
+    ref = prompt
+    for _ in range(new):
+        context = ref if model.streams else ref[:, -model.config.block_size:]
+        logits, _ = model(context)
+        ref = torch.cat((ref, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize('attention', ATTENTIONS)
+def test_cached_logits_equal_full_forward(attention):
+    """Prefill in two chunks, then decode token by token: every step's logits equal the full forward's."""
+    torch.manual_seed(0)
+    model = GPT(tiny(attention)).double().eval()
+    idx = torch.randint(0, 23, (2, 30))
+    cache = model.new_cache(2)
+    model(idx[:, :7], cache=cache)
+    model(idx[:, 7:19], cache=cache)
+    for t in range(19, 30):
+        logits, _ = model(idx[:, t:t + 1], cache=cache)
+        full, _ = model(idx[:, :t + 1])
+        torch.testing.assert_close(logits, full, rtol=1e-9, atol=1e-9)
+    assert cache.length == 30
+
+
+def test_kv_cache_bytes():
+    model = GPT(tiny('causal')).eval()
+    cache = model.new_cache(1, max_len=32)
+    model(torch.randint(0, 23, (1, 10)), cache=cache)
+    assert cache.nbytes() == 2 * 2 * 16 * 32 * 4  # k and v, 2 layers, n_embd 16, 32 slots, fp32
+
+
+def test_longer_than_block_size_is_a_clear_error():
+    model = GPT(tiny('causal'))
+    with pytest.raises(ValueError, match='more than block_size=32'):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_resize_block_size_keeps_short_inputs():
+    torch.manual_seed(0)
+    model = GPT(tiny('causal')).eval()
+    idx = torch.randint(0, 23, (1, 32))
+    before, _ = model(idx, idx)
+    model.resize_block_size(80)
+    after, _ = model(idx, idx)
+    assert torch.equal(before, after)
+    model(torch.randint(0, 23, (1, 80)))
+
+
+def test_optimizer_groups_honour_lr_mult():
+    model = GPT(tiny('causal'))
+    model.transformer.ln_f.weight.lr_mult = 10.0
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    by_mult = {g['lr_mult']: g for g in opt.param_groups}
+    assert by_mult[10.0]['lr'] == pytest.approx(1e-2) and by_mult[10.0]['weight_decay'] == 0.0
+    decayed = [g for g in opt.param_groups if g['weight_decay'] > 0]
+    assert all(p.dim() >= 2 for g in decayed for p in g['params'])
