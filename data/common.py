@@ -1,0 +1,189 @@
+"""
+Tokenizers and the file format shared by every dataset.
+
+A prepared dataset is a folder with train.bin and val.bin (token ids as np.uint16, back to back, read by
+train.py with np.memmap as nanoGPT does) and meta.pkl, a dict of plain Python values:
+
+  vocab_size    int, the number of token ids
+  tokenizer     the tokenizer's identity, e.g. {'kind': 'byte'}, {'kind': 'char', 'chars': 'abc'},
+                {'kind': 'tiktoken', 'name': 'gpt2'}; tokenizer_from_meta rebuilds the tokenizer from it
+  eot_token     int, the end-of-text id that follows every document (a dataset of one document may not use it)
+  dataset       str, what the data is
+  example_len   optional int: the data is made of examples of exactly this many tokens, back to back (passkey)
+
+Every tokenizer has encode(str) -> list[int], decode(list[int]) -> str, .identity, .vocab_size and .eot_token.
+"""
+
+import os
+import pickle
+import threading
+
+import numpy as np
+
+EOT_TEXT = '<|endoftext|>'  # how an end-of-text id decodes, as tiktoken shows it
+TOKENIZERS = ('byte', 'char', 'gpt2')
+TIKTOKEN_TIMEOUT = 20.0  # seconds to wait for tiktoken to load (and download) an encoding before giving up
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are the ids 0..255, and 256 is end-of-text: no vocabulary to build, no unknown text."""
+
+    identity = {'kind': 'byte'}
+    eot_token = 256
+    vocab_size = 257
+
+    def encode(self, text):
+        return list(text.encode('utf-8'))
+
+    def decode(self, ids):
+        # bytes decode a run at a time, so a character split over several ids comes out whole
+        text, run = [], bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            text.append(run.decode('utf-8', errors='replace'))
+            text.append(EOT_TEXT if i == self.eot_token else '\ufffd')
+            run = bytearray()
+        text.append(run.decode('utf-8', errors='replace'))
+        return ''.join(text)
+
+
+class CharTokenizer:
+    """nanoGPT's character-level tokenizer: one id per distinct character of the data, then end-of-text."""
+
+    def __init__(self, chars):
+        self.chars = ''.join(sorted(set(chars)))
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.eot_token = len(self.chars)
+        self.vocab_size = len(self.chars) + 1
+        self.identity = {'kind': 'char', 'chars': self.chars}
+
+    def encode(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this character-level vocabulary "
+                             f"(it was built from the training text): remove it from the input") from None
+
+    def decode(self, ids):
+        return ''.join(self.chars[i] if 0 <= i < self.eot_token else EOT_TEXT if i == self.eot_token else '\ufffd'
+                       for i in ids)
+
+
+class TiktokenTokenizer:
+    """A tiktoken encoding (GPT-2's BPE for 'gpt2'); takes an already built tiktoken.Encoding."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.eot_token = enc.eot_token
+        self.vocab_size = enc.n_vocab
+        self.identity = {'kind': 'tiktoken', 'name': enc.name}
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)  # ordinary: text that looks like a special token stays text
+
+    def decode(self, ids):
+        # ids past the vocabulary (a model's padded embedding table) have no text: they are dropped
+        return self.enc.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+
+def load_tiktoken(name):
+    """tiktoken.get_encoding(name), or a one-line SystemExit when it cannot be had (it is downloaded on first use).
+    tiktoken's download has no timeout, so on a machine whose network drops packets it would hang: wait in a
+    thread for at most TIKTOKEN_TIMEOUT seconds."""
+    try:
+        import tiktoken
+    except ImportError:
+        raise SystemExit(f"the '{name}' tokenizer needs tiktoken (pip install tiktoken), or use --tokenizer=byte")
+    if name not in tiktoken.list_encoding_names():
+        raise SystemExit(f"tiktoken has no encoding '{name}', it has: {', '.join(tiktoken.list_encoding_names())}")
+    result = {}
+
+    def load():
+        try:
+            result['enc'] = tiktoken.get_encoding(name)
+        except Exception as e:
+            result['error'] = type(e).__name__  # its message can be a screenful of urllib3 internals
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(TIKTOKEN_TIMEOUT)
+    if 'enc' in result:
+        return result['enc']
+    reason = result.get('error', f'no answer in {TIKTOKEN_TIMEOUT:g} s')
+    raise SystemExit(f"cannot load tiktoken's '{name}' encoding, which is downloaded on first use and needs the "
+                     f"internet ({reason}); prepare the data with --tokenizer=byte (or char) instead")
+
+
+def get_tokenizer(name, text=None):
+    """A tokenizer by name: 'byte', 'char' (its vocabulary is the characters of `text`) or 'gpt2'."""
+    if name == 'byte':
+        return ByteTokenizer()
+    if name == 'char':
+        if text is None:
+            raise ValueError("the char tokenizer builds its vocabulary from the text: pass text=")
+        return CharTokenizer(text)
+    if name == 'gpt2':
+        return TiktokenTokenizer(load_tiktoken('gpt2'))
+    raise ValueError(f"unknown tokenizer '{name}', choose one of: {', '.join(TOKENIZERS)}")
+
+
+def tokenizer_from_meta(meta):
+    """The tokenizer recorded in a meta.pkl dict, or given by its identity dict alone."""
+    identity = meta.get('tokenizer', meta)
+    kind = identity.get('kind')
+    if kind == 'byte':
+        return ByteTokenizer()
+    if kind == 'char':
+        return CharTokenizer(identity['chars'])
+    if kind == 'tiktoken':
+        return TiktokenTokenizer(load_tiktoken(identity['name']))
+    raise ValueError(f"unknown tokenizer identity {identity!r}: expected kind 'byte', 'char' or 'tiktoken'")
+
+
+def load_meta(data_dir):
+    """The meta.pkl dict of a prepared dataset folder."""
+    path = os.path.join(data_dir, 'meta.pkl')
+    if not os.path.isfile(path):
+        raise SystemExit(f"no {path}: prepare the dataset first (python data/<name>/prepare.py)")
+    with open(path, 'rb') as f:
+        return pickle.load(f)
+
+
+def read_text(path):
+    """A file's text; bytes that are not UTF-8 become U+FFFD rather than stopping the preparation."""
+    with open(path, 'rb') as f:
+        return f.read().decode('utf-8', errors='replace')
+
+
+def encode_documents(tok, texts):
+    """The ids of every text, each followed by end-of-text (nanoGPT's openwebtext layout), as one np.uint16 array."""
+    ids = []
+    for text in texts:
+        ids.extend(tok.encode(text))
+        ids.append(tok.eot_token)
+    return to_uint16(ids)
+
+
+def to_uint16(ids):
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= 2 ** 16):
+        raise ValueError(f'token ids must lie in 0..65535 to be stored as uint16, got {ids.min()}..{ids.max()}')
+    return ids.astype(np.uint16)
+
+
+def write_dataset(out_dir, train_ids, val_ids, tok, dataset, **extra):
+    """Write train.bin, val.bin and meta.pkl into out_dir and print their sizes."""
+    if len(train_ids) == 0 or len(val_ids) == 0:
+        raise SystemExit(f'empty split (train {len(train_ids):,} tokens, val {len(val_ids):,}): give more input')
+    os.makedirs(out_dir, exist_ok=True)
+    to_uint16(train_ids).tofile(os.path.join(out_dir, 'train.bin'))
+    to_uint16(val_ids).tofile(os.path.join(out_dir, 'val.bin'))
+    meta = {'vocab_size': tok.vocab_size, 'tokenizer': tok.identity, 'eot_token': tok.eot_token,
+            'dataset': dataset, **extra}
+    with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
+        pickle.dump(meta, f)
+    print(f'{dataset}: train {len(train_ids):,} tokens, val {len(val_ids):,} tokens, '
+          f'vocab {tok.vocab_size:,} ({tok.identity["kind"]}) -> {out_dir}')
+    return meta
