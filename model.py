@@ -57,6 +57,7 @@ class GPTConfig:
     # selective: the head whose logits select (paper: head 0) and the auxiliary memory loss weight (0 = off)
     selection_head: int = 0
     selection_loss: float = 0.0
+    selection_fn: str = 'relu'   # selective: the nonlinearity turning logits into votes ('relu', 'softplus', 'sigmoid')
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:

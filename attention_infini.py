@@ -1,0 +1,213 @@
+"""
+Infini-attention (Munkhdalai, Faruqui, Gopal 2024, "Leave No Context Behind", arXiv 2404.07143).
+
+The input is cut into segments of N = segment_len tokens. In every layer and head, each segment s does
+ordinary causal softmax attention inside itself, and also reads a compressive memory, one d x d matrix M and
+one d-vector z per head, that sums up all earlier segments; then the segment is written into the memory.
+Per layer, per head, for segment s with queries, keys, values Q, K, V (N x d), sigma(x) = ELU(x) + 1:
+
+    A_dot = softmax(rope(Q) rope(K)^T / sqrt(d) + causal mask) V      local attention     (paper eq. 1-2)
+    A_mem = sigma(Q) M_{s-1} / (sigma(Q) z_{s-1})                      memory read         (eq. 3)
+    linear: M_s = M_{s-1} + sigma(K)^T V                               memory update       (eq. 4)
+    delta:  M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1}))         (eq. 5)
+            z_s = z_{s-1} + sum_t sigma(K_t)                           normaliser (both rules, eq. 4)
+    A     = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot            gate, beta per head (eq. 6)
+
+then the heads are concatenated and go through c_proj (eq. 7). M_0 = 0 and z_0 = 0: the first segment's read
+is 0/0, which we define as 0 (the denominator is clamped, so the gradient stays finite too). Positions: RoPE
+by the position inside the segment, for the local attention only; the memory sees un-rotated sigma(Q), sigma(K)
+(the paper's memory is position-free), so nothing depends on absolute positions and the model streams forever.
+Gradients flow through M and z across the segments of a training sequence. M and z are kept in fp32 (fp64 for
+fp64 inputs): they sum many segments.
+
+The reference, `infini_attention(q, k, v, beta, segment_len, update, M=None, z=None, dropout_p=0.0)`:
+    q     (B, H, Tq, d)  queries (un-rotated) of the LAST Tq of the T positions of k and v
+    k, v  (B, H, T, d)   keys (un-rotated) and values; position 0 of k is the first token of a segment
+    beta  (H,)           gate logits
+    M, z  (B, H, d, d), (B, H, d)   memory after the segments before k (None: empty)
+    returns y (B, H, Tq, d), and M, z after writing every COMPLETE segment of k, v (a trailing partial segment
+    is not written: the cache keeps its keys and values until it is full). A training forward is Tq = T, M = None.
+The streaming cache calls the same function with k, v = [this layer's cached partial segment, new tokens].
+A Triton kernel with the same signature may live in kernels.py (`kernels.infini_attention`); it is used on CUDA
+when `kernels.infini_available(q)` says so and config.use_kernels is set.
+"""
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import causal_mask
+
+try:
+    import kernels
+except ImportError:  # kernels.py needs triton; without it the reference below runs everywhere
+    kernels = None
+
+UPDATES = ('linear', 'delta')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reference: a loop over segments, the paper's equations in order.
+
+def sigma(x):
+    """ELU + 1: a positive feature map, so sigma(Q) z > 0 once anything is stored (the paper's choice)."""
+    return F.elu(x) + 1
+
+
+def memory_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def memory_read(sq, M, z):
+    """A_mem = sigma(Q) M / (sigma(Q) z), row-wise (eq. 3). An empty memory (z = 0) reads 0, not 0/0."""
+    return (sq @ M) / (sq @ z.unsqueeze(-1)).clamp_min(1e-6)
+
+
+def memory_update(sk, v, M, z, update):
+    """Write one segment: sk = sigma(K), v = V (B, H, N, d) into M (B, H, d, d) and z (B, H, d) (eq. 4, 5)."""
+    if update == 'delta':
+        v = v - memory_read(sk, M, z)  # store only what the memory does not already return for these keys
+    return M + sk.transpose(-1, -2) @ v, z + sk.sum(dim=-2)
+
+
+def rope(x, start):
+    """Rotate x (B, H, n, d) by RoPE at positions start..start+n-1 (rotate-half form, base 10000)."""
+    n, d = x.size(-2), x.size(-1)
+    dtype = memory_dtype(x)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
+    angles = torch.arange(start, start + n, device=x.device, dtype=dtype)[:, None] * inv_freq
+    cos, sin = (f(angles).repeat(1, 2).to(x.dtype) for f in (torch.cos, torch.sin))
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def local_attention(q, k, v, q_start, dropout_p):
+    """A_dot of one segment: q are the segment's positions q_start.. (of k's 0..n-1), RoPE inside the segment."""
+    tq, tk = q.size(-2), k.size(-2)
+    q, k = rope(q, q_start), rope(k, 0)
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    mask = None if tq == 1 else causal_mask(tq, tk, q.device)  # the last tq of tk positions
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0):
+    """Infini-attention over a sequence starting at a segment boundary (signature: module docstring)."""
+    B, H, T, D = k.shape
+    offset = T - q.size(-2)  # position (in k) of the first query
+    if M is None:
+        M = k.new_zeros(B, H, D, D, dtype=memory_dtype(k))
+        z = k.new_zeros(B, H, D, dtype=memory_dtype(k))
+    gate = torch.sigmoid(beta).view(1, H, 1, 1)
+    ys = []
+    for s in range(0, T, segment_len):
+        e = min(s + segment_len, T)
+        ks, vs = k[:, :, s:e], v[:, :, s:e]
+        if e > offset:  # this segment has queries
+            first = max(s, offset)
+            qs = q[:, :, first - offset:e - offset]
+            a_dot = local_attention(qs, ks, vs, first - s, dropout_p)
+            a_mem = memory_read(sigma(qs.to(M.dtype)), M, z).to(a_dot.dtype)
+            ys.append(gate * a_mem + (1 - gate) * a_dot)  # eq. 6
+        if e - s == segment_len:  # a complete segment goes into the memory; a partial one waits in the cache
+            M, z = memory_update(sigma(ks.to(M.dtype)), vs.to(M.dtype), M, z, update)
+    return torch.cat(ys, dim=2), M, z
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module.
+
+class InfiniAttention(nn.Module):
+    streams = True  # no context limit: the GPT has no position table and never crops
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        if config.memory_update not in UPDATES:
+            raise ValueError(f"unknown memory_update '{config.memory_update}', choose one of: {', '.join(UPDATES)}")
+        if config.segment_len < 1:
+            raise ValueError(f"segment_len={config.segment_len} must be a positive number of tokens")
+        if (config.n_embd // config.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {config.n_embd // config.n_head}")
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.segment_len = config.segment_len
+        self.update = config.memory_update
+        self.use_kernels = config.use_kernels
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # the gate, one logit per head, starts at an even mix; a vector, so it is never weight-decayed, and it
+        # learns faster than the rest (the Hugging Face reproduction found the gates did not move otherwise)
+        self.beta = nn.Parameter(torch.zeros(config.n_head))
+        self.beta.lr_mult = config.gate_lr_mult
+
+    def forward(self, x, x0, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is None:
+            y, _, _ = self.attend(q, k, v)
+        else:
+            k, v, M, z = cache.read(self.layer_idx, k, v)  # the cached partial segment, then the new tokens
+            y, M, z = self.attend(q, k, v, M, z)
+            cache.write(self.layer_idx, k, v, M, z)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q, k, v, M=None, z=None):
+        dropout_p = self.dropout if self.training else 0.0
+        if (self.use_kernels and dropout_p == 0.0 and getattr(kernels, 'infini_available', None) is not None
+                and kernels.infini_available(q)):
+            return kernels.infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z)
+        return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p)
+
+    def extra_log(self):
+        """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory."""
+        return 'gates ' + ' '.join(f'{g:.2f}' for g in torch.sigmoid(self.beta.detach().float()).tolist())
+
+
+def gate_values(model):
+    """sigmoid(beta) of every layer and head, (n_layer, n_head): the share of each head's output read from memory."""
+    return torch.stack([torch.sigmoid(block.attn.beta.detach().float()) for block in model.transformer.h])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The streaming cache: per layer the memory (M, z) and the keys and values of the current, unfinished segment.
+
+class InfiniCache:
+    """Bounded inference state: n_layer * H * (d*d + d) memory numbers plus at most segment_len keys and values
+    per layer, whatever the number of tokens read. max_len is accepted for the interface and ignored."""
+    last_token_only = False
+
+    def __init__(self, config, batch_size, max_len=None):
+        H, D = config.n_head, config.n_embd // config.n_head
+        self.segment_len = config.segment_len
+        self.kv_shape = (config.n_layer, batch_size, H, config.segment_len, D)
+        self.M_shape = (config.n_layer, batch_size, H, D, D)
+        self.k = self.v = self.M = self.z = None  # allocated on first use, in the dtype the model computes in
+        self.length = 0  # tokens seen; GPT.forward advances it after all layers ran
+
+    def read(self, layer, k, v):
+        """This layer's held keys/values with the new k, v appended (B, H, held + T, d), and its M, z."""
+        if self.k is None:
+            self.k = torch.zeros(self.kv_shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.kv_shape, dtype=v.dtype, device=v.device)
+            self.M = torch.zeros(self.M_shape, dtype=memory_dtype(k), device=k.device)
+            self.z = torch.zeros(self.M_shape[:-1], dtype=memory_dtype(k), device=k.device)
+        held = self.length % self.segment_len  # complete segments were written into M as soon as they filled
+        k = torch.cat((self.k[layer, :, :, :held], k), dim=2)
+        v = torch.cat((self.v[layer, :, :, :held], v), dim=2)
+        return k, v, self.M[layer], self.z[layer]
+
+    def write(self, layer, k, v, M, z):
+        """Keep M, z and the keys/values of the unfinished segment at the end of k, v."""
+        rest = k.size(2) % self.segment_len
+        self.k[layer, :, :, :rest] = k[:, :, k.size(2) - rest:]
+        self.v[layer, :, :, :rest] = v[:, :, v.size(2) - rest:]
+        self.M[layer] = M
+        self.z[layer] = z
+
+    def nbytes(self):
+        return 0 if self.k is None else sum(t.nbytes for t in (self.k, self.v, self.M, self.z))

@@ -1,0 +1,260 @@
+"""
+Selective Attention (Leviathan, Kalman, Matias 2024, arXiv 2410.02703), with a prunable KV cache.
+
+One head's attention logits vote on which earlier tokens later tokens no longer need; the votes add up over the
+queries that follow, and the sum F is subtracted from the logits of every head before the softmax (Figure 2 of
+the paper, "sketch implementation"). No new parameters. At inference F is one number per cached token that only
+grows, so each layer can keep a fixed budget of entries and evict the most-masked one when it is over.
+
+Config (GPTConfig fields used here):
+  selection_head  the head whose logits make the votes (paper: head 0)
+  selection_fn    'relu' (paper), 'softplus' or 'sigmoid': the nonlinearity turning logits into votes
+  selection_loss  weight of the auxiliary memory loss (0 = off); it pushes the model to mask more
+  use_kernels     use the fused Triton kernel of kernels.py where it applies (CUDA, relu, no budget)
+
+Inference-only options: SelectiveCache(..., budget=K) prunes each layer to K entries while decoding; setting
+`attn.budget = K` on a module simulates that pruning in one parallel forward (used to measure pruned val loss).
+"""
+
+import torch
+import torch.nn as nn
+from torch.nn.functional import dropout, pad, softplus
+
+try:
+    import kernels
+except ImportError:  # kernels.py needs triton; without it the reference below runs everywhere
+    kernels = None
+
+SELECTION_FNS = {'relu': torch.relu, 'softplus': softplus, 'sigmoid': torch.sigmoid}
+MEMORY_TAU = 1.0  # tau of the memory loss: a token counts as gone once its F reaches tau
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reference: the paper's equations in order, materialising T x T logits (fp32).
+
+def score_dtype(x):
+    """Logits, S and F are fp32 even for bf16/fp16 inputs: F sums many votes and is subtracted from logits."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def causal_logits(q, k):
+    """L = q k^T / sqrt(d) in fp32 (fp64 for fp64 inputs), with -inf on future keys: (B, H, T, T)."""
+    T = q.size(-2)
+    logits = (q @ k.transpose(-1, -2)).to(score_dtype(q)) * q.size(-1) ** -0.5
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return logits.masked_fill(future, float('-inf'))
+
+
+def selection_matrix(logits, selection_fn='relu'):
+    """S[k, j] = fn(L[k, j]) for 0 < j < k, else 0, from one head's causal logits (B, T, T)."""
+    T = logits.size(-1)
+    k = torch.arange(T, device=logits.device)[:, None]
+    j = torch.arange(T, device=logits.device)[None, :]
+    # Figure 2: "only positive selection" (ReLU); "do not mask self" and no future key (j < k);
+    # "do not mask <BOS>" (j > 0: the first token stays visible, so no softmax row is ever all -inf)
+    return torch.where((j < k) & (j > 0), SELECTION_FNS[selection_fn](logits), 0.0)
+
+
+def accumulated_masks(S):
+    """F[i, j] = sum_{k < i} S[k, j]: Figure 2's "mask strictly in the future" (roll S down one query) + "accumulate".
+
+    Exclusive: token k's votes take effect from query k+1 on. Shifting the inclusive cumsum (rather than
+    subtracting S from it) keeps F exactly non-decreasing down each column in floating point.
+    """
+    return pad(S.cumsum(dim=-2)[..., :-1, :], (0, 0, 1, 0))
+
+
+def eviction_schedule(F, budget):
+    """keep[b, i, j]: whether token j is still in a `budget`-entry cache when query i runs.
+
+    The cache's rule, replayed on the full F: token i enters; if the cache is then over budget, the entry with
+    the largest F[i] (the most masked) leaves, never token 0 or token i, ties to the oldest (argmax returns the
+    first maximum). F only grows, so an evicted token would never have come back.
+    """
+    B, T, _ = F.shape
+    held = torch.zeros(B, T, dtype=torch.bool, device=F.device)
+    keep = torch.zeros(B, T, T, dtype=torch.bool, device=F.device)
+    rows = torch.arange(B, device=F.device)
+    for i in range(T):
+        held[:, i] = True
+        if i + 1 > budget:
+            candidates = F[:, i].masked_fill(~held, float('-inf'))
+            candidates[:, 0] = candidates[:, i] = float('-inf')
+            held[rows, candidates.argmax(dim=1)] = False
+        keep[:, i] = held
+    return keep
+
+
+def selective_attention(q, k, v, selection_head=0, selection_fn='relu', budget=None, dropout_p=0.0):
+    """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D). budget: simulate a pruned cache (or None)."""
+    logits = causal_logits(q, k)
+    # Figure 2: "select head 0": S comes from one head's scaled, causally masked logits; no new parameters
+    F = accumulated_masks(selection_matrix(logits[:, selection_head], selection_fn))
+    logits = logits - F[:, None]  # "apply selection": F is subtracted from every head, the selecting one too
+    if budget is not None and budget < q.size(-2):
+        logits = logits.masked_fill(~eviction_schedule(F, budget)[:, None], float('-inf'))
+    att = torch.softmax(logits, dim=-1)  # row i always keeps token 0 (F = 0 there): never all -inf
+    if dropout_p > 0.0:
+        att = dropout(att, dropout_p)
+    return att.to(v.dtype) @ v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module.
+
+class SelectiveAttention(nn.Module):
+    streams = False
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        if not 0 <= config.selection_head < config.n_head:
+            raise ValueError(f"selection_head={config.selection_head} must be a head index, 0..{config.n_head - 1}")
+        if config.selection_fn not in SELECTION_FNS:
+            raise ValueError(f"unknown selection_fn '{config.selection_fn}', choose one of: "
+                             f"{', '.join(SELECTION_FNS)}")
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.n_layer = config.n_layer
+        self.dropout = config.dropout
+        self.selection_head = config.selection_head
+        self.selection_fn = config.selection_fn
+        self.selection_loss = config.selection_loss
+        self.use_kernels = config.use_kernels
+        self.budget = None  # set by a caller to evaluate pruning in parallel (eviction_schedule)
+        self.aux_loss = 0.0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, x0, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        self.aux_loss = 0.0
+        if cache is None:
+            y = self.attend(q, k, v, self.budget)
+            if self.training and self.selection_loss > 0:
+                self.aux_loss = self.memory_loss(q, k)
+        elif cache.length == 0:
+            y = self.attend(q, k, v, cache.budget[self.layer_idx])
+            self.prefill(cache, q, k, v)
+        else:
+            y = torch.cat([self.decode(cache, q[:, :, [t]], k[:, :, [t]], v[:, :, [t]], cache.length + t)
+                           for t in range(T)], dim=2)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q, k, v, budget):
+        dropout_p = self.dropout if self.training else 0.0
+        if (self.use_kernels and kernels is not None and budget is None and dropout_p == 0.0
+                and self.selection_fn == 'relu' and kernels.selective_available(q)):
+            return kernels.selective_attention(q, k, v, self.selection_head)
+        return selective_attention(q, k, v, self.selection_head, self.selection_fn, budget, dropout_p)
+
+    def head_masks(self, q, k):
+        """S and F of the selecting head: (B, T, T) each."""
+        h = self.selection_head
+        S = selection_matrix(causal_logits(q[:, h], k[:, h]), self.selection_fn)
+        return S, accumulated_masks(S)
+
+    def memory_loss(self, q, k):
+        """Auxiliary memory loss: epsilon * (max over queries of the soft count of unmasked tokens) / (L * T).
+
+        Query i sees i+1 tokens, a token with F >= tau counts as gone: M_i = (i+1) - sum_j min(F[i,j], tau) / tau.
+        Summed over layers by GPT, this is L_mem as the public reimplementations write it (digest 2.6), tau = 1.
+        """
+        T = q.size(-2)
+        _, F = self.head_masks(q, k)
+        visible = torch.arange(1, T + 1, device=q.device) - F.clamp(max=MEMORY_TAU).sum(-1) / MEMORY_TAU
+        return self.selection_loss * visible.max(dim=-1).values.mean() / (self.n_layer * T)
+
+    def prefill(self, cache, q, k, v):
+        """Fill an empty cache with the prompt: the tokens still held after its last query, and their F."""
+        S, F = self.head_masks(q, k)
+        budget = cache.budget[self.layer_idx]
+        T = q.size(-2)
+        held = (eviction_schedule(F, budget)[:, -1] if budget is not None and budget < T
+                else torch.ones(F.shape[:2], dtype=torch.bool, device=F.device))
+        cache.store(self.layer_idx, k, v, S.sum(dim=1), held)  # column sums of S = F of the next query
+
+    def decode(self, cache, q, k, v, position):
+        """One token (q, k, v: (B, H, 1, D)) at an absolute position, against the cached tokens."""
+        K, V, f, pos = cache.insert(self.layer_idx, k, v, position)  # evicts first if over budget
+        logits = (q @ K.transpose(-1, -2)).to(f.dtype) * q.size(-1) ** -0.5
+        logits = logits.masked_fill((pos < 0)[:, None, None], float('-inf'))  # empty slots
+        att = torch.softmax(logits - f[:, None, None], dim=-1)
+        # this token's votes (row i of S): never for the first token nor itself, counted from the next query on
+        S = SELECTION_FNS[self.selection_fn](logits[:, self.selection_head, 0])
+        f += S.masked_fill((pos <= 0) | (pos == position), 0.0)
+        return att.to(v.dtype) @ V
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The inference cache: per layer a fixed number of slots holding keys, values, F (fp32) and absolute positions.
+
+class SelectiveCache:
+    """KV cache of every layer with the accumulated masks F; with a budget, each layer holds at most that many.
+
+    budget: None (keep everything, up to max_len), an int for every layer, or a list of one int per layer.
+    A budget counts the first token and the current one, so it is at least 2.
+    """
+    last_token_only = False
+
+    def __init__(self, config, batch_size, max_len, budget=None):
+        budgets = budget if isinstance(budget, (list, tuple)) else [budget] * config.n_layer
+        if len(budgets) != config.n_layer:
+            raise ValueError(f"budget lists {len(budgets)} values for {config.n_layer} layers; give one per layer "
+                             f"or a single int")
+        if any(b is not None and (not isinstance(b, int) or b < 2) for b in budgets):
+            raise ValueError(f"budget={budget}: each layer's budget must be an int >= 2 (it counts the first token "
+                             f"and the current one)")
+        self.budget = list(budgets)
+        self.slots = [max_len if b is None else min(b, max_len) for b in budgets]
+        self.batch_size = batch_size
+        self.head_shape = (config.n_head, config.n_embd // config.n_head)
+        self.k, self.v, self.f, self.pos = ([None] * config.n_layer for _ in range(4))
+        self.length = 0
+
+    def allocate(self, layer, like):
+        B, (H, D), N = self.batch_size, self.head_shape, self.slots[layer]
+        self.k[layer] = like.new_zeros(B, H, N, D)
+        self.v[layer] = like.new_zeros(B, H, N, D)
+        self.f[layer] = torch.zeros(B, N, dtype=score_dtype(like), device=like.device)
+        self.pos[layer] = torch.full((B, N), -1, dtype=torch.long, device=like.device)  # -1: empty slot
+
+    def store(self, layer, k, v, f, held):
+        """Prefill: keep the tokens marked in held (B, T), the same number in every row, with their F."""
+        self.allocate(layer, k)
+        B, H, T, D = k.shape
+        n = int(held[0].sum())
+        if n > self.slots[layer]:
+            raise ValueError(f"selective cache holds {self.slots[layer]} tokens, {n} asked for")
+        idx = held.nonzero()[:, 1].view(B, n)  # positions, increasing
+        self.k[layer][:, :, :n] = k.gather(2, idx[:, None, :, None].expand(B, H, n, D))
+        self.v[layer][:, :, :n] = v.gather(2, idx[:, None, :, None].expand(B, H, n, D))
+        self.f[layer][:, :n] = f.gather(1, idx)
+        self.pos[layer][:, :n] = idx
+
+    def insert(self, layer, k, v, position):
+        """Put one token (k, v: (B, H, 1, D)) into a free slot, or in place of the evicted one; return the layer."""
+        f, pos = self.f[layer], self.pos[layer]
+        free = pos < 0
+        if free.any():  # every row holds the same number of tokens
+            slot = free.int().argmax(dim=1)
+        elif self.budget[layer] is None:
+            raise ValueError(f"selective cache holds {self.slots[layer]} tokens, {position + 1} asked for")
+        else:
+            # context pruning: evict the most-masked token (largest F), never the first; ties to the oldest
+            candidates = f.masked_fill(pos == 0, float('-inf'))
+            most = candidates == candidates.max(dim=1, keepdim=True).values
+            slot = pos.masked_fill(~most, position).argmin(dim=1)
+        rows = torch.arange(k.size(0), device=k.device)
+        self.k[layer][rows, :, slot] = k[:, :, 0]
+        self.v[layer][rows, :, slot] = v[:, :, 0]
+        f[rows, slot] = 0.0
+        pos[rows, slot] = position
+        return self.k[layer], self.v[layer], f, pos
+
+    def nbytes(self):
+        return sum(t.nbytes for ts in (self.k, self.v, self.f, self.pos) for t in ts if t is not None)

@@ -1,0 +1,155 @@
+"""bench.py: the README's CPU command end to end, the OOM path, flag errors, and quality mode on a tiny checkpoint."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+from model import ATTENTIONS, GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_COMMAND = [sys.executable, 'bench.py', '--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=64',
+               '--contexts=128,256']
+
+
+@pytest.fixture(autouse=True)
+def restore_flags(monkeypatch):
+    """Tests that call bench in-process change its globals (the flags); put them back afterwards."""
+    for key in bench.FLAGS + ['device_type', 'ptdtype']:
+        monkeypatch.setattr(bench, key, getattr(bench, key))
+
+
+def run_bench(*args):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cpu_command_prints_tables_and_writes_csv(tmp_path):
+    result = run_bench(*CPU_COMMAND, f'--out_dir={tmp_path}')
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert 'torch ' + torch.__version__ in out and 'triton' in out
+    for title, *_ in bench.SPEED_SECTIONS:
+        assert f'### {title}' in out
+    assert '| context | ' + ' | '.join(ATTENTIONS) + ' |' in out
+    assert '| 128 |' in out and '| 256 |' in out
+    rows = read_csv(tmp_path / 'bench_speed.csv')
+    assert [(r['attention'], int(r['context'])) for r in rows] == [(a, T) for a in ATTENTIONS for T in (128, 256)]
+    for r in rows:
+        assert r['inference'] == 'ok' and r['training'] == 'ok', r
+        assert float(r['decode_tok_s']) > 0 and float(r['train_tok_s']) > 0 and float(r['infer_bytes']) > 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert 'matplotlib is not installed: no plot' in out
+    per_token = {(r['attention'], r['context']): float(r['cache_bytes_per_token']) for r in rows}
+    # InAttention's one cache of initial states is 2L = 4 times smaller than causal's K and V in every layer
+    assert per_token['in', '256'] * 4 == per_token['causal', '256']
+    assert per_token['infini', '256'] < per_token['infini', '128']  # bounded memory: bytes per token fall
+
+
+def test_oom_is_recorded_and_longer_contexts_skipped(tmp_path, monkeypatch, capsys):
+    """A CPU stand-in for the GPU's out-of-memory: the case says OOM, longer ones are not run, the bench goes on."""
+    flags = dict(device='cpu', attentions='causal,in', contexts='16,32,64', n_layer=1, n_head=1, n_embd=8,
+                 vocab_size=11, decode_tokens=2, repeats=1, warmup=0, out_dir=str(tmp_path))
+    for key, value in flags.items():
+        monkeypatch.setattr(bench, key, value)
+    real = bench.measure_training
+    calls = []
+
+    def measure_training(model, T):
+        calls.append((model.config.attention, T))
+        if model.config.attention == 'in' and T >= 32:
+            raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 1 TiB')
+        return real(model, T)
+
+    monkeypatch.setattr(bench, 'measure_training', measure_training)
+    bench.setup()
+    bench.bench_speed()
+    assert ('in', 64) not in calls and ('causal', 64) in calls
+    rows = {(r['attention'], r['context']): r for r in read_csv(tmp_path / 'bench_speed.csv')}
+    assert rows['in', '32']['training'] == 'OOM' and rows['in', '64']['training'] == '-'
+    assert rows['in', '64']['inference'] == 'ok' and rows['causal', '64']['training'] == 'ok'
+    assert "- in: 64+ / 16" in capsys.readouterr().out
+
+
+def test_plot_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip('matplotlib')
+    results = {('causal', T): dict(infer_bytes=1e3 * T, train_bytes=3e3 * T, decode_tok_s=1e4 / T, train_tok_s=1e5 / T)
+               for T in (128, 256)}
+    bench.plot_speed(str(tmp_path / 'plot.png'), results, ['causal'], [128, 256])
+    assert (tmp_path / 'plot.png').stat().st_size > 1000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='a real out-of-memory needs CUDA')
+def test_vram_cap_records_oom_on_cuda(tmp_path):
+    result = run_bench(sys.executable, 'bench.py', '--n_layer=2', '--n_head=2', '--n_embd=64', '--contexts=1k,64k',
+                       '--attentions=causal,selective', '--vram_gb=0.5', '--decode_tokens=4', f'--out_dir={tmp_path}')
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_csv(tmp_path / 'bench_speed.csv')
+    assert any(r['training'] == 'OOM' for r in rows)
+    assert all(r['training'] == 'ok' for r in rows if r['context'] == '1024')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--bogus=1'], 'unknown flag --bogus'),
+    (['--n_layer=two'], '--n_layer is a number'),
+    (['--contexts=1x'], '--contexts is a comma-separated list'),
+    (['--attentions=causal,flash'], "unknown 'flash'"),
+    (['n_layer=2'], 'flags look like --key=value'),
+])
+def test_bad_flags_are_one_line_errors(args, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.configure(args)
+        bench.attention_list()
+        bench.context_list('1k')
+
+
+def test_kernels_mode_skips_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('on CUDA the kernels run for real')
+    result = run_bench(sys.executable, 'bench.py', '--mode=kernels', '--device=cpu', f'--out_dir={tmp_path}')
+    assert result.returncode == 0 and 'need CUDA and triton: skipped' in result.stdout
+
+
+def make_checkpoint(path, attention, block_size):
+    torch.manual_seed(0)
+    args = dict(block_size=block_size, vocab_size=257, n_layer=1, n_head=2, n_embd=16, attention=attention,
+                segment_len=32)
+    model = GPT(GPTConfig(**args))
+    state = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}  # as torch.compile saves them
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(model_args=args, model=state, config=dict(dataset='tiny'), tokenizer={'kind': 'byte'}), path)
+
+
+def test_quality_mode_on_tiny_checkpoints(tmp_path):
+    import numpy as np
+    import pickle
+    data = tmp_path / 'tiny'
+    data.mkdir()
+    np.random.default_rng(0).integers(0, 256, 3000).astype(np.uint16).tofile(data / 'val.bin')
+    with open(data / 'meta.pkl', 'wb') as f:
+        pickle.dump(dict(vocab_size=257, tokenizer={'kind': 'byte'}, eot_token=256, dataset='tiny'), f)
+    make_checkpoint(str(tmp_path / 'out-causal' / 'ckpt.pt'), 'causal', 128)
+    make_checkpoint(str(tmp_path / 'out-infini' / 'ckpt.pt'), 'infini', 128)
+    result = run_bench(sys.executable, 'bench.py', '--mode=quality', '--device=cpu', f'--data_dir={data}',
+                       f'--ckpt={tmp_path}/out-causal/ckpt.pt,{tmp_path}/out-infini/ckpt.pt', '--contexts=128,256',
+                       '--eval_windows=2', '--passkey=True', '--passkey_trials=1', '--depths=0,1',
+                       f'--out_dir={tmp_path}/bench')
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {(r['checkpoint'], r['context']): r for r in read_csv(tmp_path / 'bench' / 'bench_quality.csv')}
+    assert rows['out-causal (causal)', '256']['status'] == 'n/a'  # past block_size: a fixed context cannot
+    assert rows['out-infini (infini)', '256']['status'] == 'ok'  # infini streams past it
+    for key in [('out-causal (causal)', '128'), ('out-infini (infini)', '128'), ('out-infini (infini)', '256')]:
+        assert 5.0 < float(rows[key]['val_loss']) < 6.0  # an untrained model: about ln(257) = 5.55
+    passkey = read_csv(tmp_path / 'bench' / 'bench_passkey.csv')
+    assert len(passkey) == 2 * 2 * 2 and all(r['status'] == 'ok' for r in passkey)
+    assert '### Passkey accuracy, out-infini (infini)' in result.stdout

@@ -1,0 +1,187 @@
+"""The Triton kernels of kernels.py against the PyTorch references of the attention files.
+
+On a GPU the kernels run natively; without one, conftest.py sets TRITON_INTERPRET=1 before kernels.py is
+imported and the same kernels run in Triton's interpreter on CPU tensors (slow: the shapes stay tiny). The block
+sizes are passed small so that a few blocks, lengths that are not multiples of them, and BLOCK_M != BLOCK_N are
+all exercised.
+"""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip('triton')
+import kernels  # noqa: E402  (after the skip: without triton there is nothing to run)
+from attention_infini import infini_attention  # noqa: E402
+from attention_selective import causal_logits, selection_matrix, selective_attention  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = 'cuda' if CUDA else 'cpu'
+# Triton's interpreter computes tl.dot of bf16 blocks wrongly (triton 3.9), so bf16 runs only on a GPU
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# relative error ||out - ref|| / ||ref|| against an fp64 reference on the same (rounded) inputs;
+# fp32 on a GPU multiplies in tf32
+TOLERANCE = {torch.float32: 5e-3 if CUDA else 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def relative_error(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def qkv(B, H, T, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, H, T, D, generator=g) * 1.5).to(DEVICE, dtype) for _ in range(3)]
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty and torch.empty_like return NaN-filled tensors, so any output element left unwritten shows."""
+    def poison(t):
+        return t.fill_(float('nan')) if t.is_floating_point() else t.fill_(-(2 ** 30))
+
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, 'empty', lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, 'empty_like', lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selective attention (reference: attention_selective.selective_attention)
+
+SELECTIVE_CASES = [  # B, H, T, D, selection_head, block_m, block_n
+    (1, 2, 16, 16, 0, 16, 16),  # one block
+    (2, 2, 37, 16, 1, 16, 16),  # a ragged last block; the selecting head is not head 0
+    (1, 3, 64, 16, 0, 32, 16),  # BLOCK_M > BLOCK_N
+    (2, 2, 37, 32, 0, 16, 32),  # BLOCK_M < BLOCK_N, another head dim
+]
+
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('B,H,T,D,h0,block_m,block_n', SELECTIVE_CASES)
+def test_selective_matches_reference(poisoned_empty, B, H, T, D, h0, block_m, block_n, dtype):
+    q, k, v = (t.requires_grad_() for t in qkv(B, H, T, D, dtype))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = kernels.selective_attention(q, k, v, h0, block_m=block_m, block_n=block_n)
+    ref = selective_attention(q64, k64, v64, h0)
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert relative_error(out, ref) < tol
+    for name, a, b in (('dq', q, q64), ('dk', k, k64), ('dv', v, v64)):
+        assert torch.isfinite(a.grad).all(), name
+        assert relative_error(a.grad, b.grad) < tol, name
+
+
+def test_selective_carry_is_column_sums_of_S_above_each_block(poisoned_empty):
+    """Pass 1 alone: C[b, I, j] = sum of S[k, j] over the rows k before query block I (where it is read)."""
+    B, H, T, D, h0, block_m, block_n = 2, 2, 37, 16, 1, 16, 16
+    q, k, _ = qkv(B, H, T, D, torch.float32)
+    S = selection_matrix(causal_logits(q.double(), k.double())[:, h0])
+    carry = kernels.selective_carry(q, k, h0, block_m, block_n)
+    for I in range(carry.size(1)):
+        cols = slice(0, min((I + 1) * block_m, T))  # the keys query block I reads
+        expected = S[:, :I * block_m, cols].sum(dim=1)
+        torch.testing.assert_close(carry[:, I, cols].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Infini-attention (reference: attention_infini.infini_attention)
+
+INFINI_CASES = [  # B, H, Tq, T, D, segment_len, block_t, given memory (streaming: M, z in, queries = the last Tq)
+    (1, 2, 16, 16, 16, 8, 16, False),   # two whole segments, each smaller than a block
+    (2, 2, 37, 37, 16, 8, 16, False),   # a partial last segment, not written into the memory
+    (1, 2, 40, 40, 32, 32, 16, False),  # two blocks per segment
+    (1, 2, 5, 21, 16, 8, 16, True),     # streaming: a cached partial segment, then new tokens, into a memory
+]
+
+
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+@pytest.mark.parametrize('B,H,Tq,T,D,segment_len,block_t,memory', INFINI_CASES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
+def test_infini_matches_reference(poisoned_empty, dtype, B, H, Tq, T, D, segment_len, block_t, memory, update):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, Tq, D, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    inputs = [q, k, v, torch.randn(H, generator=g).to(DEVICE)]
+    if memory:  # a memory that has seen something: z > 0
+        inputs += [(torch.randn(B, H, D, D, generator=g) * 0.1).to(DEVICE), torch.rand(B, H, D, generator=g).to(DEVICE)]
+    ours = [t.clone().requires_grad_() for t in inputs]
+    ref64 = [t.double().requires_grad_() for t in inputs]
+    y, M, z = kernels.infini_attention(*ours[:4], segment_len, update, *ours[4:], block_t=block_t)
+    y_ref, M_ref, z_ref = infini_attention(*ref64[:4], segment_len, update, *ref64[4:])
+    grads = [torch.randn_like(t) for t in (y_ref, M_ref, z_ref)]  # the outgoing memory gets gradients too
+    sum((a * b.to(a.dtype)).sum() for a, b in zip((y, M, z), grads)).backward()
+    sum((a * b).sum() for a, b in zip((y_ref, M_ref, z_ref), grads)).backward()
+    tol = TOLERANCE[dtype]
+    assert y.dtype == torch.float32 and M.dtype == z.dtype == torch.float32  # as the reference: fp32 beta promotes
+    for name, a, b in (('y', y, y_ref), ('M', M, M_ref), ('z', z, z_ref)):
+        assert relative_error(a, b) < tol, name
+    for name, a, b in zip(('dq', 'dk', 'dv', 'dbeta', 'dM', 'dz'), ours, ref64):
+        assert torch.isfinite(a.grad).all(), name
+        assert relative_error(a.grad, b.grad) < tol, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Both
+
+@pytest.mark.parametrize('attention', ['selective', 'infini'])
+def test_models_dispatch_to_the_kernels(monkeypatch, attention):
+    """The attention files call the kernels with the arguments of their references: a tiny GPT's loss, gradients
+    and cached greedy generation agree with use_kernels on and off (on CPU the kernels are forced on)."""
+    monkeypatch.setattr(kernels, f'{attention}_available', lambda q: True)
+    calls = []
+    kernel = getattr(kernels, f'{attention}_attention')
+    monkeypatch.setattr(kernels, f'{attention}_attention', lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    config = dict(block_size=24, vocab_size=31, n_layer=2, n_head=2, n_embd=32, attention=attention, segment_len=8)
+    torch.manual_seed(0)
+    idx = torch.randint(0, 31, (2, 20), device=DEVICE)
+    results = []
+    for use_kernels in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**config, use_kernels=use_kernels)).to(DEVICE)
+        _, loss = model(idx, idx)
+        loss.backward()
+        with torch.no_grad():
+            tokens = model.generate(idx[:, :11], 4, top_k=1)
+        results.append((loss, model.lm_head.weight.grad, model.transformer.h[0].attn.c_attn.weight.grad, tokens))
+    assert calls  # the kernels really ran
+    (loss, *grads, tokens), (loss_ref, *grads_ref, tokens_ref) = results
+    assert abs(loss.item() - loss_ref.item()) < 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert relative_error(g, g_ref.double()) < 1e-4
+    assert torch.equal(tokens, tokens_ref)
+
+
+def test_selective_bad_input_is_a_clear_error():
+    q, k, v = qkv(1, 2, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match='selection_head'):
+        kernels.selective_attention(q, k, v, 2)
+    with pytest.raises(ValueError, match='head dims'):
+        kernels.selective_attention(q[..., :12], k[..., :12], v[..., :12])
+
+
+def test_available_only_on_cuda():
+    q = torch.zeros(1, 2, 16, 16, device=DEVICE)
+    for available in (kernels.selective_available, kernels.infini_available):
+        assert available(q) == CUDA
+        assert not available(q[..., :12])
+        assert not available(q.double())
+
+
+def test_imports_without_triton(monkeypatch):
+    """macOS, Windows and CPU-only installs have no triton: kernels.py imports and offers no kernel."""
+    monkeypatch.setitem(sys.modules, 'triton', None)
+    monkeypatch.setitem(sys.modules, 'triton.language', None)
+    spec = importlib.util.spec_from_file_location('kernels_without_triton', kernels.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not module.selective_available(torch.zeros(1, 2, 16, 16))
+    assert not module.infini_available(torch.zeros(1, 2, 16, 16))
+
+
+def test_interpreter_is_on_without_cuda():
+    assert CUDA or os.environ.get('TRITON_INTERPRET') == '1'

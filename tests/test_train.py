@@ -1,0 +1,167 @@
+"""train.py: end to end on a tiny dataset, resume, fine-tune at a longer context, clear errors, crash-safe saves."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_FLAGS, fresh_module
+from model import ATTENTIONS
+
+WRITTEN = [a for a in ATTENTIONS if a == 'causal' or importlib.util.find_spec(f'attention_{a}') is not None]
+
+
+def load(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+
+def error_of(train_tiny, out_dir, *flags):
+    with pytest.raises(SystemExit) as e:
+        train_tiny(out_dir, *flags)
+    return str(e.value)
+
+
+@pytest.mark.parametrize('attention', WRITTEN)
+def test_trains_and_checkpoints(train_tiny, tmp_path, attention):
+    train_tiny(tmp_path, f'--attention={attention}')
+    ckpt = load(tmp_path)
+    assert ckpt['iter_num'] == 4 and ckpt['model_args']['attention'] == attention
+    assert ckpt['tokenizer'] == {'kind': 'byte'} and ckpt['config']['batch_size'] == 2
+    assert np.isfinite(ckpt['best_val_loss'])
+
+
+def test_command_line(tiny_data, tmp_path):
+    """As a user runs it, with a config file then flags."""
+    config = tmp_path / 'tiny.py'
+    config.write_text('n_layer = 1\nlearning_rate = 2e-3  # a comment\n')
+    flags = [f'--data_dir={tiny_data}', f'--out_dir={tmp_path}', *TINY_FLAGS]
+    out = subprocess.run([sys.executable, 'train.py', str(config), *flags], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert 'step 4: train loss' in out.stderr + out.stdout
+    assert load(tmp_path)['config']['learning_rate'] == 2e-3
+
+
+def test_resume_continues_the_same_run(train_tiny, tmp_path):
+    """2 iterations then a resume to 4 gives exactly the weights of 4 iterations in one go."""
+    train_tiny(tmp_path / 'straight', '--lr_decay_iters=4')
+    train_tiny(tmp_path / 'halves', '--lr_decay_iters=4', '--max_iters=2')
+    assert load(tmp_path / 'halves')['iter_num'] == 2
+    fresh_module('train').main([f'--out_dir={tmp_path / "halves"}', '--init_from=resume', '--max_iters=4'])
+    straight, halves = load(tmp_path / 'straight'), load(tmp_path / 'halves')
+    assert halves['iter_num'] == 4
+    for name, tensor in straight['model'].items():
+        assert torch.equal(tensor, halves['model'][name]), name
+
+
+def test_eval_only_leaves_the_checkpoint(train_tiny, tmp_path, capsys):
+    train_tiny(tmp_path)
+    before = os.path.getmtime(tmp_path / 'ckpt.pt')
+    train_tiny(tmp_path, '--init_from=resume', '--eval_only=True')
+    assert 'step 4: train loss' in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / 'ckpt.pt') == before
+
+
+def test_fine_tune_at_a_longer_context(train_tiny, tmp_path):
+    train_tiny(tmp_path / 'short')
+    train_tiny(tmp_path / 'long', f'--init_from={tmp_path / "short" / "ckpt.pt"}', '--block_size=32',
+               '--max_iters=2', '--learning_rate=3e-4')
+    short, long = load(tmp_path / 'short'), load(tmp_path / 'long')
+    assert long['iter_num'] == 2 and long['model_args']['block_size'] == 32
+    assert long['model']['transformer.wpe.weight'].shape == (32, 16)
+    assert long['config']['learning_rate'] == 3e-4 and long['model_args']['n_layer'] == 1
+
+
+def test_flags_that_contradict_the_checkpoint(train_tiny, tmp_path):
+    train_tiny(tmp_path / 'a')
+    ckpt = str(tmp_path / 'a' / 'ckpt.pt')
+    message = error_of(train_tiny, tmp_path / 'b', f'--init_from={ckpt}', '--n_embd=32')
+    assert "--n_embd=32 contradicts the checkpoint's n_embd=16" in message
+    message = error_of(train_tiny, tmp_path / 'a', '--init_from=resume', '--block_size=32')
+    assert "--block_size=32 contradicts the checkpoint's block_size=16" in message and '--init_from=' in message
+    train_tiny(tmp_path / 'a', '--init_from=resume', '--max_iters=5', '--dropout=0.1')  # allowed to change
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--n_layr=2', 'unknown flag --n_layr'),
+    ('--max_iters=ten', '--max_iters=ten: expected int'),
+    ('--compile=maybe', '--compile=maybe: expected bool'),
+    ('--attention=flash', "unknown attention 'flash', choose one of: causal"),
+    ('--n_embd=17', 'n_embd=17 must be divisible by n_head=2'),
+    ('--init_from=resume', 'no checkpoint at'),
+    ('--init_from=nowhere/ckpt.pt', 'no checkpoint at nowhere/ckpt.pt'),
+    ('max_iters=2', "no config file 'max_iters=2'"),
+    ('--block_size=10000', 'too few for --block_size=10000'),
+])
+def test_clear_errors(train_tiny, tmp_path, flag, message):
+    assert message in error_of(train_tiny, tmp_path, flag)
+
+
+def test_config_file_errors(train_tiny, tmp_path):
+    bad_key, bad_type = tmp_path / 'bad_key.py', tmp_path / 'bad_type.py'
+    bad_key.write_text('learning_rat = 1e-3\n')
+    bad_type.write_text("max_iters = '10'\n")
+    assert f"{bad_key} sets unknown key 'learning_rat'" in error_of(train_tiny, tmp_path, str(bad_key))
+    assert "sets max_iters='10': expected int" in error_of(train_tiny, tmp_path, str(bad_type))
+
+
+def test_missing_dataset_names_the_prepare_command(tmp_path):
+    with pytest.raises(SystemExit, match=r'no prepared dataset in .*: run: python data/shakespeare_char/prepare.py'):
+        fresh_module('train').main(['--dataset=shakespeare_char', f'--data_dir={tmp_path}', '--device=cpu'])
+
+
+def test_corrupt_checkpoint(train_tiny, tmp_path):
+    (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint at all')
+    assert 'is not a readable checkpoint' in error_of(train_tiny, tmp_path, '--init_from=resume')
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(train_tiny, tmp_path):
+    """A process killed (SIGKILL) halfway through writing a checkpoint leaves the previous ckpt.pt loadable."""
+    train_tiny(tmp_path)
+    before = load(tmp_path)
+    script = (
+        "import os, signal, torch, train\n"
+        "def dying_save(obj, f):\n"
+        "    f.write(b'the first half of a checkpoint'); f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = dying_save\n"
+        f"train.save_checkpoint({{'model': {{}}}}, {str(tmp_path / 'ckpt.pt')!r})\n")
+    out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == -9, out.stderr
+    after = load(tmp_path)
+    assert after['iter_num'] == before['iter_num']
+    assert all(torch.equal(t, after['model'][k]) for k, t in before['model'].items())
+
+
+def test_batches_of_fixed_length_examples(tmp_path):
+    """With example_len (passkey), windows start at an example and targets never cross into the next one."""
+    train = fresh_module('train')
+    np.tile(np.arange(8, dtype=np.uint16), 10).tofile(tmp_path / 'train.bin')  # 10 examples of 8 tokens: 0..7
+    train.data_dir, train.example_len, train.batch_size = str(tmp_path), 8, 5
+    for block_size, last_target in ((8, -1), (6, 6)):
+        train.block_size = block_size
+        x, y = train.get_batch('train', np.random.default_rng(0), 'cpu')
+        assert (x == torch.arange(block_size)).all()
+        assert (y[:, :-1] == torch.arange(1, block_size)).all() and (y[:, -1] == last_target).all()
+
+
+def test_learning_rate_schedule():
+    train = fresh_module('train')
+    train.learning_rate, train.min_lr, train.warmup_iters, train.max_iters = 1.0, 0.1, 10, 110
+    assert train.get_lr(0) < train.get_lr(9) < 1.0
+    assert train.get_lr(10) == 1.0 and train.get_lr(60) == pytest.approx(0.55) and train.get_lr(110) == 0.1
+
+
+@pytest.mark.parametrize('name', sorted(os.listdir(os.path.join(ROOT, 'config'))))
+def test_config_files_are_valid(name):
+    train = fresh_module('train')
+    given = train.configure([os.path.join(ROOT, 'config', name)], vars(train), train.config_keys)
+    assert given
+
+
+def test_resume_needs_a_training_checkpoint(train_tiny, tmp_path):
+    torch.save({'model': {}, 'model_args': {}}, tmp_path / 'ckpt.pt')  # weights alone, as a test or script saves
+    message = error_of(train_tiny, tmp_path, '--init_from=resume')
+    assert 'has no best_val_loss, config, iter_num, optimizer to resume a run with; fine-tune' in message
