@@ -17,8 +17,8 @@ then the heads are concatenated and go through c_proj (eq. 7). M_0 = 0 and z_0 =
 is 0/0, which we define as 0 (the denominator is clamped, so the gradient stays finite too). Positions: RoPE
 by the position inside the segment, for the local attention only; the memory sees un-rotated sigma(Q), sigma(K)
 (the paper's memory is position-free), so nothing depends on absolute positions and the model streams forever.
-Gradients flow through M and z across the segments of a training sequence. M and z are kept in fp32 (fp64 for
-fp64 inputs): they sum many segments.
+Gradients flow through M and z across the segments of a training sequence. M, z and their products are fp32
+(fp64 for fp64 inputs), autocast or not: they sum many segments.
 
 The reference, `infini_attention(q, k, v, beta, segment_len, update, M=None, z=None, dropout_p=0.0)`:
     q     (B, H, Tq, d)  queries (un-rotated) of the LAST Tq of the T positions of k and v
@@ -56,6 +56,11 @@ def sigma(x):
 
 def memory_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def no_autocast(x):
+    """The memory's products stay in fp32 under autocast too (bf16 training): M sums every segment."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def memory_read(sq, M, z):
@@ -106,11 +111,13 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
         if e > offset:  # this segment has queries
             first = max(s, offset)
             qs = q[:, :, first - offset:e - offset]
-            a_dot = local_attention(qs, ks, vs, first - s, dropout_p)
-            a_mem = memory_read(sigma(qs.to(M.dtype)), M, z).to(a_dot.dtype)
-            ys.append(gate * a_mem + (1 - gate) * a_dot)  # eq. 6
+            a_dot = local_attention(qs, ks, vs, first - s, dropout_p)  # eq. 2
+            with no_autocast(q):
+                a_mem = memory_read(sigma(qs.to(M.dtype)), M, z).to(a_dot.dtype)  # eq. 3, M_{s-1}: before the update
+            ys.append((gate * a_mem + (1 - gate) * a_dot).to(q.dtype))  # eq. 6 (fp32 gate: back to q's dtype)
         if e - s == segment_len:  # a complete segment goes into the memory; a partial one waits in the cache
-            M, z = memory_update(sigma(ks.to(M.dtype)), vs.to(M.dtype), M, z, update)
+            with no_autocast(q):
+                M, z = memory_update(sigma(ks.to(M.dtype)), vs.to(M.dtype), M, z, update)  # eq. 4 or 5
     return torch.cat(ys, dim=2), M, z
 
 

@@ -68,6 +68,7 @@ passkey_trials = 4         # examples per (length, depth) cell
 # budgets mode (selective): the val loss the pruned model may reach: '+0.02' (an increase over its own
 # unpruned loss), '1.95' (a loss), or a checkpoint whose full-cache val loss is the target (the paper's)
 target = '+0.02'
+shrink = 0.8               # budgets mode: each greedy step cuts one layer's budget to this fraction of itself
 FLAGS = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------------------------------------
 
@@ -80,6 +81,9 @@ def configure(argv):
     """nanoGPT's --key=value flags, typed by each global's default; a mistake is a one-line error."""
     g = globals()
     for arg in argv:
+        if arg in ('-h', '--help'):
+            print(__doc__ + f"\nflags (default): {', '.join(f'--{k}={g[k]}' for k in FLAGS)}")
+            raise SystemExit(0)
         key, eq, text = arg[2:].partition('=')
         if not arg.startswith('--') or not eq:
             raise SystemExit(f"bad argument '{arg}': flags look like --key=value, e.g. --contexts=1k,4k")
@@ -172,6 +176,13 @@ def guarded(fn):
     return result, status, message
 
 
+def autocast():
+    """bf16/fp16 autocast on CUDA, as train.py computes; none in float32 or on the CPU."""
+    if device_type == 'cuda' and ptdtype != torch.float32:
+        return torch.autocast('cuda', dtype=ptdtype)
+    return nullcontext()
+
+
 def model_bytes(model):
     return sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
 
@@ -221,8 +232,7 @@ def measure_training(model, T):
     """One forward + backward of B random sequences of T tokens (autocast on CUDA, as train.py trains)."""
     B = batch_size
     data = torch.randint(vocab_size, (B, T + 1), device=device)
-    x, y = data[:, :-1], data[:, 1:]
-    autocast = torch.autocast('cuda', dtype=ptdtype) if device_type == 'cuda' else nullcontext()
+    x, y = data[:, :-1], data[:, 1:].contiguous()  # GPT's loss views the targets flat
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def run():
@@ -237,7 +247,7 @@ def measure_training(model, T):
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if device_type == 'cpu' else nullcontext()
         sync()
         t0 = time.perf_counter()
-        with autocast, hooks:
+        with autocast(), hooks:
             _, loss = model(x, y)
         loss.backward()
         sync()
@@ -275,6 +285,10 @@ def fmt_rate(r):
     return f'{r:.3g}'
 
 
+def fmt_ratio(r):
+    return f'{r:.2g}x' if r < 10 else f'{r:.0f}x'
+
+
 def fmt_ms(s):
     return f'{s * 1e3:.3g} ms'
 
@@ -289,7 +303,7 @@ def cell(value, base, fmt):
     """A value with its ratio to the baseline's (causal, or SDPA) in the same run; statuses pass through."""
     if not isinstance(value, float):
         return value or ''
-    ratio = f' ({value / base:.2g}x)' if isinstance(base, float) and base > 0 else ''
+    ratio = f' ({fmt_ratio(value / base)})' if isinstance(base, float) and base > 0 else ''
     return fmt(value) + ratio
 
 
@@ -373,7 +387,7 @@ def run_speed(names, Ts):
                 if status not in (None, '-'):
                     messages.setdefault((name, phase, status), f'{fmt_context(T)}: {message}')
                 bar.update()
-            del model
+            model = None  # free it before the next model is built
             free_memory()
     bar.close()
     return results, messages
@@ -384,9 +398,10 @@ def speed_report(results, messages, names, Ts):
     memory = ('CUDA max_memory_allocated (weights, cache, activations)' if device_type == 'cuda' else
               'no CUDA: inference = weights + cache, training = weights + grads + tensors saved for backward')
     capped = vram_gb > 0 and device_type == 'cuda'
+    training = 'fp32 weights' + (' + autocast' if isinstance(autocast(), torch.autocast) else '')
     lines = header_lines() + [
         f'shape: n_layer={n_layer} n_head={n_head} n_embd={n_embd} vocab_size={vocab_size} · dtype {dtype} '
-        f'(training: fp32 weights{" + autocast" if device_type == "cuda" else ""}) · batch {batch_size} · '
+        f'(training: {training}) · batch {batch_size} · '
         f'decode {decode_tokens} tokens · median of {repeats} after {warmup} warm-up'
         + (f' · selective budget {budget}' if budget else ''),
         f'memory: {memory}' + (f', capped at {vram_gb:g} GiB' if capped else ''),
@@ -421,6 +436,7 @@ def bench_speed():
                'training', 'train_bytes', 'train_tok_s']
     write_csv(os.path.join(out_dir, 'bench_speed.csv'),
               [dict(attention=name, context=T, batch_size=batch_size, device=device, dtype=dtype,
+                    budget=budget if name == 'selective' else '',
                     **{c: csv_value(results[name, T].get(c), c in ('inference', 'training')) for c in columns})
                for name in names for T in Ts])
     plot_speed(os.path.join(out_dir, 'bench_speed.png'), results, names, Ts)
@@ -440,6 +456,7 @@ def plot_speed(path, results, names, Ts):
     for i, name in enumerate(names):
         for ax, key, style, what in ((ax_mem, 'infer_bytes', '-', 'inference'),
                                      (ax_mem, 'train_bytes', '--', 'training'),
+                                     (ax_speed, 'prefill_tok_s', ':', 'prefill'),
                                      (ax_speed, 'decode_tok_s', '-', 'decode'),
                                      (ax_speed, 'train_tok_s', '--', 'training')):
             points = [(T, results[name, T][key]) for T in Ts if isinstance(results[name, T].get(key), float)]
@@ -500,12 +517,14 @@ def kernel_cases(kernels):
 
 def bench_kernels():
     lines = header_lines()
-    try:
-        import triton  # noqa: F401  (kernels.py imports without it, then has no kernel to time)
-        import kernels
-    except ImportError:
-        kernels = None
-    if device_type != 'cuda' or kernels is None:
+    kernels = None
+    if device_type == 'cuda':
+        try:
+            import triton  # noqa: F401  kernels.py imports without triton, and then has no kernel to time
+            import kernels
+        except ImportError:
+            pass
+    if kernels is None:
         write_report('bench_kernels.md', lines + ['--mode=kernels times the Triton kernels of kernels.py, which need '
                                                   'CUDA and triton: skipped here.'])
         return
@@ -518,29 +537,29 @@ def bench_kernels():
         stopped = None
         for T in Ts:
             bar.set_postfix_str(f'{name} {fmt_context(T)}')
-            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=ptdtype) for _ in range(3))
-            grad = torch.randn_like(q)
-            if stopped:
-                results[name, T] = '-'
-            elif not available(q):
-                results[name, T] = 'n/a'
-            else:
+
+            def measure():
+                q, k, v, grad = (torch.randn(B, H, T, D, device=device, dtype=ptdtype) for _ in range(4))
+                if not available(q):
+                    return 'n/a'
+
                 def forward_backward():
                     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
                     fn(qg, kg, vg).backward(grad)
 
-                def measure():
-                    with torch.no_grad():
-                        fwd, _ = timed(lambda: fn(q, k, v))
-                    fwdbwd, peak = timed(forward_backward)
-                    return dict(fwd=fwd, fwdbwd=fwdbwd, bytes=float(peak))
+                with torch.no_grad():
+                    fwd, _ = timed(lambda: fn(q, k, v))
+                fwdbwd, peak = timed(forward_backward)
+                return dict(fwd=fwd, fwdbwd=fwdbwd, bytes=float(peak))
+
+            if stopped:
+                results[name, T] = '-'
+            else:
                 out, status, message = guarded(measure)
                 results[name, T] = out or status
                 stopped = 'OOM' if status == 'OOM' else None
                 if status not in (None, 'OOM'):
                     lines.append(f'{name} at {fmt_context(T)}: {message}')
-            del q, k, v, grad
-            free_memory()
             bar.update()
     bar.close()
 
@@ -562,7 +581,7 @@ def bench_kernels():
         for kernel, reference in pairs:
             a, b = results[kernel, T], results[reference, T]
             both = isinstance(a, dict) and isinstance(b, dict)
-            row += [f"{b[key] / a[key]:.3g}x" if both else '' for key in ('fwd', 'fwdbwd')]
+            row += [fmt_ratio(b[key] / a[key]) if both else '' for key in ('fwd', 'fwdbwd')]
         rows.append(row)
     lines += markdown_table('Kernel speed-up over its PyTorch reference', ['context'] + [
         f'{kernel.split()[0]} {what}' for kernel, _ in pairs for what in ('fwd', 'fwd+bwd')], rows)
@@ -586,7 +605,8 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         model = GPT(GPTConfig(**{**checkpoint['model_args'], 'use_kernels': use_kernels}))
     except Exception as e:
-        raise SystemExit(f"cannot load {path} as a train.py checkpoint ({type(e).__name__}: {e})") from None
+        reason = f'{type(e).__name__}: {str(e).splitlines()[0][:100]}'
+        raise SystemExit(f"cannot load {path} as a train.py checkpoint ({reason})") from None
     prefix = '_orig_mod.'  # torch.compile's wrapper, as nanoGPT strips it
     model.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint['model'].items()})
     return model.to(device).eval(), checkpoint
@@ -613,15 +633,15 @@ def val_loss(model, data, T, example_len=None):
     if count < 1:
         raise ValueError(f'val.bin has {len(data)} tokens, fewer than a window of {T + 1}')
     starts = np.random.default_rng([seed, T]).integers(0, count, eval_windows) * stride
-    autocast = torch.autocast('cuda', dtype=ptdtype) if device_type == 'cuda' else nullcontext()
     total = 0.0
     for i in range(0, len(starts), batch_size):
         batch = np.stack([data[s:s + T + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
         batch = torch.from_numpy(batch).to(device)
-        with autocast:
-            logits, _ = model(batch[:, :-1], batch[:, 1:])
+        x, y = batch[:, :-1], batch[:, 1:].contiguous()  # GPT's loss views the targets flat
+        with autocast():
+            logits, _ = model(x, y)
         # the language-model loss alone: GPT's loss would add an attention's auxiliary training loss
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction='sum')
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction='sum')
         total += loss.item()
     return total / (len(starts) * T)
 
@@ -632,11 +652,10 @@ def passkey_accuracy(model, tok, length, depth):
     from data.passkey.prepare import make_passkey
     rng = np.random.default_rng([seed, length, int(depth * 1000)])
     examples = [make_passkey(length, depth, rng, tok) for _ in range(passkey_trials)]
-    autocast = torch.autocast('cuda', dtype=ptdtype) if device_type == 'cuda' else nullcontext()
     correct = 0
     for prompt, answer in examples:
         idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-        with autocast:
+        with autocast():
             out = model.generate(idx, len(answer), top_k=1)
         correct += out[0, len(prompt):].tolist() == list(answer)
     return correct / len(examples)
@@ -655,19 +674,27 @@ def bench_quality():
     for path in paths:
         model, checkpoint = load_checkpoint(path)
         data, meta = load_val_data(checkpoint)
-        label = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))} ({model.config.attention})"
-        runs.append((label, model, checkpoint, data, meta, model.config.block_size))
-    block = runs[0][5]
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        label = f'{folder} ({model.config.attention}, block {fmt_context(model.config.block_size)})'
+        runs.append(dict(label=label, model=model, checkpoint=checkpoint, data=data, meta=meta,
+                         trained=model.config.block_size))
+    block = runs[0]['trained']
     Ts = context_list(','.join(str(block * m // 2) for m in (1, 2, 4, 8)))
-    fractions = [float(d) for d in depths.split(',') if d]
-    do_passkey = passkey or any(str(meta.get('dataset', '')).startswith('passkey') for *_, meta, _ in runs)
+    try:
+        fractions = [float(d) for d in depths.split(',') if d]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(0 <= d <= 1 for d in fractions):
+        raise SystemExit(f"--depths is a comma-separated list of fractions between 0 and 1, not '{depths}'")
+    do_passkey = passkey or any(str(run['meta'].get('dataset', '')).startswith('passkey') for run in runs)
     lines = header_lines() + [
         f'val loss: mean over {eval_windows} windows per context, the same seeded windows for every checkpoint',
         'n/a past block_size: a fixed-context model cannot take it' if not extend else
         'past block_size, fixed-context models tile their position table (no training): marked *', '']
     loss_rows, key_rows = [], []
     bar = tqdm(total=len(runs) * len(Ts) * (1 + do_passkey * len(fractions)), desc='quality', dynamic_ncols=True)
-    for label, model, checkpoint, data, meta, trained in runs:
+    for run in runs:
+        label, model, data, meta, trained = (run[k] for k in ('label', 'model', 'data', 'meta', 'trained'))
         for T in Ts:
             bar.set_postfix_str(f'{label} val {fmt_context(T)}')
             if extend and not model.streams and T > model.config.block_size:
@@ -680,7 +707,7 @@ def bench_quality():
         if not do_passkey:
             continue
         from data.common import tokenizer_from_meta
-        tok = tokenizer_from_meta(checkpoint.get('tokenizer') or meta)
+        tok = tokenizer_from_meta(run['checkpoint'].get('tokenizer') or meta)
         for depth in fractions:
             for T in Ts:
                 bar.set_postfix_str(f'{label} passkey {fmt_context(T)} depth {depth:g}')
@@ -690,14 +717,16 @@ def bench_quality():
                 bar.update()
     bar.close()
 
-    labels = [run[0] for run in runs]
+    labels = [run['label'] for run in runs]
     by_key = {(r['checkpoint'], r['context']): r for r in loss_rows}
     table = [[fmt_context(T)] + [f"{r['val_loss']:.4f}{r['mark']}" if r['val_loss'] is not None else r['status']
                                  for r in (by_key[label, T] for label in labels)] for T in Ts]
     lines += markdown_table('Val loss by context', ['context'] + labels, table)
     if do_passkey:
-        lines.append(f'Passkey retrieval: {passkey_trials} examples per cell, greedy decoding; fixed-context models '
-                     f'past their block_size see only its last tokens (nanoGPT cropping) unless --extend=True')
+        past = ('read the whole prompt with tiled positions' if extend else
+                'see only the last block_size tokens (nanoGPT cropping; --extend=True tiles positions instead)')
+        lines.append(f'Passkey retrieval: {passkey_trials} examples per cell, greedy decoding; past their block_size '
+                     f'fixed-context models {past}')
         lines.append('')
         cells = {(r['checkpoint'], r['length'], r['depth']): r for r in key_rows}
         for label in labels:
@@ -760,19 +789,22 @@ def bench_budgets():
     N, L, example_len = model.config.block_size, model.config.n_layer, meta.get('example_len')
     full = pruned_val_loss(model, data, [N] * L, example_len)
     if target.startswith('+'):
-        goal, source = full + float(target), f'unpruned loss {full:.4f} {target}'
+        goal, source, reference = full + float(target), f'unpruned loss {full:.4f} {target}', None
     elif os.path.isfile(target):
         reference, _ = load_checkpoint(target)
         goal = val_loss(reference, data, N, example_len)
-        source = f'full-cache val loss of {target} ({reference.config.attention}, n_head={reference.config.n_head})'
+        reference = f'{target} ({reference.config.attention}, n_head={reference.config.n_head}), full cache'
+        source = f'val loss of {reference}'
     else:
         try:
-            goal, source = float(target), 'given'
+            goal, source, reference = float(target), 'given', None
         except ValueError:
             raise SystemExit(f"--target is '+0.02' (an increase), a loss like '1.95', or a checkpoint path, "
                              f"not '{target}'") from None
+    if not 0 < shrink < 1:
+        raise SystemExit(f'--shrink is a fraction between 0 and 1, not {shrink}')
     print(f'target val loss {goal:.4f} ({source}); unpruned selective {full:.4f}; greedy search over {L} layers')
-    steps = choose_budgets(model, data, goal, example_len,
+    steps = choose_budgets(model, data, goal, example_len, shrink,
                            progress=lambda b, loss: print(f'  budgets {b}: {sum(b)} entries, val loss {loss:.4f}'))
     budgets, loss = steps[-1]
 
@@ -788,10 +820,13 @@ def bench_budgets():
     lines += markdown_table('Budgets per layer (KV entries kept, first token and current one included)',
                             ['layer', 'budget', 'of block_size'],
                             [[str(l), str(b), f'{b / N:.1%}'] for l, b in enumerate(budgets)])
-    lines += markdown_table('KV memory at the target', ['cache', 'entries', 'bytes', 'val loss'], [
-        ['standard, full', str(L * N), fmt_bytes(L * N * per_entry), f'{full:.4f}'],
-        ['selective, pruned', str(sum(budgets)), fmt_bytes(sum(budgets) * per_entry), f'{loss:.4f}'],
-        ['selective cache.nbytes() (+ F and positions)', str(sum(budgets)), fmt_bytes(cache.nbytes()), '']])
+    rows = [['selective, full cache', str(L * N), fmt_bytes(L * N * per_entry), f'{full:.4f}'],
+            ['selective, pruned to the budgets', str(sum(budgets)), fmt_bytes(sum(budgets) * per_entry), f'{loss:.4f}'],
+            ['the pruned cache.nbytes() (+ F and positions)', str(sum(budgets)), fmt_bytes(cache.nbytes()), '']]
+    if reference:
+        rows.append([reference, str(L * N), fmt_bytes(L * N * per_entry), f'{goal:.4f}'])
+    lines += markdown_table('KV memory (keys and values of all layers, batch 1)', ['model', 'entries', 'bytes',
+                                                                                   'val loss'], rows)
     lines.append(f'memory reduction: {L * N / sum(budgets):.1f}x fewer KV entries (the paper counts these: '
                  f'16x, 25x, 47x at contexts 512, 1k, 2k)')
     os.makedirs(out_dir, exist_ok=True)

@@ -30,9 +30,13 @@ except ImportError:
 
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner-loop step
-BLOCK_T = 64  # rows of a segment per step of the Infini memory kernels
+BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
 HEAD_DIMS = (16, 32, 64, 128)  # tl.arange needs a power of two; tl.dot needs at least 16
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# launch settings: 4 warps, 2 pipeline stages (the digest's best forward on an H100); the kernels that hold three
+# or more fp32 tiles get 8 warps, which keeps them from spilling registers (checked with ptxas for sm_90)
+NARROW = dict(num_warps=4, num_stages=2)
+WIDE = dict(num_warps=8, num_stages=2)
 
 
 def jit(fn):
@@ -72,7 +76,8 @@ def kernel_ready(q):
 # F is a prefix sum down the query axis, so it cannot be an elementwise score bias inside FlashAttention as is.
 # Blockwise it splits (digest §4.3): for a query block I and a key block J,
 #   F[I, J] = C[I, J] + (exclusive cumsum of S[I, J] down its rows),   C[I, j] = sum_{k before block I} S[k, j]
-# C, the "carry", is one vector per query block: T / BLOCK_M times smaller than F. So the forward is two passes:
+# C, the "carry", is one vector per query block: T / BLOCK_M times smaller than F (B T^2 / 64 fp32 numbers, made
+# and freed in each pass: at T = 16k that is 64 MiB per sequence, against 1 GiB for F). The forward is two passes:
 #   1. _selective_carry_kernel walks down each key block's column of tiles, adding up S (head h0 only): C.
 #   2. _selective_fwd_kernel is FlashAttention-2 with one more dot per tile (head h0's logits, for S), the F
 #      tile rebuilt from C and a tl.cumsum, and L_h - F fed to the online softmax.
@@ -295,7 +300,7 @@ def selective_carry(q, k, selection_head, block_m, block_n):
     n_qblocks = cdiv(T, block_m)
     carry = torch.empty(B, n_qblocks, T, dtype=torch.float32, device=q.device)
     _selective_carry_kernel[(cdiv(T, block_n), B)](q, k, carry, H, T, selection_head, D ** -0.5, n_qblocks,
-                                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D)
+                                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D, **NARROW)
     return carry
 
 
@@ -309,7 +314,8 @@ class SelectiveAttention(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         _selective_fwd_kernel[(cdiv(T, block_m), B * H)](q, k, v, carry, o, lse, H, T, selection_head, D ** -0.5,
-                                                         carry.size(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D)
+                                                         carry.size(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D,
+                                                         **NARROW)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.config = selection_head, block_m, block_n
         return o
@@ -326,11 +332,12 @@ class SelectiveAttention(torch.autograd.Function):
         args = (H, T, selection_head, D ** -0.5, n_qblocks)
         blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _selective_bwd_dkdv_kernel[(n_kblocks, B * H)](q, k, v, do, lse, delta, carry, dk, dv, *args, **blocks)
-        _selective_bwd_dq_kernel[(n_qblocks, B * H)](q, k, v, do, lse, delta, carry, dq, *args, **blocks)
+        _selective_bwd_dkdv_kernel[(n_kblocks, B * H)](q, k, v, do, lse, delta, carry, dk, dv, *args, **blocks, **WIDE)
+        _selective_bwd_dq_kernel[(n_qblocks, B * H)](q, k, v, do, lse, delta, carry, dq, *args, **blocks, **NARROW)
         dq0 = torch.zeros(B, T, D, dtype=torch.float32, device=q.device)  # head h0's extra gradients
         dk0 = torch.empty_like(dq0)
-        _selective_bwd_selection_kernel[(n_kblocks, B)](q, k, v, do, lse, delta, carry, dq0, dk0, *args, **blocks)
+        _selective_bwd_selection_kernel[(n_kblocks, B)](q, k, v, do, lse, delta, carry, dq0, dk0, *args, **blocks,
+                                                        **WIDE)
         h = selection_head
         dq[:, h] = (dq[:, h].float() + dq0).to(dq.dtype)
         dk[:, h] = (dk[:, h].float() + dk0).to(dk.dtype)
@@ -342,6 +349,7 @@ def selective_available(q):
     return kernel_ready(q)
 
 
+@torch.compiler.disable  # torch.compile calls it as is: the kernels are fused already
 def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=BLOCK_N):
     """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D), fused; differentiable.
 
@@ -361,7 +369,7 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=BLOC
 # ---------------------------------------------------------------------------------------------------------
 # Infini-attention (Munkhdalai et al. 2024), segments without a Python loop.
 #
-# The reference (attention_infini.infini_attention) loops over segments in Python, a dozen small launches per
+# The reference (attention_infini.infini_attention) loops over segments in Python, several small launches per
 # segment. Its two halves parallelise differently:
 #   local attention (eq. 1-2) is independent per segment: fold the segments into the batch and make one causal
 #     SDPA call (FlashAttention); a hand-written kernel would not beat it, and fusing it into the sequential
@@ -369,12 +377,13 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=BLOC
 #   the memory (eq. 3-5) is a recurrence over segments: _infini_memory_fwd_kernel keeps one head's M (d x d) and
 #     z (d) in registers and walks the segments, reading each one's queries (eq. 3), then writing its keys and
 #     values (eq. 4 linear, eq. 5 delta). Nothing larger than a block of one segment is loaded at a time.
-# The gate (eq. 6) is elementwise, left to PyTorch. M and z are fp32, and so are the memory's products
-# (input_precision="ieee"): M sums every segment, tf32's rounding would add up.
+# The gate (eq. 6) is elementwise, left to PyTorch. M and z are fp32 (they sum every segment); on a GPU their
+# products run in tf32, as train.py's fp32 matmuls do (allow_tf32): exact fp32 products (input_precision="ieee")
+# compile to spilling code (ptxas, sm_90: 18 KB of spills per program).
 #
-# Backward: the memory kernel stores M and z before each segment (one d x d matrix per segment and head:
-# T d^2 / segment_len numbers, the size of K in fp32 at segment_len = d); _infini_memory_bwd_kernel walks the
-# segments in reverse, carrying dL/dM and dL/dz, and differentiates eq. 3-5 by hand. With
+# Backward: when a gradient is needed, the memory kernel stores M and z before each segment (a d x d matrix per
+# segment and head: T d^2 / segment_len numbers, K's size in fp32 at segment_len = d). _infini_memory_bwd_kernel
+# walks the segments in reverse, carrying dL/dM and dL/dz, and differentiates eq. 3-5 by hand. With
 # sigma = ELU + 1, c = max(sigma(X) z, 1e-6) and R = sigma(X) M / c (a read, eq. 3), and dR its gradient:
 #   dM += sigma(X)^T (dR / c)      dz += sigma(X)^T g      dsigma(X) = (dR / c) M^T + g z^T
 #   where g = -rowsum(dR * R) / c where sigma(X) z > 1e-6 (else 0: the clamp).
@@ -391,7 +400,7 @@ def _sigma(x):
 def _memory_read(sx, M, z):
     """R = sigma(X) M / c with c = max(sigma(X) z, 1e-6), row-wise (eq. 3): an empty memory reads 0. Returns R, c."""
     c = tl.maximum(tl.sum(sx * z[None, :], 1), 1e-6)
-    return tl.dot(sx, M, input_precision="ieee") / c[:, None], c
+    return tl.dot(sx, M) / c[:, None], c
 
 
 @jit
@@ -399,8 +408,8 @@ def _memory_read_grad(sx, M, z, R, c, dR):
     """Gradients of a read R = sigma(X) M / c: (dsigma(X), dM, dz)."""
     dnum = dR / c[:, None]
     g = tl.where(c > 1e-6, -tl.sum(dR * R, 1) / c, 0.0)
-    dsx = tl.dot(dnum, tl.trans(M), input_precision="ieee") + g[:, None] * z[None, :]
-    return dsx, tl.dot(tl.trans(sx), dnum, input_precision="ieee"), tl.sum(sx * g[:, None], 0)
+    dsx = tl.dot(dnum, tl.trans(M)) + g[:, None] * z[None, :]
+    return dsx, tl.dot(tl.trans(sx), dnum), tl.sum(sx * g[:, None], 0)
 
 
 @jit
@@ -446,7 +455,7 @@ def _infini_memory_fwd_kernel(Q, K, V, M0, Z0, A, M_OUT, Z_OUT, MS, ZS, T, Tq, N
                 if DELTA:  # eq. 5: write only what the memory does not already return for these keys
                     R, _ = _memory_read(sk, M, z)
                     u -= R
-                dM += tl.dot(tl.trans(sk), u, input_precision="ieee")  # eq. 4: M += sigma(K)^T V
+                dM += tl.dot(tl.trans(sk), u)  # eq. 4: M += sigma(K)^T V
                 dz += tl.sum(sk, 0)  # z += sum_t sigma(K_t)
             M += dM
             z += dz
@@ -478,7 +487,7 @@ def _infini_memory_bwd_kernel(Q, K, V, DA, MS, ZS, DM_OUT, DZ_OUT, DQ, DK, DV, D
             written = end - start == N
             sk, dsigma = _features(k_head, rows, end, BLOCK_D)
             u = _load_rows(v_head, rows, end, BLOCK_D).to(tl.float32)
-            dv = tl.dot(sk, dM, input_precision="ieee")
+            dv = tl.dot(sk, dM)
             if DELTA:
                 R, c = _memory_read(sk, M, z)
                 dsk, dM_read, dz_read = _memory_read_grad(sk, M, z, R, c, -dv)
@@ -487,7 +496,7 @@ def _infini_memory_bwd_kernel(Q, K, V, DA, MS, ZS, DM_OUT, DZ_OUT, DQ, DK, DV, D
                 u -= R
             else:
                 dsk = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-            dsk += tl.dot(u, tl.trans(dM), input_precision="ieee") + dz[None, :]
+            dsk += tl.dot(u, tl.trans(dM)) + dz[None, :]
             dk = tl.where(live & written, dsk * dsigma, 0.0)
             dv = tl.where(written, dv, 0.0)
             tl.store(DK + bh * T * BLOCK_D + rows[:, None] * BLOCK_D + offs_d[None, :], dk, mask=live)
@@ -524,7 +533,7 @@ class InfiniMemory(torch.autograd.Function):
         zs = torch.empty(B, H, n_segments if save else 0, D, dtype=torch.float32, device=q.device)
         _infini_memory_fwd_kernel[(B * H,)](q, k, v, M.contiguous(), z.contiguous(), a, M_out, z_out, Ms, zs, T,
                                             q.size(2), segment_len, n_segments, DELTA=update == 'delta', SAVE=save,
-                                            BLOCK_T=block_t, BLOCK_D=D)
+                                            BLOCK_T=block_t, BLOCK_D=D, **WIDE)
         ctx.save_for_backward(q, k, v, Ms, zs)
         ctx.config = segment_len, update, block_t
         return a, M_out, z_out
@@ -539,7 +548,7 @@ class InfiniMemory(torch.autograd.Function):
         dM0, dz0 = torch.empty_like(dM), torch.empty_like(dz)
         _infini_memory_bwd_kernel[(B * H,)](q, k, v, da.contiguous(), Ms, zs, dM.contiguous(), dz.contiguous(), dq,
                                             dk, dv, dM0, dz0, T, q.size(2), segment_len, Ms.size(2),
-                                            DELTA=update == 'delta', BLOCK_T=block_t, BLOCK_D=D)
+                                            DELTA=update == 'delta', BLOCK_T=block_t, BLOCK_D=D, **WIDE)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dM0, dz0, None, None, None
 
 
@@ -565,6 +574,7 @@ def infini_available(q):
     return kernel_ready(q) and q.size(-1) <= 64  # M, dM and their updates stay in registers
 
 
+@torch.compiler.disable  # torch.compile calls it as is: the kernels are fused already
 def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, block_t=BLOCK_T):
     """Infini-attention, the same signature and results as attention_infini.infini_attention (no dropout).
 

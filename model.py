@@ -112,8 +112,11 @@ class CausalSelfAttention(nn.Module):
                                                is_causal=True)
         else:
             k, v = cache.append(self.layer_idx, k, v)
-            mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if T == k.size(2):  # prefill of an empty cache: the flash path, no T x T mask in memory
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

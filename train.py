@@ -329,6 +329,7 @@ def main(argv):
         n = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2
         if n <= block_size:
             raise SystemExit(f"{split}.bin in {data_dir} has {n} tokens, too few for --block_size={block_size}")
+    torch.manual_seed(seed + rank)  # the same initial weights for the same seed (DDP copies rank 0's to all)
     try:
         config = GPTConfig(**args)
         if checkpoint is None:
@@ -354,7 +355,6 @@ def main(argv):
     scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == 'float16')  # float16 gradients need loss scaling
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(seed + rank)
 
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     if init_from == 'resume':
@@ -363,9 +363,9 @@ def main(argv):
     raw_model = model  # the plain module: its state_dict is what a checkpoint holds
     if compile:
         model = torch.compile(model)
-    # training goes through DDP, which syncs gradients; evaluation (on the master alone) does not
-    train_model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None) if ddp \
-        else model
+    train_model = model
+    if ddp:  # training goes through DDP, which syncs gradients; evaluation, on the master alone, does not
+        train_model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
     tokens_per_iter = accum_steps * world_size * batch_size * block_size
     if master_process:

@@ -1,9 +1,12 @@
 """bench.py: the README's CPU command end to end, the OOM path, flag errors, and quality mode on a tiny checkpoint."""
 import csv
 import os
+import pickle
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +27,7 @@ def restore_flags(monkeypatch):
 
 def run_bench(*args):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def read_csv(path):
@@ -59,7 +62,7 @@ def test_cpu_command_prints_tables_and_writes_csv(tmp_path):
 def test_oom_is_recorded_and_longer_contexts_skipped(tmp_path, monkeypatch, capsys):
     """A CPU stand-in for the GPU's out-of-memory: the case says OOM, longer ones are not run, the bench goes on."""
     flags = dict(device='cpu', attentions='causal,in', contexts='16,32,64', n_layer=1, n_head=1, n_embd=8,
-                 vocab_size=11, decode_tokens=2, repeats=1, warmup=0, out_dir=str(tmp_path))
+                 vocab_size=11, batch_size=2, decode_tokens=2, repeats=1, warmup=0, out_dir=str(tmp_path))
     for key, value in flags.items():
         monkeypatch.setattr(bench, key, value)
     real = bench.measure_training
@@ -91,8 +94,9 @@ def test_plot_when_matplotlib_is_installed(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='a real out-of-memory needs CUDA')
 def test_vram_cap_records_oom_on_cuda(tmp_path):
-    result = run_bench(sys.executable, 'bench.py', '--n_layer=2', '--n_head=2', '--n_embd=64', '--contexts=1k,64k',
-                       '--attentions=causal,selective', '--vram_gb=0.5', '--decode_tokens=4', f'--out_dir={tmp_path}')
+    result = run_bench(sys.executable, 'bench.py', '--n_layer=2', '--n_head=2', '--n_embd=64', '--vocab_size=257',
+                       '--contexts=1k,64k', '--attentions=causal,selective', '--vram_gb=0.5', '--decode_tokens=4',
+                       '--use_kernels=False', f'--out_dir={tmp_path}')  # the selective reference is T x T: OOM
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_csv(tmp_path / 'bench_speed.csv')
     assert any(r['training'] == 'OOM' for r in rows)
@@ -113,11 +117,14 @@ def test_bad_flags_are_one_line_errors(args, message):
         bench.context_list('1k')
 
 
-def test_kernels_mode_skips_without_cuda(tmp_path):
+def test_kernels_mode_skips_without_cuda(tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip('on CUDA the kernels run for real')
-    result = run_bench(sys.executable, 'bench.py', '--mode=kernels', '--device=cpu', f'--out_dir={tmp_path}')
-    assert result.returncode == 0 and 'need CUDA and triton: skipped' in result.stdout
+    monkeypatch.setattr(bench, 'device', 'cpu')
+    monkeypatch.setattr(bench, 'out_dir', str(tmp_path))
+    bench.setup()
+    bench.bench_kernels()
+    assert 'need CUDA and triton: skipped' in capsys.readouterr().out
 
 
 def make_checkpoint(path, attention, block_size):
@@ -130,9 +137,7 @@ def make_checkpoint(path, attention, block_size):
     torch.save(dict(model_args=args, model=state, config=dict(dataset='tiny'), tokenizer={'kind': 'byte'}), path)
 
 
-def test_quality_mode_on_tiny_checkpoints(tmp_path):
-    import numpy as np
-    import pickle
+def test_quality_mode_on_tiny_checkpoints(tmp_path, capsys):
     data = tmp_path / 'tiny'
     data.mkdir()
     np.random.default_rng(0).integers(0, 256, 3000).astype(np.uint16).tofile(data / 'val.bin')
@@ -142,14 +147,46 @@ def test_quality_mode_on_tiny_checkpoints(tmp_path):
     make_checkpoint(str(tmp_path / 'out-infini' / 'ckpt.pt'), 'infini', 128)
     result = run_bench(sys.executable, 'bench.py', '--mode=quality', '--device=cpu', f'--data_dir={data}',
                        f'--ckpt={tmp_path}/out-causal/ckpt.pt,{tmp_path}/out-infini/ckpt.pt', '--contexts=128,256',
-                       '--eval_windows=2', '--passkey=True', '--passkey_trials=1', '--depths=0,1',
+                       '--eval_windows=3', '--batch_size=2', '--passkey=True', '--passkey_trials=1', '--depths=0,1',
                        f'--out_dir={tmp_path}/bench')
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {(r['checkpoint'], r['context']): r for r in read_csv(tmp_path / 'bench' / 'bench_quality.csv')}
-    assert rows['out-causal (causal)', '256']['status'] == 'n/a'  # past block_size: a fixed context cannot
-    assert rows['out-infini (infini)', '256']['status'] == 'ok'  # infini streams past it
-    for key in [('out-causal (causal)', '128'), ('out-infini (infini)', '128'), ('out-infini (infini)', '256')]:
+    causal, infini = 'out-causal (causal, block 128)', 'out-infini (infini, block 128)'
+    assert rows[causal, '256']['status'] == 'n/a'  # past block_size: a fixed context cannot
+    assert rows[infini, '256']['status'] == 'ok'  # infini streams past it
+    for key in [(causal, '128'), (infini, '128'), (infini, '256')]:
         assert 5.0 < float(rows[key]['val_loss']) < 6.0  # an untrained model: about ln(257) = 5.55
     passkey = read_csv(tmp_path / 'bench' / 'bench_passkey.csv')
     assert len(passkey) == 2 * 2 * 2 and all(r['status'] == 'ok' for r in passkey)
-    assert '### Passkey accuracy, out-infini (infini)' in result.stdout
+    assert f'### Passkey accuracy, {infini}' in result.stdout
+
+    flags = dict(mode='quality', device='cpu', data_dir=str(data), ckpt=f'{tmp_path}/out-causal/ckpt.pt',
+                 contexts='256', eval_windows=1, extend=True, out_dir=str(tmp_path / 'extended'))
+    for key, value in flags.items():
+        setattr(bench, key, value)  # restored by the restore_flags fixture
+    bench.setup()
+    bench.bench_quality()
+    assert re.search(r'\| 256 \| \d\.\d{4}\* \|', capsys.readouterr().out)  # tiled positions, marked *
+
+
+class Oracle:
+    """A stand-in model whose greedy answer is the key it reads in the prompt (or a wrong one)."""
+    streams = True
+
+    def __init__(self, right):
+        self.right = right
+
+    def generate(self, idx, max_new_tokens, top_k=None):
+        key = re.search(r'pass key is (\d+)\. Remember', bytes(idx[0].tolist()).decode()).group(1)
+        key = key if self.right else key[::-1] + '0'
+        return torch.cat((idx, torch.tensor([list(key.encode())[:max_new_tokens]])), dim=1)
+
+
+def test_passkey_accuracy_scores_exact_answers(monkeypatch):
+    from data.common import tokenizer_from_meta
+    monkeypatch.setattr(bench, 'passkey_trials', 3)
+    monkeypatch.setattr(bench, 'device', 'cpu')
+    bench.setup()
+    tok = tokenizer_from_meta({'kind': 'byte'})
+    assert bench.passkey_accuracy(Oracle(right=True), tok, 300, 0.5) == 1.0
+    assert bench.passkey_accuracy(Oracle(right=False), tok, 300, 0.5) == 0.0

@@ -265,3 +265,51 @@ def test_bad_settings_are_clear_errors():
         SelectiveCache(tiny(), 1, 32, budget=[4, 4, 4])
     with pytest.raises(ValueError, match='int >= 2'):
         SelectiveCache(tiny(), 1, 32, budget=1)
+
+
+def test_choose_budgets_is_greedy_and_stops_at_the_target(monkeypatch):
+    """bench.py's search: each round cuts the layer whose cut costs least, and stops before passing the target."""
+    import bench
+    weights = [1.0, 0.1]  # a made-up val loss: layer 0's budget matters ten times more than layer 1's
+    monkeypatch.setattr(bench, 'pruned_val_loss',
+                        lambda model, data, budgets, example_len=None: sum(w / b for w, b in zip(weights, budgets)))
+    model = GPT(tiny())
+    steps = bench.choose_budgets(model, None, target=0.2)
+    (first, _), (last, loss) = steps[0], steps[-1]
+    assert first == [32, 32] and loss <= 0.2
+    assert last[1] < last[0], "the cheap layer is cut further"
+    assert all(sum(b) < sum(a) for (a, _), (b, _) in zip(steps, steps[1:]))
+    cuts = [[max(2, min(b - 1, round(0.8 * b))) if l == i else b for l, b in enumerate(last)]
+            for i in range(2) if last[i] > 2]
+    assert all(sum(w / b for w, b in zip(weights, cut)) > 0.2 for cut in cuts), "stopped only when every cut fails"
+
+
+def test_budgets_mode_end_to_end(tmp_path, monkeypatch, capsys):
+    """python bench.py --mode=budgets on a tiny selective checkpoint: budgets, loss within target, KV memory."""
+    import csv
+    import pickle
+
+    import numpy as np
+
+    import bench
+    data = tmp_path / 'tiny'
+    data.mkdir()
+    np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16).tofile(data / 'val.bin')
+    with open(data / 'meta.pkl', 'wb') as f:
+        pickle.dump(dict(vocab_size=257, tokenizer={'kind': 'byte'}, eot_token=256, dataset='tiny'), f)
+    model = model_with_votes(vocab_size=257).float()
+    args = {k: getattr(model.config, k) for k in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd',
+                                                  'attention')}
+    torch.save(dict(model_args=args, model=model.state_dict(), config=dict(dataset='tiny')), tmp_path / 'ckpt.pt')
+    flags = dict(mode='budgets', device='cpu', data_dir=str(data), ckpt=str(tmp_path / 'ckpt.pt'), target='+0.05',
+                 shrink=0.5, eval_windows=2, batch_size=2, out_dir=str(tmp_path / 'bench'))
+    for key in bench.FLAGS + ['device_type', 'ptdtype']:
+        monkeypatch.setattr(bench, key, flags.get(key, getattr(bench, key)))
+    bench.setup()
+    bench.bench_budgets()
+    out = capsys.readouterr().out
+    assert 'reached' in out and 'fewer KV entries' in out
+    with open(tmp_path / 'bench' / 'bench_budgets.csv') as f:
+        steps = list(csv.DictReader(f))
+    assert steps[0]['budgets'] == '32 32' and float(steps[-1]['val_loss']) <= float(steps[0]['val_loss']) + 0.05
+    assert int(steps[-1]['entries']) < 64
