@@ -55,6 +55,7 @@ def selection_matrix(logits, selection_fn='relu'):
     return torch.where((j < k) & (j > 0), SELECTION_FNS[selection_fn](logits), 0.0)
 
 
+@torch.compiler.disable  # Inductor's scan codegen failed on this cumsum at some lengths (digest 4.2): keep it eager
 def accumulated_masks(S):
     """F[i, j] = sum_{k < i} S[k, j]: Figure 2's "mask strictly in the future" (roll S down one query) + "accumulate".
 

@@ -761,8 +761,8 @@ def pruned_val_loss(model, data, budgets, example_len=None):
 
 def choose_budgets(model, data, target, example_len=None, shrink=0.8, progress=None):
     """Greedy search: start from full caches (block_size entries per layer); each round, try cutting each layer's
-    budget to `shrink` of itself and keep the one cut that raises val loss least; stop when any cut would pass
-    target. Returns the steps taken, [(budgets, loss)], the first being the unpruned model."""
+    budget to `shrink` of itself and keep the one cut that raises val loss least; stop when even that cut would
+    pass target. Returns the steps taken, [(budgets, loss)], the first being the unpruned model."""
     full = [model.config.block_size] * model.config.n_layer
     steps = [(full, pruned_val_loss(model, data, full, example_len))]
     while steps[-1][1] <= target:
@@ -781,6 +781,15 @@ def choose_budgets(model, data, target, example_len=None, shrink=0.8, progress=N
 
 
 def bench_budgets():
+    if not ckpt:
+        raise SystemExit('--mode=budgets needs --ckpt=PATH/ckpt.pt, a checkpoint trained with --attention=selective')
+    if not 0 < shrink < 1:
+        raise SystemExit(f'--shrink is a fraction between 0 and 1, not {shrink}')
+    try:
+        given = float(target) if not os.path.isfile(target) else None
+    except ValueError:
+        raise SystemExit(f"--target is '+0.02' (an increase), a loss like '1.95', or a checkpoint path, "
+                         f"not '{target}'") from None
     model, checkpoint = load_checkpoint(ckpt)
     if model.config.attention != 'selective':
         raise SystemExit(f"--mode=budgets prunes Selective Attention's cache; {ckpt} is "
@@ -788,21 +797,15 @@ def bench_budgets():
     data, meta = load_val_data(checkpoint)
     N, L, example_len = model.config.block_size, model.config.n_layer, meta.get('example_len')
     full = pruned_val_loss(model, data, [N] * L, example_len)
-    if target.startswith('+'):
-        goal, source, reference = full + float(target), f'unpruned loss {full:.4f} {target}', None
-    elif os.path.isfile(target):
+    if given is None:  # the paper's criterion: the val loss of another model (a standard one) with a full cache
         reference, _ = load_checkpoint(target)
         goal = val_loss(reference, data, N, example_len)
         reference = f'{target} ({reference.config.attention}, n_head={reference.config.n_head}), full cache'
         source = f'val loss of {reference}'
+    elif target.startswith('+'):
+        goal, source, reference = full + given, f'unpruned loss {full:.4f} {target}', None
     else:
-        try:
-            goal, source, reference = float(target), 'given', None
-        except ValueError:
-            raise SystemExit(f"--target is '+0.02' (an increase), a loss like '1.95', or a checkpoint path, "
-                             f"not '{target}'") from None
-    if not 0 < shrink < 1:
-        raise SystemExit(f'--shrink is a fraction between 0 and 1, not {shrink}')
+        goal, source, reference = given, 'given', None
     print(f'target val loss {goal:.4f} ({source}); unpruned selective {full:.4f}; greedy search over {L} layers')
     steps = choose_budgets(model, data, goal, example_len, shrink,
                            progress=lambda b, loss: print(f'  budgets {b}: {sum(b)} entries, val loss {loss:.4f}'))

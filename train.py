@@ -34,7 +34,7 @@ from model import GPT, GPTConfig
 _gpu = torch.cuda.is_available()
 # I/O
 out_dir = 'out'
-eval_interval = 500 if _gpu else 100
+eval_interval = 500 if _gpu else 200
 log_interval = 10
 eval_iters = 100 if _gpu else 20
 eval_only = False               # evaluate once and exit
@@ -44,7 +44,7 @@ init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt) or a pat
 dataset = 'python_stdlib'
 data_dir = ''                   # '' = data/<dataset>
 gradient_accumulation_steps = 1
-batch_size = 32 if _gpu else 16
+batch_size = 32 if _gpu else 8
 # model: these defaults replace GPTConfig's; its other fields (attention, segment_len, ...) keep model.py's
 block_size = 1024 if _gpu else 256
 n_layer = 6 if _gpu else 4
@@ -53,8 +53,8 @@ n_embd = 384 if _gpu else 128
 dropout = 0.1 if _gpu else 0.0
 vocab_size = 0                  # 0 = the dataset's
 # AdamW
-learning_rate = 1e-3
-max_iters = 5000 if _gpu else 500
+learning_rate = 1e-3 if _gpu else 2e-3
+max_iters = 5000 if _gpu else 1000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
@@ -292,6 +292,9 @@ def main(argv):
                              f"from its weights instead: --init_from={ckpt_path} --out_dir=NEW")
         globals().update({k: v for k, v in checkpoint['config'].items()
                           if k in config_keys and k not in given and k not in MACHINE_KEYS})
+        if checkpoint['iter_num'] >= max_iters and not eval_only:
+            raise SystemExit(f"{ckpt_path} is at iteration {checkpoint['iter_num']} of --max_iters={max_iters}: "
+                             f"raise --max_iters to train longer")
     elif init_from != 'scratch':
         checkpoint = load_checkpoint(init_from)
         if os.path.abspath(os.path.dirname(init_from)) == os.path.abspath(out_dir):

@@ -5,7 +5,7 @@
 init_from = 'out-in/ckpt.pt'
 out_dir = 'out-in-long'
 block_size = 1024
-batch_size = 4          # as many tokens per iteration as the CPU default's 16 x 256
+batch_size = 2          # as many tokens per iteration as the CPU default's 8 x 256
 max_iters = 300
 eval_interval = 100
 warmup_iters = 20

@@ -79,9 +79,11 @@ def test_flags_that_contradict_the_checkpoint(train_tiny, tmp_path):
     ckpt = str(tmp_path / 'a' / 'ckpt.pt')
     message = error_of(train_tiny, tmp_path / 'b', f'--init_from={ckpt}', '--n_embd=32')
     assert "--n_embd=32 contradicts the checkpoint's n_embd=16" in message
-    message = error_of(train_tiny, tmp_path / 'a', '--init_from=resume', '--block_size=32')
+    message = error_of(train_tiny, tmp_path / 'a', '--init_from=resume', '--block_size=32', '--max_iters=5')
     assert "--block_size=32 contradicts the checkpoint's block_size=16" in message and '--init_from=' in message
     train_tiny(tmp_path / 'a', '--init_from=resume', '--max_iters=5', '--dropout=0.1')  # allowed to change
+    message = error_of(train_tiny, tmp_path / 'a', '--init_from=resume')  # TINY_FLAGS say --max_iters=4
+    assert 'is at iteration 5 of --max_iters=4: raise --max_iters' in message
 
 
 @pytest.mark.parametrize('flag, message', [
