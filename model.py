@@ -286,7 +286,8 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx (b, t), with the attention's cache: the prefix is never recomputed.
 
         Attentions with a context limit keep nanoGPT's semantics past block_size: the context is the last
-        block_size tokens, so the cache is rebuilt from that window each step. Streaming ones never crop.
+        block_size tokens, so the cache is rebuilt from that window each step. Streaming ones never crop, and
+        read the prompt in chunks.
         """
         limit = None if self.streams else self.config.block_size
         cache = None
@@ -294,8 +295,13 @@ class GPT(nn.Module):
             if cache is None or (limit is not None and cache.length >= limit):
                 context = idx if limit is None else idx[:, -limit:]
                 max_len = context.size(1) + max_new_tokens
-                cache = self.new_cache(idx.size(0), max_len if limit is None else min(max_len, limit), **cache_options)
-                logits, _ = self(context, cache=cache)
+                if limit is not None:
+                    max_len = min(max_len, limit)
+                cache = self.new_cache(idx.size(0), max_len, **cache_options)
+                # a streaming model reads a long prompt block_size tokens at a time, so memory stays bounded
+                step = context.size(1) if limit is not None else self.config.block_size
+                for start in range(0, context.size(1), step):
+                    logits, _ = self(context[:, start:start + step], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
             logits = logits[:, -1, :] / temperature
