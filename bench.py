@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from model import ATTENTIONS, GPT, GPTConfig
+from train import configure as configure_flags, load_checkpoint as read_checkpoint
 
 # -----------------------------------------------------------------------------------------------------------
 # flags: every global below is a --key=value flag (add new ones above FLAGS); '' = a default set by setup()
@@ -78,29 +79,8 @@ device_type, ptdtype = 'cpu', torch.float32  # set from the flags by setup()
 
 
 def configure(argv):
-    """nanoGPT's --key=value flags, typed by each global's default; a mistake is a one-line error."""
-    g = globals()
-    for arg in argv:
-        if arg in ('-h', '--help'):
-            print(__doc__ + f"\nflags (default): {', '.join(f'--{k}={g[k]}' for k in FLAGS)}")
-            raise SystemExit(0)
-        key, eq, text = arg[2:].partition('=')
-        if not arg.startswith('--') or not eq:
-            raise SystemExit(f"bad argument '{arg}': flags look like --key=value, e.g. --contexts=1k,4k")
-        if key not in FLAGS:
-            raise SystemExit(f"unknown flag --{key}; the flags are: {', '.join(FLAGS)}")
-        default = g[key]
-        if isinstance(default, bool):
-            if text not in ('True', 'False'):
-                raise SystemExit(f"--{key} is True or False, not '{text}'")
-            g[key] = text == 'True'
-        elif isinstance(default, (int, float)):
-            try:
-                g[key] = type(default)(text)
-            except ValueError:
-                raise SystemExit(f"--{key} is a number like {default}, not '{text}'") from None
-        else:
-            g[key] = text
+    """nanoGPT's --key=value flags, typed by each global's default (train.py's configurator)."""
+    configure_flags(argv, globals(), FLAGS)
 
 
 def parse_ints(flag, text):
@@ -597,18 +577,14 @@ def bench_kernels():
 # -----------------------------------------------------------------------------------------------------------
 # --mode=quality
 
-def load_checkpoint(path):
+def load_model(path):
     """A train.py checkpoint as an eval-mode GPT on the device, and the checkpoint dict itself."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}: train one first (train.py writes out_dir/ckpt.pt)")
+    checkpoint = read_checkpoint(path, map_location=device)
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
         model = GPT(GPTConfig(**{**checkpoint['model_args'], 'use_kernels': use_kernels}))
-    except Exception as e:
-        reason = f'{type(e).__name__}: {str(e).splitlines()[0][:100]}'
-        raise SystemExit(f"cannot load {path} as a train.py checkpoint ({reason})") from None
-    prefix = '_orig_mod.'  # torch.compile's wrapper, as nanoGPT strips it
-    model.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint['model'].items()})
+        model.load_state_dict(checkpoint['model'])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"cannot build the model of {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
     return model.to(device).eval(), checkpoint
 
 
@@ -672,7 +648,7 @@ def bench_quality():
         raise SystemExit('--mode=quality needs --ckpt=PATH/ckpt.pt (several: comma-separated)')
     runs = []
     for path in paths:
-        model, checkpoint = load_checkpoint(path)
+        model, checkpoint = load_model(path)
         data, meta = load_val_data(checkpoint)
         folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
         label = f'{folder} ({model.config.attention}, block {fmt_context(model.config.block_size)})'
@@ -790,7 +766,7 @@ def bench_budgets():
     except ValueError:
         raise SystemExit(f"--target is '+0.02' (an increase), a loss like '1.95', or a checkpoint path, "
                          f"not '{target}'") from None
-    model, checkpoint = load_checkpoint(ckpt)
+    model, checkpoint = load_model(ckpt)
     if model.config.attention != 'selective':
         raise SystemExit(f"--mode=budgets prunes Selective Attention's cache; {ckpt} is "
                          f"'{model.config.attention}': give a checkpoint trained with --attention=selective")
@@ -798,7 +774,7 @@ def bench_budgets():
     N, L, example_len = model.config.block_size, model.config.n_layer, meta.get('example_len')
     full = pruned_val_loss(model, data, [N] * L, example_len)
     if given is None:  # the paper's criterion: the val loss of another model (a standard one) with a full cache
-        reference, _ = load_checkpoint(target)
+        reference, _ = load_model(target)
         goal = val_loss(reference, data, N, example_len)
         reference = f'{target} ({reference.config.attention}, n_head={reference.config.n_head}), full cache'
         source = f'val loss of {reference}'
