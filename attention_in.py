@@ -3,7 +3,7 @@ InAttention (Eisner 2024, "InAttention: Linear Context Scaling for Transformers"
 
 "Tokens attend only to initial states": in every layer l the queries come from that layer's hidden state h_l,
 while the keys and values are made from the initial states x0 (token + position embedding, the input of block 0),
-with the usual causal mask. Per layer, per head (the paper's mechanism, in GPT-2 notation):
+with the usual causal mask. Per layer, per head (our equations for the abstract's words, GPT-2 notation):
 
     q = ln_1(h_l) Wq + bq                  queries: this layer's residual stream (Block applies ln_1)
     k = ln_kv(x0) Wk + bk                  keys:    the initial states, same for every layer but per-layer Wk

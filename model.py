@@ -242,7 +242,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             loss = loss + sum(getattr(block.attn, 'aux_loss', 0.0) for block in self.transformer.h)
         else:
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed

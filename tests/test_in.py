@@ -148,3 +148,17 @@ def test_extend_block_size_keeps_short_inputs_and_runs_long():
     cache = model.new_cache(1)
     logits, _ = model(long, cache=cache)
     torch.testing.assert_close(logits, model(long)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_fine_tune_at_a_longer_block_size_with_train_py(train_tiny, tmp_path):
+    """train.py's context extension: an `in` checkpoint at block 16 fine-tunes at 48, then generates at 48."""
+    train_tiny(tmp_path / 'short', '--attention=in')
+    train_tiny(tmp_path / 'long', '--attention=in', f'--init_from={tmp_path / "short" / "ckpt.pt"}',
+               '--block_size=48', '--max_iters=2')
+    ckpt = torch.load(tmp_path / 'long' / 'ckpt.pt', map_location='cpu', weights_only=True)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    model.eval()
+    assert model.config.block_size == 48
+    idx = torch.randint(0, 257, (1, 48))
+    torch.testing.assert_close(model(idx, cache=model.new_cache(1))[0], model(idx)[0])
