@@ -811,7 +811,8 @@ def bench_budgets():
     os.makedirs(out_dir, exist_ok=True)
     write_report('bench_budgets.md', lines)
     write_csv(os.path.join(out_dir, 'bench_budgets.csv'),
-              [dict(step=i, entries=sum(b), val_loss=l, budgets=' '.join(map(str, b))) for i, (b, l) in enumerate(steps)])
+              [dict(step=i, entries=sum(b), val_loss=l, budgets=' '.join(map(str, b)))
+               for i, (b, l) in enumerate(steps)])
     print(f'wrote {out_dir}/bench_budgets.csv')
 
 

@@ -68,7 +68,7 @@ def test_fine_tune_at_a_longer_context(train_tiny, tmp_path):
     train_tiny(tmp_path / 'short')
     train_tiny(tmp_path / 'long', f'--init_from={tmp_path / "short" / "ckpt.pt"}', '--block_size=32',
                '--max_iters=2', '--learning_rate=3e-4')
-    short, long = load(tmp_path / 'short'), load(tmp_path / 'long')
+    long = load(tmp_path / 'long')
     assert long['iter_num'] == 2 and long['model_args']['block_size'] == 32
     assert long['model']['transformer.wpe.weight'].shape == (32, 16)
     assert long['config']['learning_rate'] == 3e-4 and long['model_args']['n_layer'] == 1
