@@ -8,9 +8,10 @@ The attention interface (every attention file implements it):
                                         x0: (B, T0, C) the initial token states (the input of block 0), T0 >= T.
                                             InAttention makes keys and values from x0; the others ignore it.
                                         cache=None: a full forward over positions 0..T0-1 (training).
-                                        cache given: x holds the tokens that follow the cache.length tokens
-                                            already cached; the attention appends them to its part of the
-                                            cache and returns their outputs (prefill and one-step decode).
+                                        cache given: x0 holds the tokens that follow the cache.length tokens
+                                            already cached, x the same tokens (only the last one when the
+                                            cache's last_token_only); the attention appends them to its part
+                                            of the cache and returns x's outputs (prefill and one-step decode).
   Cache(config, batch_size, max_len, **options)
                                         the attention's inference cache, for all layers together, so an
                                         attention may share it across layers (InAttention does). It has
@@ -54,10 +55,11 @@ class GPTConfig:
     segment_len: int = 64
     memory_update: str = 'delta'
     gate_lr_mult: float = 10.0
-    # selective: the head whose logits select (paper: head 0) and the auxiliary memory loss weight (0 = off)
+    # selective: the head whose logits select (paper: head 0), the auxiliary memory loss weight (0 = off), and
+    # the nonlinearity turning logits into votes ('relu' as in the paper, 'softplus', 'sigmoid')
     selection_head: int = 0
     selection_loss: float = 0.0
-    selection_fn: str = 'relu'   # selective: the nonlinearity turning logits into votes ('relu', 'softplus', 'sigmoid')
+    selection_fn: str = 'relu'
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
