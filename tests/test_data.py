@@ -13,6 +13,7 @@ import tiktoken
 import data.common as common
 from data.common import (ByteTokenizer, CharTokenizer, TiktokenTokenizer, get_tokenizer, load_meta,
                          tokenizer_from_meta)
+from data.copy import prepare as copy_task
 from data.passkey import prepare as passkey
 from data.python_stdlib import prepare as stdlib
 from data.shakespeare_char import prepare as shakespeare
@@ -285,3 +286,14 @@ def test_passkey_prepare(tmp_path):
         assert f'The pass key is {key}. Remember it. {key} is the pass key.' in example_text
     with pytest.raises(SystemExit, match='--length=20'):
         passkey.main(['--length=20', f'--out_dir={tmp_path}'])
+
+
+def test_copy_prepare(tmp_path):
+    copy_task.main(['--length=32', '--n_train=50', '--n_val=5', f'--out_dir={tmp_path}'])
+    meta = load_meta(str(tmp_path))
+    assert meta['example_len'] == 32 and meta['tokenizer'] == {'kind': 'byte'}
+    examples = np.fromfile(tmp_path / 'train.bin', dtype=np.uint16).reshape(50, 32)
+    assert set(examples.ravel().tolist()) <= set(copy_task.ALPHABET.tolist())
+    for row in examples:  # a random string repeated: its period is between 8 and length / 2
+        period = next(p for p in range(1, 33) if np.array_equal(row[p:], row[:32 - p]))
+        assert 8 <= period <= 16
