@@ -10,6 +10,7 @@ Modes (--mode=..., one function each, dispatched at the bottom):
            (one forward + backward at batch B) at each context: peak memory, tokens/s, cache bytes per token.
            Random weights and random tokens: speed and memory do not depend on what the model knows.
   kernels  each Triton kernel of kernels.py against its PyTorch reference and against SDPA (needs CUDA).
+  compile  each Triton kernel compiled for several GPUs (no GPU needed): registers, spills, shared memory.
   quality  checkpoints' val loss at several contexts, and passkey retrieval accuracy by length and depth.
   budgets  selective: the per-layer KV-cache budgets that keep a checkpoint's val loss under --target.
 
@@ -25,7 +26,9 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -39,7 +42,7 @@ from train import configure as configure_flags, load_checkpoint as read_checkpoi
 
 # -----------------------------------------------------------------------------------------------------------
 # flags: every global below is a --key=value flag (add new ones above FLAGS); '' = a default set by setup()
-mode = 'speed'             # speed | kernels | quality | budgets
+mode = 'speed'             # speed | kernels | compile | quality | budgets
 device = ''                # cuda if available, else cpu
 dtype = ''                 # bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU
 attentions = ','.join(ATTENTIONS)
@@ -58,6 +61,8 @@ repeats = 3                # a timing is the median of this many runs
 vram_gb = 0.0              # > 0: cap this process's CUDA memory at that many GiB (a smaller GPU)
 out_dir = 'bench_out'      # where the CSV, the markdown tables and the PNG go
 seed = 1337
+# compile mode: compute capabilities (80 A100, 86 RTX 30, 89 RTX 40, 90 H100, 120 RTX 50)
+archs = '80,86,89,90,120'
 # quality mode
 ckpt = ''                  # one train.py checkpoint, or several separated by commas (one column each)
 data_dir = ''              # '' = data/<the checkpoint's dataset>
@@ -575,6 +580,105 @@ def bench_kernels():
 
 
 # -----------------------------------------------------------------------------------------------------------
+# --mode=compile: what each kernel costs a GPU, read from the compiler, without one. Triton ships ptxas and
+# cuobjdump: a kernel that needs more shared memory than a GPU has fails to launch there ("out of resources"),
+# and registers spilled to local memory ("spill", bytes per thread) make it slow.
+
+SHARED_MEMORY = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}  # KiB a block may use, per arch
+INTEGERS = {'H', 'T', 'N', 'Tq', 'h0', 'n_qblocks', 'n_segments'}  # the kernels' integer arguments
+
+
+def kernel_launches(kernels, D):
+    """(what, kernel, its pointers in the data dtype (the others are fp32), constexprs, launch settings), as
+    kernels.py launches them."""
+    selective = dict(BLOCK_M=kernels.BLOCK_M, BLOCK_N=kernels.BLOCK_N, BLOCK_D=D)
+    infini = dict(BLOCK_T=kernels.BLOCK_T, BLOCK_D=D)
+    data = 'Q K V O DO DQ DK DV'.split()
+    launches = [('selective carry', kernels._selective_carry_kernel, data, selective, kernels.NARROW),
+                ('selective forward', kernels._selective_fwd_kernel, data, selective, kernels.NARROW),
+                ('selective backward dK dV', kernels._selective_bwd_dkdv_kernel, data, selective, kernels.WIDE),
+                ('selective backward dQ', kernels._selective_bwd_dq_kernel, data, selective, kernels.NARROW),
+                ('selective backward selection', kernels._selective_bwd_selection_kernel, data, selective,
+                 kernels.WIDE)]
+    for update in ('linear', 'delta'):
+        delta = update == 'delta'
+        launches += [(f'infini memory forward, {update}{", saving for backward" * save}',
+                      kernels._infini_memory_fwd_kernel, ['Q', 'K', 'V'], dict(infini, DELTA=delta, SAVE=save),
+                      kernels.WIDE) for save in (False, True)]
+        launches.append((f'infini memory backward, {update}', kernels._infini_memory_bwd_kernel, ['Q', 'K', 'V'],
+                         dict(infini, DELTA=delta), kernels.WIDE))
+    return launches
+
+
+def compile_kernel(triton, fn, data, constexprs, launch, arch, tool):
+    """Compile one kernel for one compute capability: (registers, spill bytes per thread, shared memory bytes)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    pointer = {torch.bfloat16: '*bf16', torch.float16: '*fp16', torch.float32: '*fp32'}[ptdtype]
+    signature = {a: 'constexpr' if a in constexprs else 'fp32' if a == 'scale' else 'i32' if a in INTEGERS else
+                 pointer if a in data else '*fp32' for a in fn.arg_names}
+    values = {(i,): constexprs[a] for i, a in enumerate(fn.arg_names) if a in constexprs}
+    aligned = {(i,): [['tt.divisibility', 16]] for i, a in enumerate(fn.arg_names) if signature[a][0] == '*'}
+    compiled = triton.compile(ASTSource(fn, signature, values, aligned), target=GPUTarget('cuda', arch, 32),
+                              options=dict(launch))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'kernel.cubin')
+        with open(path, 'wb') as f:
+            f.write(compiled.asm['cubin'])
+        usage = subprocess.run([tool, '-res-usage', path], capture_output=True, text=True, check=True).stdout
+    fields = dict(item.split(':') for line in usage.splitlines() if 'REG:' in line for item in line.split())
+    return int(fields['REG']), int(fields['STACK']), compiled.metadata.shared
+
+
+def bench_compile():
+    try:
+        import triton
+        import triton.backends.nvidia
+        import kernels
+    except ImportError:
+        raise SystemExit('--mode=compile needs triton with its CUDA backend (pip install triton, Linux x86_64)')
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        raise SystemExit('--mode=compile needs the compiler: unset TRITON_INTERPRET')
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), 'bin', 'cuobjdump')
+    capabilities = parse_ints('archs', archs)
+    D = n_embd // n_head
+    if D not in kernels.HEAD_DIMS:
+        raise SystemExit(f'head dim n_embd / n_head = {D}: the kernels take {kernels.HEAD_DIMS}')
+    launches = kernel_launches(kernels, D)
+    results = {}
+    bar = tqdm(total=len(launches) * len(capabilities), desc='compile', dynamic_ncols=True)
+    for what, fn, data, constexprs, launch in launches:
+        for arch in capabilities:
+            bar.set_postfix_str(f'{what} sm_{arch}')
+            try:
+                results[what, arch] = compile_kernel(triton, fn, data, constexprs, launch, arch, tool)
+            except Exception as e:  # a compiler failure is a result: report it and go on
+                results[what, arch] = f"fails: {(str(e).strip().splitlines() or [''])[-1][:80]}"
+            bar.update()
+    bar.close()
+
+    def status(arch):
+        r = results[what, arch]
+        return r if isinstance(r, str) else 'ok' if r[2] <= SHARED_MEMORY.get(arch, 99) * 1024 else 'TOO MUCH'
+
+    rows = []
+    for what, *_ in launches:
+        rows.append([what] + [f"{r[0]} reg, {r[1]} B spill, {fmt_bytes(r[2])}{' TOO MUCH' * (status(arch) != 'ok')}"
+                              if isinstance(r := results[what, arch], tuple) else r for arch in capabilities])
+    limits = ', '.join(f'sm_{a} {SHARED_MEMORY.get(a, 99)} KiB' for a in capabilities)
+    lines = header_lines() + [
+        f'head dim {D}, {dtype}; cells: registers per thread, bytes per thread spilled to local memory, shared '
+        f'memory per block (TOO MUCH: more than the GPU has, {limits})', '']
+    lines += markdown_table('Kernels compiled per GPU', ['kernel'] + [f'sm_{a}' for a in capabilities], rows)
+    write_report('bench_compile.md', lines)
+    write_csv(os.path.join(out_dir, 'bench_compile.csv'),
+              [dict(kernel=what, arch=arch, head_dim=D, dtype=dtype, status=status(arch),
+                    **dict(zip(('registers', 'spill_bytes', 'shared_bytes'),
+                               r if isinstance(r := results[what, arch], tuple) else ('', '', ''))))
+               for what, *_ in launches for arch in capabilities])
+
+
+# -----------------------------------------------------------------------------------------------------------
 # --mode=quality
 
 def load_model(path):
@@ -828,7 +932,7 @@ def setup():
         raise SystemExit(f'--device={device} but CUDA is not available here; use --device=cpu')
     if device_type == 'cpu' and device != 'cpu':
         raise SystemExit(f"--device is cuda, cuda:N or cpu, not '{device}'")
-    dtype = dtype or ('float32' if device_type == 'cpu' else
+    dtype = dtype or ('bfloat16' if mode == 'compile' else 'float32' if device_type == 'cpu' else
                       'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
     if dtype not in DTYPES:
         raise SystemExit(f"--dtype is one of {', '.join(DTYPES)}, not '{dtype}'")
@@ -857,9 +961,11 @@ if __name__ == '__main__':
         bench_speed()
     elif mode == 'kernels':
         bench_kernels()
+    elif mode == 'compile':
+        bench_compile()
     elif mode == 'quality':
         bench_quality()
     elif mode == 'budgets':
         bench_budgets()
     else:
-        raise SystemExit(f"unknown --mode={mode}; the modes are speed, kernels, quality, budgets")
+        raise SystemExit(f"unknown --mode={mode}; the modes are speed, kernels, compile, quality, budgets")

@@ -31,7 +31,9 @@ except ImportError:
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner-loop step
 BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
-HEAD_DIMS = (16, 32, 64, 128)  # tl.arange needs a power of two; tl.dot needs at least 16
+# tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward needs more than a gaming
+# GPU's 99 KB of shared memory, or does not compile (bench.py --mode=compile), and Infini's M leaves registers
+HEAD_DIMS = (16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # launch settings: 4 warps, 2 pipeline stages (the digest's best forward on an H100); the kernels that hold three
 # or more fp32 tiles get 8 warps, which keeps them from spilling registers (checked with ptxas for sm_90)
@@ -445,20 +447,20 @@ def _infini_memory_fwd_kernel(Q, K, V, M0, Z0, A, M_OUT, Z_OUT, MS, ZS, T, Tq, N
             R, _ = _memory_read(sq, M, z)
             tl.store(A + bh * Tq * BLOCK_D + (rows - offset)[:, None] * BLOCK_D + offs_d[None, :], R,
                      mask=rows[:, None] < end)
-        if end - start == N:  # a complete segment is written (a partial one waits in the cache)
-            dM = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-            dz = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for t0 in range(start, end, BLOCK_T):
-                rows = t0 + tl.arange(0, BLOCK_T)
-                sk, _ = _features(k_head, rows, end, BLOCK_D)
-                u = _load_rows(v_head, rows, end, BLOCK_D).to(tl.float32)
-                if DELTA:  # eq. 5: write only what the memory does not already return for these keys
-                    R, _ = _memory_read(sk, M, z)
-                    u -= R
-                dM += tl.dot(tl.trans(sk), u)  # eq. 4: M += sigma(K)^T V
-                dz += tl.sum(sk, 0)  # z += sum_t sigma(K_t)
-            M += dM
-            z += dz
+        dM = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+        dz = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            sk, _ = _features(k_head, rows, end, BLOCK_D)
+            u = _load_rows(v_head, rows, end, BLOCK_D).to(tl.float32)
+            if DELTA:  # eq. 5: write only what the memory does not already return for these keys
+                R, _ = _memory_read(sk, M, z)
+                u -= R
+            dM += tl.dot(tl.trans(sk), u)  # eq. 4: M += sigma(K)^T V
+            dz += tl.sum(sk, 0)  # z += sum_t sigma(K_t)
+        written = end - start == N  # a complete segment is written (a partial one waits in the cache)
+        M += tl.where(written, dM, 0.0)
+        z += tl.where(written, dz, 0.0)
     tl.store(M_OUT + bh * BLOCK_D * BLOCK_D + square, M)
     tl.store(Z_OUT + bh * BLOCK_D + offs_d, z)
 
@@ -571,7 +573,7 @@ def segment_attention(q, k, v, segment_len):
 
 def infini_available(q):
     """Whether infini_attention below runs for q (the attention file also checks config.use_kernels)."""
-    return kernel_ready(q) and q.size(-1) <= 64  # M, dM and their updates stay in registers
+    return kernel_ready(q)
 
 
 @torch.compiler.disable  # torch.compile calls it as is: the kernels are fused already

@@ -127,6 +127,20 @@ def test_kernels_mode_skips_without_cuda(tmp_path, monkeypatch, capsys):
     assert 'need CUDA and triton: skipped' in capsys.readouterr().out
 
 
+def test_compile_mode_builds_every_kernel_for_gaming_and_datacenter_gpus(tmp_path):
+    """No GPU needed: each kernel compiles for an RTX 30 (sm_86) and an H100 (sm_90), fitting their shared memory."""
+    pytest.importorskip('triton.backends.nvidia')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}  # conftest sets it without a GPU
+    result = subprocess.run([sys.executable, 'bench.py', '--mode=compile', '--archs=86,90', f'--out_dir={tmp_path}'],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_csv(tmp_path / 'bench_compile.csv')
+    assert {r['arch'] for r in rows} == {'86', '90'} and len(rows) == 2 * 11
+    assert [(r['kernel'], r['arch'], r['status']) for r in rows if r['status'] != 'ok'] == []
+    assert all(int(r['registers']) <= 255 for r in rows)
+    assert '| selective forward |' in result.stdout
+
+
 def make_checkpoint(path, attention, block_size):
     torch.manual_seed(0)
     args = dict(block_size=block_size, vocab_size=257, n_layer=1, n_head=2, n_embd=16, attention=attention,

@@ -9,10 +9,11 @@ import importlib.util
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-pytest.importorskip('triton')
+triton = pytest.importorskip('triton')
 import kernels  # noqa: E402  (after the skip: without triton there is nothing to run)
 from attention_infini import infini_attention  # noqa: E402
 from attention_selective import causal_logits, selection_matrix, selective_attention  # noqa: E402
@@ -25,6 +26,18 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # relative error ||out - ref|| / ||ref|| against an fp64 reference on the same (rounded) inputs;
 # fp32 on a GPU multiplies in tf32
 TOLERANCE = {torch.float32: 5e-3 if CUDA else 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+# Triton 3.6's interpreter indexes with 1-element arrays, which numpy 2.4 refuses (fixed in Triton 3.7)
+OLD_INTERPRETER = (not CUDA and tuple(int(n) for n in triton.__version__.split('.')[:2]) < (3, 7)
+                   and tuple(int(n) for n in np.__version__.split('.')[:2]) >= (2, 4))
+
+
+@pytest.fixture(autouse=True)
+def working_interpreter():
+    if OLD_INTERPRETER:
+        pytest.fail(f"Triton {triton.__version__}'s interpreter fails with numpy {np.__version__}: "
+                    "pip install 'numpy<2.4' or triton>=3.7 to run the kernel tests on a CPU", pytrace=False)
 
 
 def relative_error(out, ref):
