@@ -53,6 +53,7 @@ n_embd = 768
 vocab_size = 50304
 segment_len = 64           # infini's segment
 budget = ''                # selective: KV entries kept per layer, one int or one per layer ('' = no pruning)
+absorb = True              # in: decode with the absorbed fast path; False: the re-projection reference
 use_kernels = True         # False forces every attention's PyTorch reference
 batch_size = 1
 decode_tokens = 64         # N tokens decoded one at a time after the prefill
@@ -114,7 +115,9 @@ def attention_list():
 
 
 def cache_options(name):
-    """Inference-time cache settings: only selective has one, its pruning budget."""
+    """Inference-time cache settings: selective's pruning budget, InAttention's decode path."""
+    if name == 'in' and not absorb:
+        return {'absorb': False}
     if not budget or name != 'selective':
         return {}
     b = parse_ints('budget', budget)
@@ -388,7 +391,8 @@ def speed_report(results, messages, names, Ts):
         f'shape: n_layer={n_layer} n_head={n_head} n_embd={n_embd} vocab_size={vocab_size} · dtype {dtype} '
         f'(training: {training}) · batch {batch_size} · '
         f'decode {decode_tokens} tokens · median of {repeats} after {warmup} warm-up'
-        + (f' · selective budget {budget}' if budget else ''),
+        + (f' · selective budget {budget}' if budget else '')
+        + ('' if absorb or 'in' not in names else ' · in decodes with the re-projection reference (absorb=False)'),
         f'memory: {memory}' + (f', capped at {vram_gb:g} GiB' if capped else ''),
         'cells: value (ratio to causal at the same context) · OOM: out of memory, longer contexts not run (-) · '
         'n/a: context not possible', '']
@@ -421,7 +425,7 @@ def bench_speed():
                'training', 'train_bytes', 'train_tok_s']
     write_csv(os.path.join(out_dir, 'bench_speed.csv'),
               [dict(attention=name, context=T, batch_size=batch_size, device=device, dtype=dtype,
-                    budget=budget if name == 'selective' else '',
+                    budget=budget if name == 'selective' else '', absorb=absorb if name == 'in' else '',
                     **{c: csv_value(results[name, T].get(c), c in ('inference', 'training')) for c in columns})
                for name in names for T in Ts])
     plot_speed(os.path.join(out_dir, 'bench_speed.png'), results, names, Ts)

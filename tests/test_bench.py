@@ -117,6 +117,14 @@ def test_bad_flags_are_one_line_errors(args, message):
         bench.context_list('1k')
 
 
+def test_cache_options_reach_the_right_attention(monkeypatch):
+    monkeypatch.setattr(bench, 'budget', '8,16')
+    monkeypatch.setattr(bench, 'absorb', False)
+    assert bench.cache_options('selective') == {'budget': [8, 16]}
+    assert bench.cache_options('in') == {'absorb': False}
+    assert bench.cache_options('causal') == {} == bench.cache_options('infini')
+
+
 def test_kernels_mode_skips_without_cuda(tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip('on CUDA the kernels run for real')
