@@ -711,23 +711,28 @@ def load_val_data(checkpoint):
 def val_loss(model, data, T, example_len=None):
     """Mean next-token loss over eval_windows windows of T tokens, the same seeded windows for every model.
 
-    Windows start on example boundaries when the dataset is made of fixed-length examples (passkey)."""
+    When the dataset is made of fixed-length examples (passkey), windows start on example boundaries and, as in
+    train.py, the first token of an example is no target: nothing before it predicts it."""
     stride = example_len or 1
     count = (len(data) - T - 1) // stride + 1
     if count < 1:
         raise ValueError(f'val.bin has {len(data)} tokens, fewer than a window of {T + 1}')
     starts = np.random.default_rng([seed, T]).integers(0, count, eval_windows) * stride
-    total = 0.0
+    targets = torch.arange(1, T + 1, device=device) % example_len != 0 if example_len else None
+    total, n = 0.0, 0
     for i in range(0, len(starts), batch_size):
         batch = np.stack([data[s:s + T + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
         batch = torch.from_numpy(batch).to(device)
         x, y = batch[:, :-1], batch[:, 1:].contiguous()  # GPT's loss views the targets flat
+        if targets is not None:
+            y = y.masked_fill(~targets, -1)  # ignored by the loss (out of place: y may share x's storage)
         with autocast():
             logits, _ = model(x, y)
         # the language-model loss alone: GPT's loss would add an attention's auxiliary training loss
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction='sum')
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum')
         total += loss.item()
-    return total / (len(starts) * T)
+        n += (y != -1).sum().item()
+    return total / n
 
 
 @torch.no_grad()

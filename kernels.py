@@ -32,11 +32,11 @@ BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner-loop step
 BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
 # tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward needs more than a gaming
-# GPU's 99 KB of shared memory, or does not compile (bench.py --mode=compile), and Infini's M leaves registers
+# GPU's 99 KiB of shared memory, or does not compile (bench.py --mode=compile), and Infini's M leaves registers
 HEAD_DIMS = (16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # launch settings: 4 warps, 2 pipeline stages (the digest's best forward on an H100); the kernels that hold three
-# or more fp32 tiles get 8 warps, which keeps them from spilling registers (checked with ptxas for sm_90)
+# or more fp32 tiles get 8 warps, which keeps them from spilling registers on an H100 (bench.py --mode=compile)
 NARROW = dict(num_warps=4, num_stages=2)
 WIDE = dict(num_warps=8, num_stages=2)
 

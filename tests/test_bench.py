@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 import bench
 from model import ATTENTIONS, GPT, GPTConfig
@@ -147,6 +148,23 @@ def test_compile_mode_builds_every_kernel_for_gaming_and_datacenter_gpus(tmp_pat
     assert [(r['kernel'], r['arch'], r['status']) for r in rows if r['status'] != 'ok'] == []
     assert all(int(r['registers']) <= 255 for r in rows)
     assert '| selective forward |' in result.stdout
+
+
+def test_val_loss_of_examples_skips_the_targets_that_start_one(monkeypatch):
+    """As train.py does: nothing in an example predicts the first token of the next one."""
+    monkeypatch.setattr(bench, 'device', 'cpu')
+    monkeypatch.setattr(bench, 'eval_windows', 1)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+    data = np.random.default_rng(0).integers(0, 256, 17).astype(np.uint16)  # room for one window of 16: at 0
+    ids = torch.from_numpy(data.astype(np.int64))
+    with torch.no_grad():
+        logits, _ = model(ids[None, :16], ids[None, 1:])
+    losses = F.cross_entropy(logits[0], ids[1:], reduction='none')
+    kept = [t for t in range(16) if (t + 1) % 8]  # targets 8 and 16 start the 2nd and 3rd examples of 8 tokens
+    assert len(kept) == 14
+    assert bench.val_loss(model, data, 16, example_len=8) == pytest.approx(losses[kept].mean().item(), rel=1e-5)
+    assert bench.val_loss(model, data, 16) == pytest.approx(losses.mean().item(), rel=1e-5)
 
 
 def make_checkpoint(path, attention, block_size):
