@@ -489,6 +489,13 @@ def timed(fn):
     return statistics.median(times), peak_bytes()
 
 
+def attention_tflops(seconds, B, H, T, D, backward):
+    """TFLOP/s as FlashAttention counts causal attention: 2 matmuls of 2 T^2 D flops, halved by the mask, per
+    head; a backward is 2.5 forwards. The same nominal count for every case, so it reads as inverse time."""
+    flops = 4 * B * H * T * T * D / 2 * (3.5 if backward else 1)
+    return flops / seconds / 1e12
+
+
 def kernel_cases(kernels):
     """(name, fn(q, k, v), available(q)) for SDPA, each kernel and each kernel's PyTorch reference."""
     from attention_infini import infini_attention as infini_reference
@@ -563,6 +570,11 @@ def bench_kernels():
             rows.append([fmt_context(T)] + [cell(r[key], base if name != 'sdpa' else None, fmt)
                                             if isinstance(r := results[name, T], dict) else r for name in names])
         lines += markdown_table(title, ['context'] + names, rows)
+    rows = [[fmt_context(T)] + [' / '.join(f"{attention_tflops(r[key], B, H, T, D, key == 'fwdbwd'):.3g}"
+                                          for key in ('fwd', 'fwdbwd'))
+                                if isinstance(r := results[name, T], dict) else r for name in names] for T in Ts]
+    lines += markdown_table('Forward / forward + backward TFLOP/s, counted as causal attention (4 B H T^2 D / 2 '
+                            'per forward, 2.5x that per backward)', ['context'] + names, rows)
     pairs = [(n, n.replace(' kernel', ' reference')) for n in names if n.endswith(' kernel')]
     rows = []
     for T in Ts:

@@ -126,6 +126,12 @@ def test_cache_options_reach_the_right_attention(monkeypatch):
     assert bench.cache_options('causal') == {} == bench.cache_options('infini')
 
 
+def test_attention_tflops_counts_as_flash_attention_does():
+    # B=1, H=12, T=16k, D=64 causal forward: 4 * 12 * 16384^2 * 64 / 2 = 412 GFLOP; in 1 ms that is 412 TFLOP/s
+    assert bench.attention_tflops(1e-3, 1, 12, 16384, 64, backward=False) == pytest.approx(412.3, rel=1e-3)
+    assert bench.attention_tflops(1e-3, 1, 12, 16384, 64, backward=True) == pytest.approx(3.5 * 412.3, rel=1e-3)
+
+
 def test_kernels_mode_skips_without_cuda(tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip('on CUDA the kernels run for real')
@@ -165,6 +171,30 @@ def test_val_loss_of_examples_skips_the_targets_that_start_one(monkeypatch):
     assert len(kept) == 14
     assert bench.val_loss(model, data, 16, example_len=8) == pytest.approx(losses[kept].mean().item(), rel=1e-5)
     assert bench.val_loss(model, data, 16) == pytest.approx(losses.mean().item(), rel=1e-5)
+
+
+def test_kernels_mode_tables_with_the_kernels_in_the_interpreter(tmp_path, monkeypatch, capsys):
+    """The CUDA-only mode run on CPU tensors, its kernels in Triton's interpreter: every table and the CSV."""
+    kernels = pytest.importorskip('kernels')
+    if torch.cuda.is_available() or not kernels.triton:
+        pytest.skip('needs the interpreter: no CUDA, triton installed')
+    for key, value in dict(device='cpu', out_dir=str(tmp_path), n_head=2, n_embd=32, contexts='64,100', warmup=0,
+                           repeats=1, segment_len=32).items():
+        monkeypatch.setattr(bench, key, value)
+    bench.setup()
+    monkeypatch.setattr(bench, 'device_type', 'cuda')  # past the CUDA gate, with CPU tensors and no CUDA calls
+    monkeypatch.setattr(bench, 'header_lines', lambda: [])
+    monkeypatch.setattr(bench, 'peak_bytes', lambda: 0)
+    for name in ('sync', 'reset_peak'):
+        monkeypatch.setattr(bench, name, lambda: None)
+    for name in ('selective_available', 'infini_available'):
+        monkeypatch.setattr(kernels, name, lambda q: True)
+    bench.bench_kernels()
+    out = capsys.readouterr().out
+    for title in ('Forward time', 'Forward + backward time', 'TFLOP/s', 'speed-up over its PyTorch reference'):
+        assert title in out
+    rows = read_csv(tmp_path / 'bench_kernels.csv')
+    assert len(rows) == 5 * 2 and all(r['status'] == 'ok' for r in rows), rows
 
 
 def make_checkpoint(path, attention, block_size):
