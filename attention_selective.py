@@ -27,6 +27,7 @@ except ImportError:  # kernels.py needs triton; without it the reference below r
 
 SELECTION_FNS = {'relu': torch.relu, 'softplus': softplus, 'sigmoid': torch.sigmoid}
 MEMORY_TAU = 1.0  # tau of the memory loss: a token counts as gone once its F reaches tau
+CHUNK = 1024  # queries a cached forward scores at a time: chunk x (held + chunk) logits, never T x T
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,14 +46,17 @@ def causal_logits(q, k):
     return logits.masked_fill(future, float('-inf'))
 
 
-def selection_matrix(logits, selection_fn='relu'):
-    """S[k, j] = fn(L[k, j]) for 0 < j < k, else 0, from one head's causal logits (B, T, T)."""
-    T = logits.size(-1)
-    k = torch.arange(T, device=logits.device)[:, None]
-    j = torch.arange(T, device=logits.device)[None, :]
+def votes(logits, k, j, selection_fn='relu'):
+    """S[k, j] = fn(L[k, j]) for 0 < j < k, else 0: what query position k votes against key position j."""
     # Figure 2: "only positive selection" (ReLU); "do not mask self" and no future key (j < k);
     # "do not mask <BOS>" (j > 0: the first token stays visible, so no softmax row is ever all -inf)
     return torch.where((j < k) & (j > 0), SELECTION_FNS[selection_fn](logits), 0.0)
+
+
+def selection_matrix(logits, selection_fn='relu'):
+    """S from one head's causal logits (B, T, T)."""
+    positions = torch.arange(logits.size(-1), device=logits.device)
+    return votes(logits, positions[:, None], positions[None, :], selection_fn)
 
 
 @torch.compiler.disable  # Inductor's scan codegen failed on this cumsum at some lengths (digest 4.2): keep it eager
@@ -65,22 +69,26 @@ def accumulated_masks(S):
     return pad(S.cumsum(dim=-2)[..., :-1, :], (0, 0, 1, 0))
 
 
-def eviction_schedule(F, budget):
+def eviction_schedule(F, budget, n_held=0):
     """keep[b, i, j]: whether token j is still in a `budget`-entry cache when query i runs.
 
-    The cache's rule, replayed on the full F: token i enters; if the cache is then over budget, the entry with
-    the largest F[i] (the most masked) leaves, never token 0 or token i, ties to the oldest (argmax returns the
-    first maximum). F only grows, so an evicted token would never have come back.
+    The cache's rule, replayed on F (B, queries, tokens): query i's token enters; if the cache is then over budget,
+    the entry with the largest F[i] (the most masked) leaves, never token 0 or the new one, ties to the oldest
+    (tokens are in position order and argmax returns the first maximum). F only grows, so an evicted token would
+    never have come back. From an empty cache F is T x T; a cache already holding n_held tokens (the first n_held
+    columns) gets query i's token as column n_held + i.
     """
-    B, T, _ = F.shape
-    held = torch.zeros(B, T, dtype=torch.bool, device=F.device)
-    keep = torch.zeros(B, T, T, dtype=torch.bool, device=F.device)
+    B, T, N = F.shape
+    held = torch.zeros(B, N, dtype=torch.bool, device=F.device)
+    held[:, :n_held] = True
+    keep = torch.zeros(B, T, N, dtype=torch.bool, device=F.device)
     rows = torch.arange(B, device=F.device)
     for i in range(T):
-        held[:, i] = True
-        if i + 1 > budget:
+        new = n_held + i
+        held[:, new] = True
+        if new + 1 > budget:
             candidates = F[:, i].masked_fill(~held, float('-inf'))
-            candidates[:, 0] = candidates[:, i] = float('-inf')
+            candidates[:, 0] = candidates[:, new] = float('-inf')
             held[rows, candidates.argmax(dim=1)] = False
         keep[:, i] = held
     return keep
@@ -137,12 +145,14 @@ class SelectiveAttention(nn.Module):
             y = self.attend(q, k, v, self.budget)
             if self.training and self.selection_loss > 0:
                 self.aux_loss = self.memory_loss(q, k)
-        elif cache.length == 0:
-            y = self.attend(q, k, v, cache.budget[self.layer_idx])
-            self.prefill(cache, q, k, v)
-        else:
-            y = torch.cat([self.decode(cache, q[:, :, [t]], k[:, :, [t]], v[:, :, [t]], cache.length + t)
-                           for t in range(T)], dim=2)
+        elif cache.length == 0 and cache.budget[self.layer_idx] is None:  # a prefill with nothing to evict
+            y = self.attend(q, k, v, None)  # the fused kernel on a GPU
+            cache.store(self.layer_idx, k, v, self.vote_totals(q, k))
+        elif T == 1 and cache.length > 0:  # a decode step
+            y = self.decode(cache, q, k, v, cache.length)
+        else:  # a prefill under a budget, or several tokens after the cached ones: CHUNK at a time
+            y = torch.cat([self.extend(cache, q[:, :, i:i + CHUNK], k[:, :, i:i + CHUNK], v[:, :, i:i + CHUNK],
+                                       cache.length + i) for i in range(0, T, CHUNK)], dim=2)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -170,14 +180,34 @@ class SelectiveAttention(nn.Module):
         visible = torch.arange(1, T + 1, device=q.device) - F.clamp(max=MEMORY_TAU).sum(-1) / MEMORY_TAU
         return self.selection_loss * visible.max(dim=-1).values.mean() / (self.n_layer * T)
 
-    def prefill(self, cache, q, k, v):
-        """Fill an empty cache with the prompt: the tokens still held after its last query, and their F."""
-        S, F = self.head_masks(q, k)
-        budget = cache.budget[self.layer_idx]
-        T = q.size(-2)
-        held = (eviction_schedule(F, budget)[:, -1] if budget is not None and budget < T
-                else torch.ones(F.shape[:2], dtype=torch.bool, device=F.device))
-        cache.store(self.layer_idx, k, v, S.sum(dim=1), held)  # column sums of S = F of the next query
+    def vote_totals(self, q, k):
+        """Column sums of S, the F of the query after the prompt, summed CHUNK queries at a time: (B, T)."""
+        h, T = self.selection_head, q.size(-2)
+        positions = torch.arange(T, device=q.device)
+        total = torch.zeros(q.size(0), T, dtype=score_dtype(q), device=q.device)
+        for i in range(0, T, CHUNK):
+            logits = (q[:, h, i:i + CHUNK] @ k[:, h].transpose(-1, -2)).to(total.dtype) * q.size(-1) ** -0.5
+            total += votes(logits, positions[i:i + CHUNK, None], positions, self.selection_fn).sum(dim=1)
+        return total
+
+    def extend(self, cache, q, k, v, start):
+        """Tokens at positions start.. (q, k, v: (B, H, C, D)) against the cache, with exactly the results of C
+        decode steps: their votes accumulate down the chunk and the cache's eviction rule is replayed on them."""
+        layer, C = self.layer_idx, q.size(-2)
+        K, V, f, pos = cache.held(layer, k)
+        n = pos.size(1)
+        positions = torch.arange(start, start + C, device=q.device)
+        K, V = torch.cat([K, k], dim=2), torch.cat([V, v], dim=2)
+        pos = torch.cat([pos, positions.expand(q.size(0), C)], dim=1)
+        logits = (q @ K.transpose(-1, -2)).to(f.dtype) * q.size(-1) ** -0.5  # (B, H, C, n + C)
+        S = votes(logits[:, self.selection_head], positions[:, None], pos[:, None, :], self.selection_fn)
+        F = pad(f, (0, C))[:, None] + accumulated_masks(S)  # the cached F, then the chunk's own votes
+        visible = pos[:, None, :] <= positions[:, None]
+        if cache.budget[layer] is not None:
+            visible &= eviction_schedule(F, cache.budget[layer], n)
+        att = torch.softmax((logits - F[:, None]).masked_fill(~visible[:, None], float('-inf')), dim=-1)
+        cache.store(layer, K, V, F[:, -1] + S[:, -1], visible[:, -1], pos)  # what the next query sees
+        return att.to(v.dtype) @ V
 
     def decode(self, cache, q, k, v, position):
         """One token (q, k, v: (B, H, 1, D)) at an absolute position, against the cached tokens."""
@@ -224,18 +254,30 @@ class SelectiveCache:
         self.f[layer] = torch.zeros(B, N, dtype=score_dtype(like), device=like.device)
         self.pos[layer] = torch.full((B, N), -1, dtype=torch.long, device=like.device)  # -1: empty slot
 
-    def store(self, layer, k, v, f, held):
-        """Prefill: keep the tokens marked in held (B, T), the same number in every row, with their F."""
+    def store(self, layer, k, v, f, held=None, positions=None):
+        """Replace the layer by the tokens of k, v (B, H, T, D) marked in held (B, T) (default: all), the same
+        number in every row, with their F and positions (default: 0..T-1), in position order."""
         self.allocate(layer, k)
         B, H, T, D = k.shape
-        n = int(held[0].sum())
+        n = T if held is None else int(held[0].sum())
         if n > self.slots[layer]:
             raise ValueError(f"selective cache holds {self.slots[layer]} tokens, {n} asked for")
-        idx = held.nonzero()[:, 1].view(B, n)  # positions, increasing
+        idx = (torch.arange(T, device=k.device).expand(B, T) if held is None else held.nonzero()[:, 1].view(B, n))
         self.k[layer][:, :, :n] = k.gather(2, idx[:, None, :, None].expand(B, H, n, D))
         self.v[layer][:, :, :n] = v.gather(2, idx[:, None, :, None].expand(B, H, n, D))
         self.f[layer][:, :n] = f.gather(1, idx)
-        self.pos[layer][:, :n] = idx
+        self.pos[layer][:, :n] = idx if positions is None else positions.gather(1, idx)
+
+    def held(self, layer, like):
+        """The layer's tokens in position order: k, v (B, H, n, D), f and positions (B, n)."""
+        if self.pos[layer] is None:
+            self.allocate(layer, like)
+        pos = self.pos[layer]
+        n = int((pos[0] >= 0).sum())
+        order = pos.masked_fill(pos < 0, torch.iinfo(pos.dtype).max).argsort(dim=1)[:, :n]
+        gather = order[:, None, :, None].expand(-1, self.k[layer].size(1), n, self.k[layer].size(3))
+        return (self.k[layer].gather(2, gather), self.v[layer].gather(2, gather), self.f[layer].gather(1, order),
+                pos.gather(1, order))
 
     def insert(self, layer, k, v, position):
         """Put one token (k, v: (B, H, 1, D)) into a free slot, or in place of the evicted one; return the layer."""

@@ -3,6 +3,8 @@ import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
+import attention_selective
+
 from attention_selective import (SelectiveCache, accumulated_masks, causal_logits, eviction_schedule,
                                  selection_matrix, selective_attention)
 from model import GPT, GPTConfig
@@ -163,6 +165,28 @@ def test_pruned_decoding_equals_parallel_simulation(budget):
         torch.testing.assert_close(torch.stack(logits, 1), simulated[:, prefill - 1:], rtol=1e-10, atol=1e-10)
     unpruned, _ = model(idx, idx)
     assert not torch.allclose(unpruned, simulated) or min(budgets) >= 32
+
+
+@pytest.mark.parametrize('budget', [3, 8, [3, 11], None])
+def test_chunked_cached_forward_equals_decoding(budget, monkeypatch):
+    """Many tokens through the cache at once, CHUNK at a time (linear memory), give the logits and the cache of
+    decoding them one at a time: the chunk replays the eviction rule on its own accumulating votes."""
+    monkeypatch.setattr(attention_selective, 'CHUNK', 5)
+    model = model_with_votes()
+    idx = torch.randint(0, 23, (3, 32))
+    stepped = model.new_cache(3, budget=budget)
+    one_by_one = torch.cat([model(idx[:, [t]], idx[:, [t]], cache=stepped)[0] for t in range(32)], dim=1)
+    for chunks in ([32], [12, 1, 19], [7, 7, 7, 11]):
+        cache, logits, start = model.new_cache(3, budget=budget), [], 0
+        for n in chunks:
+            logits.append(model(idx[:, start:start + n], idx[:, start:start + n], cache=cache)[0])
+            start += n
+        torch.testing.assert_close(torch.cat(logits, dim=1), one_by_one, rtol=1e-10, atol=1e-10)
+        for layer in range(2):
+            a, b = (c.held(layer, idx) for c in (cache, stepped))
+            assert torch.equal(a[3], b[3]), 'the same tokens held'
+            for x, y in zip(a[:3], b[:3]):
+                torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
 def test_cache_memory_is_bounded_by_budget():
