@@ -44,7 +44,7 @@ from train import configure as configure_flags, load_checkpoint as read_checkpoi
 # flags: every global below is a --key=value flag (add new ones above FLAGS); '' = a default set by setup()
 mode = 'speed'             # speed | kernels | compile | quality | budgets
 device = ''                # cuda if available, else cpu
-dtype = ''                 # bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU
+dtype = ''                 # bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU; compile: bfloat16
 attentions = ','.join(ATTENTIONS)
 contexts = ''              # comma-separated, k/M suffixes allowed (1k = 1024); '' = the mode's default list
 n_layer = 12               # model shape: GPT-2 small by default
@@ -673,14 +673,16 @@ def bench_compile():
             bar.update()
     bar.close()
 
-    def status(arch):
+    def status(what, arch):
         r = results[what, arch]
         return r if isinstance(r, str) else 'ok' if r[2] <= SHARED_MEMORY.get(arch, 99) * 1024 else 'TOO MUCH'
 
-    rows = []
-    for what, *_ in launches:
-        rows.append([what] + [f"{r[0]} reg, {r[1]} B spill, {fmt_bytes(r[2])}{' TOO MUCH' * (status(arch) != 'ok')}"
-                              if isinstance(r := results[what, arch], tuple) else r for arch in capabilities])
+    def cell_text(what, arch):
+        r = results[what, arch]
+        fits = '' if status(what, arch) == 'ok' else ' TOO MUCH'
+        return f'{r[0]} reg, {r[1]} B spill, {fmt_bytes(r[2])}{fits}' if isinstance(r, tuple) else r
+
+    rows = [[what] + [cell_text(what, arch) for arch in capabilities] for what, *_ in launches]
     limits = ', '.join(f'sm_{a} {SHARED_MEMORY.get(a, 99)} KiB' for a in capabilities)
     lines = header_lines() + [
         f'head dim {D}, {dtype}; cells: registers per thread, bytes per thread spilled to local memory, shared '
@@ -688,7 +690,7 @@ def bench_compile():
     lines += markdown_table('Kernels compiled per GPU', ['kernel'] + [f'sm_{a}' for a in capabilities], rows)
     write_report('bench_compile.md', lines)
     write_csv(os.path.join(out_dir, 'bench_compile.csv'),
-              [dict(kernel=what, arch=arch, head_dim=D, dtype=dtype, status=status(arch),
+              [dict(kernel=what, arch=arch, head_dim=D, dtype=dtype, status=status(what, arch),
                     **dict(zip(('registers', 'spill_bytes', 'shared_bytes'),
                                r if isinstance(r := results[what, arch], tuple) else ('', '', ''))))
                for what, *_ in launches for arch in capabilities])

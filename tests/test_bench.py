@@ -197,6 +197,27 @@ def test_kernels_mode_tables_with_the_kernels_in_the_interpreter(tmp_path, monke
     assert len(rows) == 5 * 2 and all(r['status'] == 'ok' for r in rows), rows
 
 
+def test_compile_report_marks_what_does_not_fit_or_fails(tmp_path, monkeypatch):
+    kernels = pytest.importorskip('kernels')
+    pytest.importorskip('triton.backends.nvidia')
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)  # the compiler is faked below
+    for key, value in dict(mode='compile', out_dir=str(tmp_path), archs='86,90').items():
+        monkeypatch.setattr(bench, key, value)
+    bench.setup()
+
+    def fake_compile(triton, fn, data, constexprs, launch, arch, tool):
+        if fn is kernels._infini_memory_bwd_kernel:
+            raise RuntimeError('PassManager::run failed')
+        return 100, 0, (120 if fn is kernels._selective_fwd_kernel else 10) * 1024  # 120 KiB: not on sm_86
+
+    monkeypatch.setattr(bench, 'compile_kernel', fake_compile)
+    bench.bench_compile()
+    status = {(r['kernel'], r['arch']): r['status'] for r in read_csv(tmp_path / 'bench_compile.csv')}
+    assert status['selective forward', '86'] == 'TOO MUCH' and status['selective forward', '90'] == 'ok'
+    assert status['infini memory backward, delta', '90'] == 'fails: PassManager::run failed'
+    assert status['selective carry', '86'] == status['infini memory forward, linear', '90'] == 'ok'
+
+
 def make_checkpoint(path, attention, block_size):
     torch.manual_seed(0)
     args = dict(block_size=block_size, vocab_size=257, n_layer=1, n_head=2, n_embd=16, attention=attention,

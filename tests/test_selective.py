@@ -118,7 +118,7 @@ def test_selection_changes_the_output():
 
 @pytest.mark.parametrize('chunks', [[1] * 30, [7, 1, 5, 17], [30]])
 def test_cache_equals_full_forward(chunks):
-    """Prefill and chunked prefill, without pruning and with a budget >= the length: logits and F as the full forward."""
+    """Prefill and chunked prefill, without pruning and with a budget >= the length: logits, F as the full forward."""
     model = model_with_votes()
     idx = torch.randint(0, 23, (2, 30))
     full, _ = model(idx, idx)
