@@ -601,7 +601,7 @@ def bench_kernels():
 # and registers spilled to local memory ("spill", bytes per thread) make it slow.
 
 SHARED_MEMORY = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}  # KiB a block may use, per arch
-INTEGERS = {'H', 'T', 'N', 'Tq', 'h0', 'n_qblocks', 'n_segments'}  # the kernels' integer arguments
+INTEGERS = {'H', 'T', 'N', 'Tq', 'h0', 'q_start', 'q_end', 'n_segments'}  # the kernels' integer arguments
 
 
 def kernel_launches(kernels, D):
@@ -609,7 +609,7 @@ def kernel_launches(kernels, D):
     kernels.py launches them."""
     selective = dict(BLOCK_M=kernels.BLOCK_M, BLOCK_N=kernels.BLOCK_N, BLOCK_D=D)
     infini = dict(BLOCK_T=kernels.BLOCK_T, BLOCK_D=D)
-    data = 'Q K V O DO DQ DK DV'.split()
+    data = 'Q K V O DO DQ'.split()
     launches = [('selective carry', kernels._selective_carry_kernel, data, selective, kernels.NARROW),
                 ('selective forward', kernels._selective_fwd_kernel, data, selective, kernels.NARROW),
                 ('selective backward dK dV', kernels._selective_bwd_dkdv_kernel, data, selective, kernels.WIDE),

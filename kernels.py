@@ -31,6 +31,7 @@ except ImportError:
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner-loop step
 BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
+CARRY_ROWS = 16384  # selective: query rows whose carry exists at once (a T-vector per 64 of them), so memory ~ T
 # tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward needs more than a gaming
 # GPU's 99 KiB of shared memory, or does not compile (bench.py --mode=compile), and Infini's M leaves registers
 HEAD_DIMS = (16, 32, 64)
@@ -78,13 +79,14 @@ def kernel_ready(q):
 # F is a prefix sum down the query axis, so it cannot be an elementwise score bias inside FlashAttention as is.
 # Blockwise it splits (digest §4.3): for a query block I and a key block J,
 #   F[I, J] = C[I, J] + (exclusive cumsum of S[I, J] down its rows),   C[I, j] = sum_{k before block I} S[k, j]
-# C, the "carry", is one vector per query block: T / BLOCK_M times smaller than F (B T^2 / 64 fp32 numbers, made
-# and freed in each pass: at T = 16k that is 64 MiB per sequence, against 1 GiB for F). The forward is two passes:
-#   1. _selective_carry_kernel walks down each key block's column of tiles, adding up S (head h0 only): C.
+# C, the "carry", is one vector per query block: T / BLOCK_M times smaller than F, still T^2 / 64 numbers. So it
+# exists for CARRY_ROWS query rows at a time (256 vectors of T, linear in T), chunk after chunk, with the running
+# column sums R handed from one chunk to the next. Per chunk the forward is two passes:
+#   1. _selective_carry_kernel walks down each key block's column of tiles, adding up S (head h0 only): C, R.
 #   2. _selective_fwd_kernel is FlashAttention-2 with one more dot per tile (head h0's logits, for S), the F
 #      tile rebuilt from C and a tl.cumsum, and L_h - F fed to the online softmax.
 # The backward recomputes C (cheap: 1/H of the attention's QK^T) rather than keeping it between passes, so the
-# saved state is q, k, v, O and the log-sum-exp per row, as in FlashAttention.
+# saved state is q, k, v, O and the log-sum-exp per row, as in FlashAttention, plus R at each chunk's start.
 #
 # Backward. With dZ_h = P_h * (dP_h - rowsum(dO_h * O_h)), the usual FlashAttention gradient of the scores:
 #   direct path:    dQ_h = dZ_h K_h / sqrt(D),  dK_h = dZ_h^T Q_h / sqrt(D),  dV_h = P_h^T dO_h
@@ -95,7 +97,8 @@ def kernel_ready(q):
 # _selective_bwd_dq_kernel do the direct path per head (FlashAttention-2's two loops, with F rebuilt per tile);
 # _selective_bwd_selection_kernel walks up each key block's column of tiles from the bottom, sums dZ over the
 # heads into the dF tile (the one place all heads meet), carries dF's column sums upward, and adds G's
-# contributions to head h0.
+# contributions to head h0. The chunks run bottom-up, so that those column sums pass from one chunk to the next;
+# dK_h and dV_h add up over the chunks in fp32.
 
 @jit
 def _load_rows(ptr, offs, T, BLOCK_D: tl.constexpr):
@@ -128,33 +131,35 @@ def _scores(q, k, F, offs_m, offs_n, scale):
 
 
 @jit
-def _selective_carry_kernel(Q, K, C, H, T, h0, scale, n_qblocks,
+def _selective_carry_kernel(Q, K, C, R, H, T, h0, scale, q_start, q_end,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pass 1, grid (key blocks, B): C[b, I, j] = sum of S[k, j] over the rows k of the query blocks before I."""
+    """Pass 1, grid (key blocks, B), for the query blocks q_start..q_end-1: C[b, I - q_start, j] = sum of S[k, j]
+    over the rows k before block I. R[b, j] holds that sum for the rows before q_start, and is moved to q_end."""
     kb = tl.program_id(0)
     b = tl.program_id(1)
     head0 = (b * H + h0).to(tl.int64) * T * BLOCK_D
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = _load_rows(K + head0, offs_n, T, BLOCK_D)
-    carry = tl.zeros([BLOCK_N], dtype=tl.float32)
+    carry = tl.load(R + b.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
     # query blocks wholly before this key block get no votes on it (k > j) and never read C here
-    for qb in range(kb * BLOCK_N // BLOCK_M, n_qblocks):
-        tl.store(C + (b * n_qblocks + qb).to(tl.int64) * T + offs_n, carry, mask=offs_n < T)
+    for qb in range(tl.maximum(kb * BLOCK_N // BLOCK_M, q_start), q_end):
+        tl.store(C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T + offs_n, carry, mask=offs_n < T)
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         S = _votes(_load_rows(Q + head0, offs_m, T, BLOCK_D), k0, offs_m, offs_n, T, scale)
         carry += tl.sum(S, 0)
+    tl.store(R + b.to(tl.int64) * T + offs_n, carry, mask=offs_n < T)
 
 
 @jit
-def _selective_fwd_kernel(Q, K, V, C, O, LSE, H, T, h0, scale, n_qblocks,
+def _selective_fwd_kernel(Q, K, V, C, O, LSE, H, T, h0, scale, q_start, q_end,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pass 2, grid (query blocks, B * H): O_h = softmax(L_h - F) V_h with an online softmax over key blocks."""
-    qb = tl.program_id(0)
+    """Pass 2, grid (query blocks from q_start, B * H): O_h = softmax(L_h - F) V_h, online softmax over key blocks."""
+    qb = q_start + tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     head = bh.to(tl.int64) * T * BLOCK_D
     head0 = (b * H + h0).to(tl.int64) * T * BLOCK_D
-    carry_row = C + (b * n_qblocks + qb).to(tl.int64) * T
+    carry_row = C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + head, offs_m, T, BLOCK_D)
     q0 = _load_rows(Q + head0, offs_m, T, BLOCK_D)  # the selecting head's queries (q itself when h == h0)
@@ -190,9 +195,10 @@ def _probs_and_dz(q, k, v, do, lse, delta, F, offs_m, offs_n, T, scale):
 
 
 @jit
-def _selective_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, C, DK, DV, H, T, h0, scale, n_qblocks,
+def _selective_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, C, DK, DV, H, T, h0, scale, q_start, q_end,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Direct path, grid (key blocks, B * H): dK_h and dV_h of one key block, looping over the query blocks."""
+    """Direct path, grid (key blocks, B * H): adds to dK_h and dV_h (fp32) of one key block what the query blocks
+    q_start..q_end-1 give."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -204,33 +210,34 @@ def _selective_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, C, DK, DV, H, T, h0, sca
     k0 = _load_rows(K + head0, offs_n, T, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for qb in range(kb * BLOCK_N // BLOCK_M, n_qblocks):
+    for qb in range(tl.maximum(kb * BLOCK_N // BLOCK_M, q_start), q_end):
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_rows(Q + head, offs_m, T, BLOCK_D)
         do = _load_rows(DO + head, offs_m, T, BLOCK_D)
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         S = _votes(_load_rows(Q + head0, offs_m, T, BLOCK_D), k0, offs_m, offs_n, T, scale)
-        F = _accumulate(S, C + (b * n_qblocks + qb).to(tl.int64) * T, offs_n, T)
+        F = _accumulate(S, C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T, offs_n, T)
         p, dz = _probs_and_dz(q, k, v, do, lse, delta, F, offs_m, offs_n, T, scale)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dk += tl.dot(tl.trans(dz.to(q.dtype)), q)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = offs_n[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(DK + head + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
-    tl.store(DV + head + ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
+    rows = offs_n[:, None] < T
+    tl.store(DK + head + ptrs, tl.load(DK + head + ptrs, mask=rows, other=0.0) + dk * scale, mask=rows)
+    tl.store(DV + head + ptrs, tl.load(DV + head + ptrs, mask=rows, other=0.0) + dv, mask=rows)
 
 
 @jit
-def _selective_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, C, DQ, H, T, h0, scale, n_qblocks,
+def _selective_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, C, DQ, H, T, h0, scale, q_start, q_end,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Direct path, grid (query blocks, B * H): dQ_h of one query block, looping over the key blocks."""
-    qb = tl.program_id(0)
+    """Direct path, grid (query blocks from q_start, B * H): dQ_h of one query block, looping over the key blocks."""
+    qb = q_start + tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     head = bh.to(tl.int64) * T * BLOCK_D
     head0 = (b * H + h0).to(tl.int64) * T * BLOCK_D
-    carry_row = C + (b * n_qblocks + qb).to(tl.int64) * T
+    carry_row = C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + head, offs_m, T, BLOCK_D)
     q0 = _load_rows(Q + head0, offs_m, T, BLOCK_D)
@@ -252,13 +259,14 @@ def _selective_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, C, DQ, H, T, h0, scale, n_
 
 
 @jit
-def _selective_bwd_selection_kernel(Q, K, V, DO, LSE, DELTA, C, DQ0, DK0, H, T, h0, scale, n_qblocks,
+def _selective_bwd_selection_kernel(Q, K, V, DO, LSE, DELTA, C, DQ0, DK0, BELOW, H, T, h0, scale, q_start, q_end,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Selection path, grid (key blocks, B): the gradient through S into head h0's queries and keys (fp32).
+    """Selection path, grid (key blocks, B): the gradient through S into head h0's queries and keys (fp32), from
+    the query blocks q_start..q_end-1.
 
-    Walks this key block's tiles from the last query block up, so that the suffix sum of dF over the query
-    blocks below is a running vector, as C is in pass 1. dK0 stays in the program; dQ0 rows are shared by all
-    key blocks and are added atomically.
+    Walks this key block's tiles from query block q_end-1 up, so that the suffix sum of dF over the query blocks
+    below is a running vector, as C is in pass 1; BELOW carries it from the blocks after q_end, and back. dK0 is
+    added to in the program; dQ0 rows are shared by all key blocks and are added atomically.
     """
     kb = tl.program_id(0)
     b = tl.program_id(1)
@@ -267,14 +275,14 @@ def _selective_bwd_selection_kernel(Q, K, V, DO, LSE, DELTA, C, DQ0, DK0, H, T, 
     offs_d = tl.arange(0, BLOCK_D)
     k0 = _load_rows(K + head0, offs_n, T, BLOCK_D)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    below = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum of dF[i, j] over the rows i of the blocks already done
-    first = kb * BLOCK_N // BLOCK_M
-    for step in range(0, n_qblocks - first):
-        qb = n_qblocks - 1 - step
+    below = tl.load(BELOW + b.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)  # dF summed below, by column
+    first = tl.maximum(kb * BLOCK_N // BLOCK_M, q_start)
+    for step in range(0, q_end - first):
+        qb = q_end - 1 - step
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         q0 = _load_rows(Q + head0, offs_m, T, BLOCK_D)
         S = _votes(q0, k0, offs_m, offs_n, T, scale)
-        F = _accumulate(S, C + (b * n_qblocks + qb).to(tl.int64) * T, offs_n, T)
+        F = _accumulate(S, C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T, offs_n, T)
         dF = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for h in range(0, H):  # F is shared by all heads: its gradient is minus the sum of their dZ
             bh = b * H + h
@@ -292,58 +300,77 @@ def _selective_bwd_selection_kernel(Q, K, V, DO, LSE, DELTA, C, DQ0, DK0, H, T, 
         dk0 += tl.dot(tl.trans(G.to(q0.dtype)), q0)
         tl.atomic_add(DQ0 + b.to(tl.int64) * T * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :],
                       tl.dot(G.to(k0.dtype), k0) * scale, mask=offs_m[:, None] < T)
-    tl.store(DK0 + b.to(tl.int64) * T * BLOCK_D + offs_n[:, None] * BLOCK_D + offs_d[None, :], dk0 * scale,
-             mask=offs_n[:, None] < T)
+    ptrs = DK0 + b.to(tl.int64) * T * BLOCK_D + offs_n[:, None] * BLOCK_D + offs_d[None, :]
+    rows = offs_n[:, None] < T
+    tl.store(ptrs, tl.load(ptrs, mask=rows, other=0.0) + dk0 * scale, mask=rows)
+    tl.store(BELOW + b.to(tl.int64) * T + offs_n, below, mask=offs_n < T)
 
 
-def selective_carry(q, k, selection_head, block_m, block_n):
-    """Pass 1: C (B, T / block_m, T) fp32, the column sums of S above each query block."""
+def carry_chunks(T, block_m, carry_rows):
+    """The query blocks as (first, end) ranges of at most carry_rows rows: one carry exists at a time."""
+    n_qblocks, step = cdiv(T, block_m), max(1, carry_rows // block_m)
+    return [(q0, min(q0 + step, n_qblocks)) for q0 in range(0, n_qblocks, step)]
+
+
+def selective_carry(q, k, running, q_start, q_end, selection_head, block_m, block_n):
+    """Pass 1 for the query blocks q_start..q_end-1: C (B, q_end - q_start, T) fp32, the column sums of S above
+    each block. running (B, T): those sums over the rows before q_start, moved on to q_end in place."""
     B, H, T, D = q.shape
-    n_qblocks = cdiv(T, block_m)
-    carry = torch.empty(B, n_qblocks, T, dtype=torch.float32, device=q.device)
-    _selective_carry_kernel[(cdiv(T, block_n), B)](q, k, carry, H, T, selection_head, D ** -0.5, n_qblocks,
-                                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D, **NARROW)
+    carry = torch.empty(B, q_end - q_start, T, dtype=torch.float32, device=q.device)
+    n_kblocks = cdiv(min(q_end * block_m, T), block_n)  # the keys these query blocks read
+    _selective_carry_kernel[(n_kblocks, B)](q, k, carry, running, H, T, selection_head, D ** -0.5, q_start, q_end,
+                                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D, **NARROW)
     return carry
 
 
 class SelectiveAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, selection_head, block_m, block_n):
+    def forward(ctx, q, k, v, selection_head, block_m, block_n, carry_rows):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, T, D = q.shape
-        carry = selective_carry(q, k, selection_head, block_m, block_n)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        _selective_fwd_kernel[(cdiv(T, block_m), B * H)](q, k, v, carry, o, lse, H, T, selection_head, D ** -0.5,
-                                                         carry.size(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D,
-                                                         **NARROW)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.config = selection_head, block_m, block_n
+        chunks = carry_chunks(T, block_m, carry_rows)
+        running = torch.zeros(B, T, dtype=torch.float32, device=q.device)
+        starts = torch.empty(len(chunks), B, T, dtype=torch.float32, device=q.device)  # running at each chunk
+        for (q_start, q_end), start in zip(chunks, starts):
+            start.copy_(running)
+            carry = selective_carry(q, k, running, q_start, q_end, selection_head, block_m, block_n)
+            _selective_fwd_kernel[(q_end - q_start, B * H)](q, k, v, carry, o, lse, H, T, selection_head, D ** -0.5,
+                                                            q_start, q_end, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                            BLOCK_D=D, **NARROW)
+        ctx.save_for_backward(q, k, v, o, lse, starts)
+        ctx.config = selection_head, block_m, block_n, chunks
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        selection_head, block_m, block_n = ctx.config
+        q, k, v, o, lse, starts = ctx.saved_tensors
+        selection_head, block_m, block_n, chunks = ctx.config
         do = do.contiguous()
         B, H, T, D = q.shape
-        carry = selective_carry(q, k, selection_head, block_m, block_n)  # recomputed: 1/H of the QK^T work
         delta = (do.float() * o.float()).sum(-1)  # rowsum(P * dP) = rowsum(dO * O)
-        n_qblocks, n_kblocks = carry.size(1), cdiv(T, block_n)
-        args = (H, T, selection_head, D ** -0.5, n_qblocks)
         blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _selective_bwd_dkdv_kernel[(n_kblocks, B * H)](q, k, v, do, lse, delta, carry, dk, dv, *args, **blocks, **WIDE)
-        _selective_bwd_dq_kernel[(n_qblocks, B * H)](q, k, v, do, lse, delta, carry, dq, *args, **blocks, **NARROW)
-        dq0 = torch.zeros(B, T, D, dtype=torch.float32, device=q.device)  # head h0's extra gradients
-        dk0 = torch.empty_like(dq0)
-        _selective_bwd_selection_kernel[(n_kblocks, B)](q, k, v, do, lse, delta, carry, dq0, dk0, *args, **blocks,
-                                                        **WIDE)
+        dq = torch.empty_like(q)
+        dk, dv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))  # summed over chunks
+        dq0, dk0 = (torch.zeros(B, T, D, dtype=torch.float32, device=q.device) for _ in range(2))  # head h0's extra
+        below = torch.zeros(B, T, dtype=torch.float32, device=q.device)
+        for (q_start, q_end), start in zip(reversed(chunks), starts.flip(0)):  # bottom-up, for the selection path
+            # the carry is recomputed (1/H of the QK^T work) rather than kept between passes
+            carry = selective_carry(q, k, start.clone(), q_start, q_end, selection_head, block_m, block_n)
+            args = (H, T, selection_head, D ** -0.5, q_start, q_end)
+            n_kblocks = cdiv(min(q_end * block_m, T), block_n)
+            _selective_bwd_dkdv_kernel[(n_kblocks, B * H)](q, k, v, do, lse, delta, carry, dk, dv, *args, **blocks,
+                                                           **WIDE)
+            _selective_bwd_dq_kernel[(q_end - q_start, B * H)](q, k, v, do, lse, delta, carry, dq, *args, **blocks,
+                                                               **NARROW)
+            _selective_bwd_selection_kernel[(n_kblocks, B)](q, k, v, do, lse, delta, carry, dq0, dk0, below, *args,
+                                                            **blocks, **WIDE)
         h = selection_head
         dq[:, h] = (dq[:, h].float() + dq0).to(dq.dtype)
-        dk[:, h] = (dk[:, h].float() + dk0).to(dk.dtype)
-        return dq, dk, dv, None, None, None
+        dk[:, h] += dk0
+        return dq, dk.to(q.dtype), dv.to(q.dtype), None, None, None, None
 
 
 def selective_available(q):
@@ -352,11 +379,12 @@ def selective_available(q):
 
 
 @torch.compiler.disable  # torch.compile calls it as is: the kernels are fused already
-def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=BLOCK_N):
+def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=BLOCK_N, carry_rows=CARRY_ROWS):
     """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D), fused; differentiable.
 
     Computes the same as attention_selective.selective_attention(q, k, v, selection_head) (ReLU votes, no
-    budget, no dropout) without materialising anything T x T: memory O(B H T D) plus the carry, B T^2 / block_m.
+    budget, no dropout) without materialising anything T x T: memory O(B H T D) plus the carry of carry_rows query
+    rows at a time, B T carry_rows / block_m, and a T-vector per carry_rows rows kept for the backward.
     """
     if triton is None:
         raise RuntimeError("kernels.selective_attention needs triton; use attention_selective.selective_attention")
@@ -365,7 +393,7 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=BLOC
         raise ValueError(f"selective attention takes as many queries as keys, got {q.size(2)} and {k.size(2)}")
     if not 0 <= selection_head < q.size(1):
         raise ValueError(f"selection_head={selection_head} must be a head index, 0..{q.size(1) - 1}")
-    return SelectiveAttention.apply(q, k, v, selection_head, block_m, block_n)
+    return SelectiveAttention.apply(q, k, v, selection_head, block_m, block_n, carry_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -63,20 +63,21 @@ def poisoned_empty(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # Selective attention (reference: attention_selective.selective_attention)
 
-SELECTIVE_CASES = [  # B, H, T, D, selection_head, block_m, block_n
-    (1, 2, 16, 16, 0, 16, 16),  # one block
-    (2, 2, 37, 16, 1, 16, 16),  # a ragged last block; the selecting head is not head 0
-    (1, 3, 64, 16, 0, 32, 16),  # BLOCK_M > BLOCK_N
-    (2, 2, 37, 32, 0, 16, 32),  # BLOCK_M < BLOCK_N, another head dim
-] + ([(2, 3, 300, 64, 2, kernels.BLOCK_M, kernels.BLOCK_N)] if CUDA else [])  # the blocks the model uses
+SELECTIVE_CASES = [  # B, H, T, D, selection_head, block_m, block_n, carry_rows
+    (1, 2, 16, 16, 0, 16, 16, kernels.CARRY_ROWS),  # one block
+    (2, 2, 37, 16, 1, 16, 16, kernels.CARRY_ROWS),  # a ragged last block; the selecting head is not head 0
+    (2, 2, 37, 16, 1, 16, 16, 16),  # the carry one query block at a time: three chunks
+    (1, 3, 64, 16, 0, 32, 16, 40),  # BLOCK_M > BLOCK_N; chunks of one block (40 rows round down to 32)
+    (2, 2, 37, 32, 0, 16, 32, 32),  # BLOCK_M < BLOCK_N, another head dim; chunks of two blocks, then one
+] + ([(2, 3, 300, 64, 2, kernels.BLOCK_M, kernels.BLOCK_N, 128)] if CUDA else [])  # the blocks the model uses
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
-@pytest.mark.parametrize('B,H,T,D,h0,block_m,block_n', SELECTIVE_CASES)
-def test_selective_matches_reference(poisoned_empty, B, H, T, D, h0, block_m, block_n, dtype):
+@pytest.mark.parametrize('B,H,T,D,h0,block_m,block_n,carry_rows', SELECTIVE_CASES)
+def test_selective_matches_reference(poisoned_empty, B, H, T, D, h0, block_m, block_n, carry_rows, dtype):
     q, k, v = (t.requires_grad_() for t in qkv(B, H, T, D, dtype))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = kernels.selective_attention(q, k, v, h0, block_m=block_m, block_n=block_n)
+    out = kernels.selective_attention(q, k, v, h0, block_m=block_m, block_n=block_n, carry_rows=carry_rows)
     ref = selective_attention(q64, k64, v64, h0)
     grad = torch.randn_like(ref)
     out.backward(grad.to(dtype))
@@ -90,15 +91,21 @@ def test_selective_matches_reference(poisoned_empty, B, H, T, D, h0, block_m, bl
 
 
 def test_selective_carry_is_column_sums_of_S_above_each_block(poisoned_empty):
-    """Pass 1 alone: C[b, I, j] = sum of S[k, j] over the rows k before query block I (where it is read)."""
+    """Pass 1 alone, chunk by chunk: C[b, I, j] = sum of S[k, j] over the rows k before query block I (where it is
+    read), and the running sums move from one chunk's first row to the next one's."""
     B, H, T, D, h0, block_m, block_n = 2, 2, 37, 16, 1, 16, 16
     q, k, _ = qkv(B, H, T, D, torch.float32)
     S = selection_matrix(causal_logits(q.double(), k.double())[:, h0])
-    carry = kernels.selective_carry(q, k, h0, block_m, block_n)
-    for I in range(carry.size(1)):
-        cols = slice(0, min((I + 1) * block_m, T))  # the keys query block I reads
-        expected = S[:, :I * block_m, cols].sum(dim=1)
-        torch.testing.assert_close(carry[:, I, cols].double(), expected, rtol=1e-5, atol=1e-5)
+    running = torch.zeros(B, T, device=DEVICE)
+    for q_start, q_end in ((0, 1), (1, 3)):
+        carry = kernels.selective_carry(q, k, running, q_start, q_end, h0, block_m, block_n)
+        for I in range(q_start, q_end):
+            cols = slice(0, min((I + 1) * block_m, T))  # the keys query block I reads
+            expected = S[:, :I * block_m, cols].sum(dim=1)
+            torch.testing.assert_close(carry[:, I - q_start, cols].double(), expected, rtol=1e-5, atol=1e-5)
+        cols = slice(0, min(q_end * block_m, T))
+        torch.testing.assert_close(running[:, cols].double(), S[:, :q_end * block_m, cols].sum(dim=1), rtol=1e-5,
+                                   atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
