@@ -59,6 +59,7 @@ batch_size = 1
 decode_tokens = 64         # N tokens decoded one at a time after the prefill
 warmup = 1
 repeats = 3                # a timing is the median of this many runs
+case_seconds = 0.0         # > 0: a case slower than this (all its runs) skips its attention's longer contexts
 vram_gb = 0.0              # > 0: cap this process's CUDA memory at that many GiB (a smaller GPU)
 out_dir = 'bench_out'      # where the CSV, the markdown tables and the PNG go
 seed = 1337
@@ -150,6 +151,11 @@ def peak_bytes():
 def is_oom(e):
     return isinstance(e, torch.cuda.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and ('out of memory' in str(e) or "can't allocate memory" in str(e)))
+
+
+def too_slow(seconds):
+    """'slow' when a case took longer than --case_seconds (the next, longer one would take longer still)."""
+    return 'slow' if 0 < case_seconds < seconds else None
 
 
 def guarded(fn):
@@ -357,20 +363,24 @@ def run_speed(names, Ts):
         # inference in the bench dtype; training keeps fp32 weights under autocast, as train.py does
         for phase, dtype_ in (('inference', ptdtype), ('training', torch.float32)):
             model, status, message = guarded(lambda: build_model(name, Ts[0] + decode_tokens, dtype_))
-            stopped = status  # a model that cannot be built, or the first OOM, ends this attention's phase
+            stopped = status  # a model that cannot be built, the first OOM or a slow case ends this attention's phase
             for T in Ts:
                 bar.set_postfix_str(f'{name} {phase} {fmt_context(T)}')
                 if stopped:
-                    status = '-' if stopped == 'OOM' else stopped
+                    status = '-' if stopped in ('OOM', 'slow') else stopped
                 else:
                     model.resize_block_size(T + decode_tokens)  # the position table a model for T would have
+                    t0 = time.perf_counter()
                     if phase == 'inference':
                         options = cache_options(name)
                         metrics, status, message = guarded(lambda: measure_inference(model.eval(), T, options))
                     else:
                         metrics, status, message = guarded(lambda: measure_training(model.train(), T))
                     results[name, T].update(metrics or {})
-                    stopped = 'OOM' if status == 'OOM' else None
+                    stopped = 'OOM' if status == 'OOM' else too_slow(time.perf_counter() - t0)
+                    if stopped == 'slow':
+                        messages[name, phase, 'slow'] = (f'{fmt_context(T)} took {time.perf_counter() - t0:.3g} s '
+                                                         f'(--case_seconds={case_seconds:g}): longer contexts not run')
                 results[name, T][phase] = status
                 if status not in (None, '-'):
                     messages.setdefault((name, phase, status), f'{fmt_context(T)}: {message}')
@@ -395,7 +405,8 @@ def speed_report(results, messages, names, Ts):
         + ('' if absorb or 'in' not in names else ' · in decodes with the re-projection reference (absorb=False)'),
         f'memory: {memory}' + (f', capped at {vram_gb:g} GiB' if capped else ''),
         'cells: value (ratio to causal at the same context) · OOM: out of memory, longer contexts not run (-) · '
-        'n/a: context not possible', '']
+        'n/a: context not possible' + (f' · -: also after a case over {case_seconds:g} s' if case_seconds else ''),
+        '']
     for title, phase, key, fmt in SPEED_SECTIONS:
         rows = []
         for T in Ts:
@@ -411,7 +422,7 @@ def speed_report(results, messages, names, Ts):
                    for phase in ('inference', 'training')]
         lines.append(f'- {name}: ' + ' / '.join('none' if T is None else fmt_context(T) + '+' * (T == Ts[-1])
                                                  for T in longest))
-    failures = [f'{name} {phase} {status} from {text}' for (name, phase, status), text in messages.items()
+    failures = [f'{name} {phase} {status}: {text}' for (name, phase, status), text in messages.items()
                 if status != 'OOM']
     return lines + ([''] + failures if failures else [])
 
@@ -551,11 +562,15 @@ def bench_kernels():
             if stopped:
                 results[name, T] = '-'
             else:
+                t0 = time.perf_counter()
                 out, status, message = guarded(measure)
                 results[name, T] = out or status
-                stopped = 'OOM' if status == 'OOM' else None
+                stopped = 'OOM' if status == 'OOM' else too_slow(time.perf_counter() - t0)
                 if status not in (None, 'OOM'):
                     lines.append(f'{name} at {fmt_context(T)}: {message}')
+                if stopped == 'slow':
+                    lines.append(f'{name} at {fmt_context(T)} took {time.perf_counter() - t0:.3g} s '
+                                 f'(--case_seconds={case_seconds:g}): longer contexts not run')
             bar.update()
     bar.close()
 

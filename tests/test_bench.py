@@ -85,6 +85,19 @@ def test_oom_is_recorded_and_longer_contexts_skipped(tmp_path, monkeypatch, caps
     assert "- in: 64+ / 16" in capsys.readouterr().out
 
 
+def test_a_slow_case_skips_longer_contexts(tmp_path, monkeypatch, capsys):
+    flags = dict(device='cpu', attentions='causal', contexts='16,32', n_layer=1, n_head=1, n_embd=8, vocab_size=11,
+                 decode_tokens=2, repeats=1, warmup=0, case_seconds=1e-9, out_dir=str(tmp_path))
+    for key, value in flags.items():
+        monkeypatch.setattr(bench, key, value)
+    bench.setup()
+    bench.bench_speed()
+    rows = {r['context']: r for r in read_csv(tmp_path / 'bench_speed.csv')}
+    assert rows['16']['inference'] == rows['16']['training'] == 'ok'
+    assert rows['32']['inference'] == rows['32']['training'] == '-'
+    assert '--case_seconds=1e-09): longer contexts not run' in capsys.readouterr().out
+
+
 def test_plot_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip('matplotlib')
     results = {('causal', T): dict(infer_bytes=1e3 * T, train_bytes=3e3 * T, decode_tok_s=1e4 / T, train_tok_s=1e5 / T)
