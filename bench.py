@@ -56,6 +56,7 @@ budget = ''                # selective: KV entries kept per layer, one int or on
 absorb = True              # in: decode with the absorbed fast path; False: the re-projection reference
 use_kernels = True         # False forces every attention's PyTorch reference
 batch_size = 1
+batches = ''               # kernels mode: batch sizes to time, comma-separated ('' = batch_size)
 decode_tokens = 64         # N tokens decoded one at a time after the prefill
 warmup = 1
 repeats = 3                # a timing is the median of this many runs
@@ -535,15 +536,16 @@ def bench_kernels():
         write_report('bench_kernels.md', lines + ['--mode=kernels times the Triton kernels of kernels.py, which need '
                                                   'CUDA and triton: skipped here.'])
         return
-    B, H, D = batch_size, n_head, n_embd // n_head
+    H, D = n_head, n_embd // n_head
     Ts = context_list('1k,4k,16k,64k')
+    shapes = [(B, T) for B in sorted(set(parse_ints('batches', batches or str(batch_size)))) for T in Ts]
     cases = kernel_cases(kernels)
-    results = {}  # (case, T) -> dict(fwd=, fwdbwd=, bytes=) or a status
-    bar = tqdm(total=len(cases) * len(Ts), desc='kernels', dynamic_ncols=True)
+    results = {}  # (case, B, T) -> dict(fwd=, fwdbwd=, bytes=) or a status
+    bar = tqdm(total=len(cases) * len(shapes), desc='kernels', dynamic_ncols=True)
     for name, fn, available in cases:
         stopped = None
-        for T in Ts:
-            bar.set_postfix_str(f'{name} {fmt_context(T)}')
+        for B, T in shapes:
+            bar.set_postfix_str(f'{name} {B} x {fmt_context(T)}')
 
             def measure():
                 q, k, v, grad = (torch.randn(B, H, T, D, device=device, dtype=ptdtype) for _ in range(4))
@@ -559,47 +561,51 @@ def bench_kernels():
                 fwdbwd, peak = timed(forward_backward)
                 return dict(fwd=fwd, fwdbwd=fwdbwd, bytes=float(peak))
 
+            stopped = None if T == Ts[0] else stopped  # each batch size starts again from the shortest context
             if stopped:
-                results[name, T] = '-'
+                results[name, B, T] = '-'
             else:
                 t0 = time.perf_counter()
                 out, status, message = guarded(measure)
-                results[name, T] = out or status
+                results[name, B, T] = out or status
                 stopped = 'OOM' if status == 'OOM' else too_slow(time.perf_counter() - t0)
                 if status not in (None, 'OOM'):
-                    lines.append(f'{name} at {fmt_context(T)}: {message}')
+                    lines.append(f'{name} at {B} x {fmt_context(T)}: {message}')
                 if stopped == 'slow':
-                    lines.append(f'{name} at {fmt_context(T)} took {time.perf_counter() - t0:.3g} s '
+                    lines.append(f'{name} at {B} x {fmt_context(T)} took {time.perf_counter() - t0:.3g} s '
                                  f'(--case_seconds={case_seconds:g}): longer contexts not run')
             bar.update()
     bar.close()
 
     names = [c[0] for c in cases]
-    lines += [f'B={B} H={H} D={D} {dtype}, causal; median of {repeats} after {warmup} warm-up; cells: value '
-              f'(ratio to SDPA); OOM: out of memory, longer contexts not run (-)', '']
+    lines += [f'H={H} D={D} {dtype}, causal; median of {repeats} after {warmup} warm-up; rows: batch x context; '
+              f'cells: value (ratio to SDPA); OOM: out of memory, longer contexts not run (-)', '']
+    label = ['batch x context']
     for title, key, fmt in (('Forward time', 'fwd', fmt_ms), ('Forward + backward time', 'fwdbwd', fmt_ms),
                             ('Forward + backward peak memory', 'bytes', fmt_bytes)):
         rows = []
-        for T in Ts:
-            base = results['sdpa', T][key] if isinstance(results['sdpa', T], dict) else None
-            rows.append([fmt_context(T)] + [cell(r[key], base if name != 'sdpa' else None, fmt)
-                                            if isinstance(r := results[name, T], dict) else r for name in names])
-        lines += markdown_table(title, ['context'] + names, rows)
-    rows = [[fmt_context(T)] + [' / '.join(f"{attention_tflops(r[key], B, H, T, D, key == 'fwdbwd'):.3g}"
-                                          for key in ('fwd', 'fwdbwd'))
-                                if isinstance(r := results[name, T], dict) else r for name in names] for T in Ts]
+        for B, T in shapes:
+            base = results['sdpa', B, T][key] if isinstance(results['sdpa', B, T], dict) else None
+            rows.append([f'{B} x {fmt_context(T)}'] + [cell(r[key], base if name != 'sdpa' else None, fmt)
+                                                       if isinstance(r := results[name, B, T], dict) else r
+                                                       for name in names])
+        lines += markdown_table(title, label + names, rows)
+    rows = [[f'{B} x {fmt_context(T)}'] + [' / '.join(f"{attention_tflops(r[key], B, H, T, D, key == 'fwdbwd'):.3g}"
+                                                      for key in ('fwd', 'fwdbwd'))
+                                            if isinstance(r := results[name, B, T], dict) else r for name in names]
+            for B, T in shapes]
     lines += markdown_table('Forward / forward + backward TFLOP/s, counted as causal attention (4 B H T^2 D / 2 '
-                            'per forward, 2.5x that per backward)', ['context'] + names, rows)
+                            'per forward, 2.5x that per backward)', label + names, rows)
     pairs = [(n, n.replace(' kernel', ' reference')) for n in names if n.endswith(' kernel')]
     rows = []
-    for T in Ts:
-        row = [fmt_context(T)]
+    for B, T in shapes:
+        row = [f'{B} x {fmt_context(T)}']
         for kernel, reference in pairs:
-            a, b = results[kernel, T], results[reference, T]
+            a, b = results[kernel, B, T], results[reference, B, T]
             both = isinstance(a, dict) and isinstance(b, dict)
             row += [fmt_ratio(b[key] / a[key]) if both else '' for key in ('fwd', 'fwdbwd')]
         rows.append(row)
-    lines += markdown_table('Kernel speed-up over its PyTorch reference', ['context'] + [
+    lines += markdown_table('Kernel speed-up over its PyTorch reference', label + [
         f'{kernel.split()[0]} {what}' for kernel, _ in pairs for what in ('fwd', 'fwd+bwd')], rows)
     write_report('bench_kernels.md', lines)
     write_csv(os.path.join(out_dir, 'bench_kernels.csv'),
@@ -607,7 +613,7 @@ def bench_kernels():
                     status='ok' if isinstance(r, dict) else r,
                     **{key: csv_value(r.get(key) if isinstance(r, dict) else None, False)
                        for key in ('fwd', 'fwdbwd', 'bytes')})
-               for name in names for T in Ts for r in [results[name, T]]])
+               for name in names for B, T in shapes for r in [results[name, B, T]]])
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_kernels_mode_tables_with_the_kernels_in_the_interpreter(tmp_path, monke
     if torch.cuda.is_available() or not kernels.triton:
         pytest.skip('needs the interpreter: no CUDA, triton installed')
     for key, value in dict(device='cpu', out_dir=str(tmp_path), n_head=2, n_embd=32, contexts='64,100', warmup=0,
-                           repeats=1, segment_len=32).items():
+                           repeats=1, segment_len=32, batches='1,2').items():
         monkeypatch.setattr(bench, key, value)
     bench.setup()
     monkeypatch.setattr(bench, 'device_type', 'cuda')  # past the CUDA gate, with CPU tensors and no CUDA calls
@@ -206,8 +206,9 @@ def test_kernels_mode_tables_with_the_kernels_in_the_interpreter(tmp_path, monke
     out = capsys.readouterr().out
     for title in ('Forward time', 'Forward + backward time', 'TFLOP/s', 'speed-up over its PyTorch reference'):
         assert title in out
+    assert '| 2 x 100 |' in out
     rows = read_csv(tmp_path / 'bench_kernels.csv')
-    assert len(rows) == 5 * 2 and all(r['status'] == 'ok' for r in rows), rows
+    assert len(rows) == 5 * 2 * 2 and all(r['status'] == 'ok' for r in rows), rows
 
 
 def test_compile_report_marks_what_does_not_fit_or_fails(tmp_path, monkeypatch):
