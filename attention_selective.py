@@ -203,7 +203,7 @@ class SelectiveAttention(nn.Module):
         S = votes(logits[:, self.selection_head], positions[:, None], pos[:, None, :], self.selection_fn)
         F = pad(f, (0, C))[:, None] + accumulated_masks(S)  # the cached F, then the chunk's own votes
         visible = pos[:, None, :] <= positions[:, None]
-        if cache.budget[layer] is not None:
+        if cache.budget[layer] is not None and n + C > cache.budget[layer]:
             visible &= eviction_schedule(F, cache.budget[layer], n)
         att = torch.softmax((logits - F[:, None]).masked_fill(~visible[:, None], float('-inf')), dim=-1)
         cache.store(layer, K, V, F[:, -1] + S[:, -1], visible[:, -1], pos)  # what the next query sees
