@@ -625,10 +625,10 @@ SHARED_MEMORY = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}  
 INTEGERS = {'H', 'T', 'N', 'Tq', 'h0', 'q_start', 'q_end', 'n_segments'}  # the kernels' integer arguments
 
 
-def kernel_launches(kernels, D):
+def kernel_launches(kernels, D, arch):
     """(what, kernel, its pointers in the data dtype (the others are fp32), constexprs, launch settings), as
-    kernels.py launches them."""
-    selective = dict(BLOCK_M=kernels.BLOCK_M, BLOCK_N=kernels.BLOCK_N, BLOCK_D=D)
+    kernels.py launches them on a GPU of compute capability arch (86 = 8.6)."""
+    selective = dict(BLOCK_M=kernels.BLOCK_M, BLOCK_N=kernels.selective_block_n(arch // 10), BLOCK_D=D)
     infini = dict(BLOCK_T=kernels.BLOCK_T, BLOCK_D=D)
     data = 'Q K V O DO DQ'.split()
     launches = [('selective carry', kernels._selective_carry_kernel, data, selective, kernels.NARROW),
@@ -681,17 +681,17 @@ def bench_compile():
     D = n_embd // n_head
     if D not in kernels.HEAD_DIMS:
         raise SystemExit(f'head dim n_embd / n_head = {D}: the kernels take {kernels.HEAD_DIMS}')
-    launches = kernel_launches(kernels, D)
+    launches = [(arch, *launch) for arch in capabilities for launch in kernel_launches(kernels, D, arch)]
+    names = [what for what, *_ in kernel_launches(kernels, D, capabilities[0])]
     results = {}
-    bar = tqdm(total=len(launches) * len(capabilities), desc='compile', dynamic_ncols=True)
-    for what, fn, data, constexprs, launch in launches:
-        for arch in capabilities:
-            bar.set_postfix_str(f'{what} sm_{arch}')
-            try:
-                results[what, arch] = compile_kernel(triton, fn, data, constexprs, launch, arch, tool)
-            except Exception as e:  # a compiler failure is a result: report it and go on
-                results[what, arch] = f"fails: {(str(e).strip().splitlines() or [''])[-1][:80]}"
-            bar.update()
+    bar = tqdm(total=len(launches), desc='compile', dynamic_ncols=True)
+    for arch, what, fn, data, constexprs, launch in launches:
+        bar.set_postfix_str(f'{what} sm_{arch}')
+        try:
+            results[what, arch] = compile_kernel(triton, fn, data, constexprs, launch, arch, tool)
+        except Exception as e:  # a compiler failure is a result: report it and go on
+            results[what, arch] = f"fails: {(str(e).strip().splitlines() or [''])[-1][:80]}"
+        bar.update()
     bar.close()
 
     def status(what, arch):
@@ -703,7 +703,7 @@ def bench_compile():
         fits = '' if status(what, arch) == 'ok' else ' TOO MUCH'
         return f'{r[0]} reg, {r[1]} B spill, {fmt_bytes(r[2])}{fits}' if isinstance(r, tuple) else r
 
-    rows = [[what] + [cell_text(what, arch) for arch in capabilities] for what, *_ in launches]
+    rows = [[what] + [cell_text(what, arch) for arch in capabilities] for what in names]
     limits = ', '.join(f'sm_{a} {SHARED_MEMORY.get(a, 99)} KiB' for a in capabilities)
     lines = header_lines() + [
         f'head dim {D}, {dtype}; cells: registers per thread, bytes per thread spilled to local memory, shared '
@@ -714,7 +714,7 @@ def bench_compile():
               [dict(kernel=what, arch=arch, head_dim=D, dtype=dtype, status=status(what, arch),
                     **dict(zip(('registers', 'spill_bytes', 'shared_bytes'),
                                r if isinstance(r := results[what, arch], tuple) else ('', '', ''))))
-               for what, *_ in launches for arch in capabilities])
+               for what in names for arch in capabilities])
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ except ImportError:
     triton = tl = None
 
 BLOCK_M = 64  # query rows per program
-BLOCK_N = 64  # keys per inner-loop step
+BLOCK_N = 64  # keys per inner-loop step (the selective kernels: see selective_block_n)
 BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
 CARRY_ROWS = 16384  # selective: query rows whose carry exists at once (a T-vector per 64 of them), so memory ~ T
 # tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward needs more than a gaming
@@ -373,13 +373,20 @@ class SelectiveAttention(torch.autograd.Function):
         return dq, dk.to(q.dtype), dv.to(q.dtype), None, None, None, None
 
 
+def selective_block_n(capability_major):
+    """Keys per inner step of the selective kernels on a GPU of this compute capability: 64 on an H100 (sm_90);
+    32 on the others, where 64 makes three of the four kernels spill registers (bench.py --mode=compile; chosen
+    from the compiler's report, not yet from timings)."""
+    return BLOCK_N if capability_major == 9 else BLOCK_N // 2
+
+
 def selective_available(q):
     """Whether selective_attention below runs for q (the attention file also checks config.use_kernels)."""
     return kernel_ready(q)
 
 
 @torch.compiler.disable  # torch.compile calls it as is: the kernels are fused already
-def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=BLOCK_N, carry_rows=CARRY_ROWS):
+def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None, carry_rows=CARRY_ROWS):
     """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D), fused; differentiable.
 
     Computes the same as attention_selective.selective_attention(q, k, v, selection_head) (ReLU votes, no
@@ -393,6 +400,8 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=BLOC
         raise ValueError(f"selective attention takes as many queries as keys, got {q.size(2)} and {k.size(2)}")
     if not 0 <= selection_head < q.size(1):
         raise ValueError(f"selection_head={selection_head} must be a head index, 0..{q.size(1) - 1}")
+    if block_n is None:
+        block_n = selective_block_n(torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9)
     return SelectiveAttention.apply(q, k, v, selection_head, block_m, block_n, carry_rows)
 
 

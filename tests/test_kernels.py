@@ -69,7 +69,8 @@ SELECTIVE_CASES = [  # B, H, T, D, selection_head, block_m, block_n, carry_rows
     (2, 2, 37, 16, 1, 16, 16, 16),  # the carry one query block at a time: three chunks
     (1, 3, 64, 16, 0, 32, 16, 40),  # BLOCK_M > BLOCK_N; chunks of one block (40 rows round down to 32)
     (2, 2, 37, 32, 0, 16, 32, 32),  # BLOCK_M < BLOCK_N, another head dim; chunks of two blocks, then one
-] + ([(2, 3, 300, 64, 2, kernels.BLOCK_M, kernels.BLOCK_N, 128)] if CUDA else [])  # the blocks the model uses
+] + ([(2, 3, 300, 64, 2, kernels.BLOCK_M, kernels.selective_block_n(torch.cuda.get_device_capability()[0]), 128)]
+      if CUDA else [])  # the blocks the model uses on this GPU
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
