@@ -108,6 +108,12 @@ def _load_rows(ptr, offs, T, BLOCK_D: tl.constexpr):
 
 
 @jit
+def _carry_row(C, b, qb, q_start, q_end, T):
+    """Where query block qb's carry starts in C (B, q_end - q_start, T): one row of T per block of this chunk."""
+    return C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T
+
+
+@jit
 def _votes(q0, k0, offs_m, offs_n, T, scale):
     """The votes S = relu(q0 k0^T / sqrt(D)) where 0 < j < k, else 0, on one tile of head h0 (fp32)."""
     s0 = tl.dot(q0, tl.trans(k0)) * scale
@@ -143,7 +149,7 @@ def _selective_carry_kernel(Q, K, C, R, H, T, h0, scale, q_start, q_end,
     carry = tl.load(R + b.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
     # query blocks wholly before this key block get no votes on it (k > j) and never read C here
     for qb in range(tl.maximum(kb * BLOCK_N // BLOCK_M, q_start), q_end):
-        tl.store(C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T + offs_n, carry, mask=offs_n < T)
+        tl.store(_carry_row(C, b, qb, q_start, q_end, T) + offs_n, carry, mask=offs_n < T)
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         S = _votes(_load_rows(Q + head0, offs_m, T, BLOCK_D), k0, offs_m, offs_n, T, scale)
         carry += tl.sum(S, 0)
@@ -159,7 +165,7 @@ def _selective_fwd_kernel(Q, K, V, C, O, LSE, H, T, h0, scale, q_start, q_end,
     b = bh // H
     head = bh.to(tl.int64) * T * BLOCK_D
     head0 = (b * H + h0).to(tl.int64) * T * BLOCK_D
-    carry_row = C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T
+    carry_row = _carry_row(C, b, qb, q_start, q_end, T)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + head, offs_m, T, BLOCK_D)
     q0 = _load_rows(Q + head0, offs_m, T, BLOCK_D)  # the selecting head's queries (q itself when h == h0)
@@ -217,7 +223,7 @@ def _selective_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, C, DK, DV, H, T, h0, sca
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         S = _votes(_load_rows(Q + head0, offs_m, T, BLOCK_D), k0, offs_m, offs_n, T, scale)
-        F = _accumulate(S, C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T, offs_n, T)
+        F = _accumulate(S, _carry_row(C, b, qb, q_start, q_end, T), offs_n, T)
         p, dz = _probs_and_dz(q, k, v, do, lse, delta, F, offs_m, offs_n, T, scale)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dk += tl.dot(tl.trans(dz.to(q.dtype)), q)
@@ -237,7 +243,7 @@ def _selective_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, C, DQ, H, T, h0, scale, q_
     b = bh // H
     head = bh.to(tl.int64) * T * BLOCK_D
     head0 = (b * H + h0).to(tl.int64) * T * BLOCK_D
-    carry_row = C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T
+    carry_row = _carry_row(C, b, qb, q_start, q_end, T)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + head, offs_m, T, BLOCK_D)
     q0 = _load_rows(Q + head0, offs_m, T, BLOCK_D)
@@ -282,7 +288,7 @@ def _selective_bwd_selection_kernel(Q, K, V, DO, LSE, DELTA, C, DQ0, DK0, BELOW,
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         q0 = _load_rows(Q + head0, offs_m, T, BLOCK_D)
         S = _votes(q0, k0, offs_m, offs_n, T, scale)
-        F = _accumulate(S, C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T, offs_n, T)
+        F = _accumulate(S, _carry_row(C, b, qb, q_start, q_end, T), offs_n, T)
         dF = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for h in range(0, H):  # F is shared by all heads: its gradient is minus the sum of their dZ
             bh = b * H + h
