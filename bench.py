@@ -91,14 +91,14 @@ def configure(argv):
     configure_flags(argv, globals(), FLAGS)
 
 
-def parse_ints(flag, text):
+def parse_ints(flag, text, example='1024,4k,1M'):
     """'128,1k,1M' -> [128, 1024, 1048576]."""
     scale = {'k': 2 ** 10, 'm': 2 ** 20}
     try:
         return [int(s[:-1]) * scale[s[-1].lower()] if s[-1].lower() in scale else int(s)
                 for s in text.replace(' ', '').split(',') if s]
     except ValueError:
-        raise SystemExit(f"--{flag} is a comma-separated list of integers like 1024,4k,1M, not '{text}'") from None
+        raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None
 
 
 def context_list(default):
@@ -122,7 +122,7 @@ def cache_options(name):
         return {'absorb': False}
     if not budget or name != 'selective':
         return {}
-    b = parse_ints('budget', budget)
+    b = parse_ints('budget', budget, '256 or 16,8,8,4')
     return {'budget': b[0] if len(b) == 1 else b}
 
 
@@ -538,7 +538,7 @@ def bench_kernels():
         return
     H, D = n_head, n_embd // n_head
     Ts = context_list('1k,4k,16k,64k')
-    shapes = [(B, T) for B in sorted(set(parse_ints('batches', batches or str(batch_size)))) for T in Ts]
+    shapes = [(B, T) for B in sorted(set(parse_ints('batches', batches or str(batch_size), '1,8'))) for T in Ts]
     cases = kernel_cases(kernels)
     results = {}  # (case, B, T) -> dict(fwd=, fwdbwd=, bytes=) or a status
     bar = tqdm(total=len(cases) * len(shapes), desc='kernels', dynamic_ncols=True)
@@ -677,7 +677,7 @@ def bench_compile():
     if os.environ.get('TRITON_INTERPRET') == '1':
         raise SystemExit('--mode=compile needs the compiler: unset TRITON_INTERPRET')
     tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), 'bin', 'cuobjdump')
-    capabilities = parse_ints('archs', archs)
+    capabilities = parse_ints('archs', archs, '86,90')
     D = n_embd // n_head
     if D not in kernels.HEAD_DIMS:
         raise SystemExit(f'head dim n_embd / n_head = {D}: the kernels take {kernels.HEAD_DIMS}')
@@ -986,6 +986,7 @@ def setup():
                          'and warmup >= 0')
     if n_embd % n_head:
         raise SystemExit(f'n_embd={n_embd} must be divisible by n_head={n_head}')
+    cache_options('selective')  # a bad --budget fails now, not when the first selective case runs
     torch.manual_seed(seed)
     if vram_gb > 0 and device_type == 'cpu':
         print('--vram_gb caps CUDA memory: ignored on the CPU')

@@ -13,6 +13,7 @@ Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py
 import dataclasses
 import math
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -147,7 +148,9 @@ def load_checkpoint(path, map_location='cpu'):
         if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
             raise ValueError("no 'model' and 'model_args' in it")
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        # torch's own message for an unpicklable file is a paragraph about weights_only: say what it means
+        reason = ('not a torch.save file of tensors and plain values' if isinstance(e, pickle.UnpicklingError) else
+                  str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
         raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from "
                          f"another program: train again or point at another file") from None
     checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}

@@ -131,6 +131,13 @@ def test_bad_flags_are_one_line_errors(args, message):
         bench.context_list('1k')
 
 
+def test_a_bad_budget_fails_before_the_bench_runs(monkeypatch):
+    monkeypatch.setattr(bench, 'device', 'cpu')
+    monkeypatch.setattr(bench, 'budget', '8,x')
+    with pytest.raises(SystemExit, match="--budget is a comma-separated list of integers like 256 or 16,8,8,4"):
+        bench.setup()
+
+
 def test_cache_options_reach_the_right_attention(monkeypatch):
     monkeypatch.setattr(bench, 'budget', '8,16')
     monkeypatch.setattr(bench, 'absorb', False)
