@@ -146,8 +146,8 @@ class SelectiveAttention(nn.Module):
             if self.training and self.selection_loss > 0:
                 self.aux_loss = self.memory_loss(q, k)
         elif cache.length == 0 and cache.budget[self.layer_idx] is None:  # a prefill with nothing to evict
-            y = self.attend(q, k, v, None)  # the fused kernel on a GPU
-            cache.store(self.layer_idx, k, v, self.vote_totals(q, k))
+            y, f = self.attend(q, k, v, None, vote_totals=True)  # the fused kernel on a GPU
+            cache.store(self.layer_idx, k, v, f)
         elif T == 1 and cache.length > 0:  # a decode step
             y = self.decode(cache, q, k, v, cache.length)
         else:  # a prefill under a budget, or several tokens after the cached ones: CHUNK at a time
@@ -156,12 +156,14 @@ class SelectiveAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q, k, v, budget):
+    def attend(self, q, k, v, budget, vote_totals=False):
+        """Selective attention of q, k, v; with vote_totals also S's column sums (B, T), the F a cache keeps."""
         dropout_p = self.dropout if self.training else 0.0
         if (self.use_kernels and kernels is not None and budget is None and dropout_p == 0.0
                 and self.selection_fn == 'relu' and kernels.selective_available(q)):
-            return kernels.selective_attention(q, k, v, self.selection_head)
-        return selective_attention(q, k, v, self.selection_head, self.selection_fn, budget, dropout_p)
+            return kernels.selective_attention(q, k, v, self.selection_head, vote_totals=vote_totals)
+        y = selective_attention(q, k, v, self.selection_head, self.selection_fn, budget, dropout_p)
+        return (y, self.vote_totals(q, k)) if vote_totals else y
 
     def head_masks(self, q, k):
         """S and F of the selecting head: (B, T, T) each."""

@@ -31,6 +31,7 @@ except ImportError:
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner-loop step (the selective kernels: see selective_block_n)
 BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
+SDPA_MAX_HEADS = 65535  # CUDA caps a grid's y and z axes there, where SDPA's kernels put batch and heads
 CARRY_ROWS = 16384  # selective: query rows whose carry exists at once (a T-vector per 64 of them), so memory ~ T
 # tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward needs more than a gaming
 # GPU's 99 KiB of shared memory, or does not compile (bench.py --mode=compile), and Infini's M leaves registers
@@ -348,10 +349,11 @@ class SelectiveAttention(torch.autograd.Function):
                                                             BLOCK_D=D, **NARROW)
         ctx.save_for_backward(q, k, v, o, lse, starts)
         ctx.config = selection_head, block_m, block_n, chunks
-        return o
+        ctx.mark_non_differentiable(running)
+        return o, running  # running: every row's votes summed by column, the F a cache keeps
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, _):
         q, k, v, o, lse, starts = ctx.saved_tensors
         selection_head, block_m, block_n, chunks = ctx.config
         do = do.contiguous()
@@ -392,8 +394,10 @@ def selective_available(q):
 
 
 @torch.compiler.disable  # torch.compile calls it as is: the kernels are fused already
-def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None, carry_rows=CARRY_ROWS):
-    """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D), fused; differentiable.
+def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None, carry_rows=CARRY_ROWS,
+                        vote_totals=False):
+    """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D), fused; differentiable. With vote_totals, also
+    S's column sums (B, T) fp32, the F of a query after the last (what a cache keeps): pass 1 has them anyway.
 
     Computes the same as attention_selective.selective_attention(q, k, v, selection_head) (ReLU votes, no
     budget, no dropout) without materialising anything T x T: memory O(B H T D) plus the carry of carry_rows query
@@ -408,7 +412,8 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None
         raise ValueError(f"selection_head={selection_head} must be a head index, 0..{q.size(1) - 1}")
     if block_n is None:
         block_n = selective_block_n(torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9)
-    return SelectiveAttention.apply(q, k, v, selection_head, block_m, block_n, carry_rows)
+    o, totals = SelectiveAttention.apply(q, k, v, selection_head, block_m, block_n, carry_rows)
+    return (o, totals) if vote_totals else o
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -610,8 +615,18 @@ def segment_attention(q, k, v, segment_len):
     fold = lambda x: x.reshape(B, H * n_segments, segment_len, D)  # noqa: E731
     q = rope(fold(pad(q, (0, 0, offset, tail))), 0)
     k = rope(fold(pad(k, (0, 0, 0, tail))), 0)
-    y = scaled_dot_product_attention(q, k, fold(pad(v, (0, 0, 0, tail))), is_causal=True)
+    y = causal_sdpa(q, k, fold(pad(v, (0, 0, 0, tail))))
     return y.view(B, H, n_segments * segment_len, D)[:, :, offset:T]
+
+
+def causal_sdpa(q, k, v):
+    """Causal SDPA of (B, H, N, D) tensors, any number of heads H: SDPA's CUDA kernels put the heads on a grid axis
+    of at most SDPA_MAX_HEADS blocks and fail past it, which folded segments reach (T > 349k at H=12, N=64)."""
+    if q.size(1) <= SDPA_MAX_HEADS:
+        return scaled_dot_product_attention(q, k, v, is_causal=True)
+    heads = range(0, q.size(1), SDPA_MAX_HEADS)
+    return torch.cat([scaled_dot_product_attention(q[:, h:h + SDPA_MAX_HEADS], k[:, h:h + SDPA_MAX_HEADS],
+                                                   v[:, h:h + SDPA_MAX_HEADS], is_causal=True) for h in heads], dim=1)
 
 
 def infini_available(q):
@@ -639,4 +654,4 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
     a_mem, M, z = InfiniMemory.apply(q, k, v, M.float(), z.float(), segment_len, update, block_t)
     a_dot = segment_attention(q, k, v, segment_len)
     gate = torch.sigmoid(beta).view(1, H, 1, 1)
-    return gate * a_mem.to(a_dot.dtype) + (1 - gate) * a_dot, M, z  # eq. 6
+    return (gate * a_mem.to(a_dot.dtype) + (1 - gate) * a_dot).to(q.dtype), M, z  # eq. 6

@@ -78,14 +78,17 @@ SELECTIVE_CASES = [  # B, H, T, D, selection_head, block_m, block_n, carry_rows
 def test_selective_matches_reference(poisoned_empty, B, H, T, D, h0, block_m, block_n, carry_rows, dtype):
     q, k, v = (t.requires_grad_() for t in qkv(B, H, T, D, dtype))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = kernels.selective_attention(q, k, v, h0, block_m=block_m, block_n=block_n, carry_rows=carry_rows)
+    out, totals = kernels.selective_attention(q, k, v, h0, block_m=block_m, block_n=block_n, carry_rows=carry_rows,
+                                              vote_totals=True)
     ref = selective_attention(q64, k64, v64, h0)
+    S = selection_matrix(causal_logits(q64.detach(), k64.detach())[:, h0])
     grad = torch.randn_like(ref)
     out.backward(grad.to(dtype))
     ref.backward(grad)
     tol = TOLERANCE[dtype]
     assert out.dtype == dtype and out.shape == ref.shape
     assert relative_error(out, ref) < tol
+    assert totals.dtype == torch.float32 and relative_error(totals, S.sum(dim=1)) < tol  # what a cache keeps as F
     for name, a, b in (('dq', q, q64), ('dk', k, k64), ('dv', v, v64)):
         assert torch.isfinite(a.grad).all(), name
         assert relative_error(a.grad, b.grad) < tol, name
@@ -138,12 +141,25 @@ def test_infini_matches_reference(poisoned_empty, dtype, B, H, Tq, T, D, segment
     sum((a * b.to(a.dtype)).sum() for a, b in zip((y, M, z), grads)).backward()
     sum((a * b).sum() for a, b in zip((y_ref, M_ref, z_ref), grads)).backward()
     tol = TOLERANCE[dtype]
-    assert y.dtype == torch.float32 and M.dtype == z.dtype == torch.float32  # as the reference: fp32 beta promotes
+    assert y.dtype == dtype and M.dtype == z.dtype == torch.float32  # as the reference
     for name, a, b in (('y', y, y_ref), ('M', M, M_ref), ('z', z, z_ref)):
         assert relative_error(a, b) < tol, name
     for name, a, b in zip(('dq', 'dk', 'dv', 'dbeta', 'dM', 'dz'), ours, ref64):
         assert torch.isfinite(a.grad).all(), name
         assert relative_error(a.grad, b.grad) < tol, name
+
+
+def test_local_attention_splits_heads_past_the_cuda_grid_limit(monkeypatch):
+    """The segments folded into the heads outgrow a CUDA grid axis at long contexts (196k heads at 1M tokens,
+    H=12, N=64): SDPA is then called on slices of at most SDPA_MAX_HEADS heads, with the same result."""
+    q, k, v = qkv(1, 7, 16, 16, torch.float32)
+    whole = kernels.causal_sdpa(q, k, v)
+    sdpa, calls = kernels.scaled_dot_product_attention, []
+    monkeypatch.setattr(kernels, 'scaled_dot_product_attention', lambda q, *a, **kw: calls.append(q.size(1))
+                        or sdpa(q, *a, **kw))
+    monkeypatch.setattr(kernels, 'SDPA_MAX_HEADS', 3)
+    torch.testing.assert_close(kernels.causal_sdpa(q, k, v), whole)
+    assert calls == [3, 3, 1]
 
 
 # ---------------------------------------------------------------------------------------------------------
