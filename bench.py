@@ -37,7 +37,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import ATTENTIONS, GPT, GPTConfig
+from model import ATTENTIONS, GPT, GPTConfig, cross_entropy
 from train import configure as configure_flags, load_checkpoint as read_checkpoint
 
 # -----------------------------------------------------------------------------------------------------------
@@ -764,7 +764,7 @@ def val_loss(model, data, T, example_len=None):
         with autocast():
             logits, _ = model(x, y)
         # the language-model loss alone: GPT's loss would add an attention's auxiliary training loss
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum')
+        loss = cross_entropy(logits.float(), y, reduction='sum')
         total += loss.item()
         n += (y != -1).sum().item()
     return total / n
@@ -977,7 +977,7 @@ def setup():
     if device_type == 'cpu' and device != 'cpu':
         raise SystemExit(f"--device is cuda, cuda:N or cpu, not '{device}'")
     dtype = dtype or ('bfloat16' if mode == 'compile' else 'float32' if device_type == 'cpu' else
-                      'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
+                      'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16')
     if dtype not in DTYPES:
         raise SystemExit(f"--dtype is one of {', '.join(DTYPES)}, not '{dtype}'")
     ptdtype = DTYPES[dtype]
@@ -991,12 +991,14 @@ def setup():
     if vram_gb > 0 and device_type == 'cpu':
         print('--vram_gb caps CUDA memory: ignored on the CPU')
     if device_type == 'cuda':
-        torch.cuda.set_device(device)
+        gpu = torch.device(device).index  # None for plain 'cuda': the current GPU (these calls refuse the name)
+        if gpu is not None:
+            torch.cuda.set_device(gpu)  # Triton launches on the current GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if vram_gb > 0:  # the caching allocator raises OutOfMemoryError past this fraction of the card
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, vram_gb * 2 ** 30 / total), device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, vram_gb * 2 ** 30 / total), gpu)
 
 
 if __name__ == '__main__':

@@ -412,7 +412,8 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None
         raise ValueError(f"selection_head={selection_head} must be a head index, 0..{q.size(1) - 1}")
     if block_n is None:
         block_n = selective_block_n(torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9)
-    o, totals = SelectiveAttention.apply(q, k, v, selection_head, block_m, block_n, carry_rows)
+    with torch.cuda.device_of(q):  # Triton launches on the current GPU (cuda:1 too); the backward is on q's already
+        o, totals = SelectiveAttention.apply(q, k, v, selection_head, block_m, block_n, carry_rows)
     return (o, totals) if vote_totals else o
 
 
@@ -651,7 +652,8 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
     if M is None:
         M = torch.zeros(B, H, D, D, dtype=torch.float32, device=q.device)
         z = torch.zeros(B, H, D, dtype=torch.float32, device=q.device)
-    a_mem, M, z = InfiniMemory.apply(q, k, v, M.float(), z.float(), segment_len, update, block_t)
+    with torch.cuda.device_of(q):  # Triton launches on the current GPU (cuda:1 too); the backward is on q's already
+        a_mem, M, z = InfiniMemory.apply(q, k, v, M.float(), z.float(), segment_len, update, block_t)
     a_dot = segment_attention(q, k, v, segment_len)
     gate = torch.sigmoid(beta).view(1, H, 1, 1)
     return (gate * a_mem.to(a_dot.dtype) + (1 - gate) * a_dot).to(q.dtype), M, z  # eq. 6

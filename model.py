@@ -38,6 +38,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ATTENTIONS = ('causal', 'in', 'infini', 'selective')
+LOSS_PIECE = 2 ** 31 - 1  # logits per cross-entropy call: CUDA's kernel indexes them with int32
 
 
 @dataclass
@@ -82,6 +83,18 @@ def attention_classes(name):
         from attention_selective import SelectiveAttention, SelectiveCache
         return SelectiveAttention, SelectiveCache
     raise ValueError(f"unknown attention '{name}', choose one of: {', '.join(ATTENTIONS)}")
+
+
+def cross_entropy(logits, targets, reduction='mean'):
+    """Cross-entropy of logits (..., V) against targets (...; -1 = no target), LOSS_PIECE logits at a time: past
+    2^31 logits (43k positions at vocab 50k) CUDA's kernel reads out of bounds (pytorch/pytorch#85786)."""
+    logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    rows = max(1, LOSS_PIECE // logits.size(-1))
+    if targets.numel() <= rows:
+        return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+    total = sum(F.cross_entropy(logits[i:i + rows], targets[i:i + rows], ignore_index=-1, reduction='sum')
+                for i in range(0, targets.numel(), rows))
+    return total if reduction == 'sum' else total / (targets != -1).sum()
 
 
 def causal_mask(t_q, t_k, device):
@@ -244,7 +257,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = cross_entropy(logits, targets)
             loss = loss + sum(getattr(block.attn, 'aux_loss', 0.0) for block in self.transformer.h)
         else:
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed

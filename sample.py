@@ -26,7 +26,6 @@ top_k = 200             # keep only the top_k most likely tokens; 0 = all
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 dtype = ''              # '' = bfloat16 on CUDA where supported, else float16; float32 elsewhere
-compile = False         # torch.compile the model
 budget = ''             # selective only: KV entries each layer keeps, an int or one per layer ('8,16,...'); '' = all
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------------------------------------
@@ -50,7 +49,7 @@ def main(argv):
     configure(argv, globals(), config_keys)
     torch.manual_seed(seed)
     device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-    ptdtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported()
+    ptdtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
                         else 'float16' if device_type == 'cuda' else 'float32')
     ctx = nullcontext() if ptdtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, ptdtype))
 
@@ -82,8 +81,6 @@ def main(argv):
     if len(ids) > config.block_size and not model.streams:
         print(f"the prompt has {len(ids)} tokens, more than block_size={config.block_size}: the model sees its "
               f"last {config.block_size}")
-    if compile:
-        model = torch.compile(model)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
 
     with torch.no_grad(), ctx:

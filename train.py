@@ -7,7 +7,7 @@ Train a GPT, nanoGPT style. Every global below is a flag, and so is every field 
   python train.py --init_from=resume                 # continue out_dir/ckpt.pt: same LR schedule, same batches
   python train.py --init_from=out-in/ckpt.pt --block_size=1024 --out_dir=out-in-long   # fine-tune, e.g. longer context
 
-Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py
+Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8
 """
 
 import dataclasses
@@ -351,7 +351,7 @@ def main(argv):
                          f"({str(e).splitlines()[0]}); was it written by another version of model.py?") from None
     model.to(run_device)
 
-    ptdtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported()
+    ptdtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
                         else 'float16' if device_type == 'cuda' else 'float32')
     if ptdtype not in ('float32', 'bfloat16', 'float16'):
         raise SystemExit(f"--dtype={dtype}: use float32, bfloat16 or float16")
@@ -436,5 +436,5 @@ if __name__ == '__main__':
     try:
         main(sys.argv[1:])
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit("CUDA out of memory: lower --batch_size or --block_size, or raise "
-                         "--gradient_accumulation_steps") from None
+        raise SystemExit("CUDA out of memory: lower --batch_size (raising --gradient_accumulation_steps as much keeps "
+                         "the tokens per step) or --block_size") from None

@@ -1,8 +1,10 @@
 """The core: config errors, forward/backward and cached generation for every attention."""
 import pytest
 import torch
+from torch.nn import functional as F
 
-from model import ATTENTIONS, GPT, GPTConfig
+import model as model_module
+from model import ATTENTIONS, GPT, GPTConfig, cross_entropy
 
 
 def tiny(attention, **kw):
@@ -26,6 +28,23 @@ def test_forward_backward(attention):
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+def test_loss_in_pieces_equals_one_call(monkeypatch):
+    """Past 2^31 logits the loss is taken in pieces (CUDA's kernel overflows); here pieces of 2-3 rows, with
+    ignored targets, give the same loss and gradient as one call."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 5, (2, 7), generator=g)
+    targets[0, 3] = targets[1, :4] = -1
+    whole = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    expected = torch.autograd.grad(whole, logits)[0]
+    for piece in (10, 15, 1):  # 2 and 3 rows of 5 logits, and the floor of one row
+        monkeypatch.setattr(model_module, 'LOSS_PIECE', piece)
+        loss = cross_entropy(logits, targets)
+        torch.testing.assert_close(loss, whole)
+        torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], expected)
+        torch.testing.assert_close(cross_entropy(logits, targets, reduction='sum'), whole * (targets != -1).sum())
 
 
 @pytest.mark.parametrize('attention', ATTENTIONS)
