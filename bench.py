@@ -23,6 +23,7 @@ context an attention cannot take is n/a; anything else is 'error' with its messa
 """
 import csv
 import gc
+import math
 import os
 import platform
 import statistics
@@ -140,6 +141,9 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
+gpu_error = ''  # the first CUDA error (an illegal address, a failed launch): it leaves the GPU unusable
+
+
 def reset_peak():
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
@@ -160,14 +164,21 @@ def too_slow(seconds):
 
 
 def guarded(fn):
-    """Run one case: (result, None, '') or (None, 'OOM' | 'n/a' | 'error', message). Memory is freed after."""
+    """Run one case: (result, None, '') or (None, 'OOM' | 'n/a' | 'error' | '-', message). Memory is freed after."""
+    global gpu_error
+    if gpu_error:
+        return None, '-', ''
     result, status, message = None, None, ''
     try:
         result = fn()
     except Exception as e:  # one case failing must not stop the bench: record what happened and go on
         status = 'OOM' if is_oom(e) else 'n/a' if isinstance(e, ValueError) else 'error'
         message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    free_memory()  # outside the except block, so the traceback no longer holds the case's tensors
+        if status == 'error' and 'CUDA error' in str(e):
+            gpu_error = message
+            message += ' (the GPU is unusable after a CUDA error: no later case runs)'
+    if not gpu_error:
+        free_memory()  # outside the except block, so the traceback no longer holds the case's tensors
     return result, status, message
 
 
@@ -487,17 +498,24 @@ def plot_speed(path, results, names, Ts):
 # --mode=kernels
 
 def timed(fn):
-    """Median seconds of fn() after warm-up, and the peak memory of those runs."""
-    for _ in range(warmup):
+    """Median seconds of one fn() after warm-up (the first call compiles the kernels), and the peak memory of the
+    runs. Each sample repeats fn() for 10 ms at least, so a short kernel is not timed as launch overhead."""
+    for _ in range(max(1, warmup)):
         fn()
     reset_peak()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    calls = max(1, math.ceil(0.01 / (time.perf_counter() - t0)))
     times = []
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times), peak_bytes()
 
 
@@ -569,7 +587,7 @@ def bench_kernels():
                 out, status, message = guarded(measure)
                 results[name, B, T] = out or status
                 stopped = 'OOM' if status == 'OOM' else too_slow(time.perf_counter() - t0)
-                if status not in (None, 'OOM'):
+                if status not in (None, 'OOM', '-'):
                     lines.append(f'{name} at {B} x {fmt_context(T)}: {message}')
                 if stopped == 'slow':
                     lines.append(f'{name} at {B} x {fmt_context(T)} took {time.perf_counter() - t0:.3g} s '

@@ -31,6 +31,7 @@ except ImportError:
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner-loop step (the selective kernels: see selective_block_n)
 BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
+FP32_SELECTIVE_SHARED = 113 * 1024  # bytes of shared memory the fp32 selective backward needs (--mode=compile)
 SDPA_MAX_HEADS = 65535  # CUDA caps a grid's y and z axes there, where SDPA's kernels put batch and heads
 CARRY_ROWS = 16384  # selective: query rows whose carry exists at once (a T-vector per 64 of them), so memory ~ T
 # tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward needs more than a gaming
@@ -389,8 +390,10 @@ def selective_block_n(capability_major):
 
 
 def selective_available(q):
-    """Whether selective_attention below runs for q (the attention file also checks config.use_kernels)."""
-    return kernel_ready(q)
+    """Whether selective_attention below runs for q (the attention file also checks config.use_kernels). fp32 only
+    on GPUs that give a block more shared memory than gaming cards' 99 KiB: its backward needs 113 KiB."""
+    return kernel_ready(q) and (q.dtype != torch.float32 or FP32_SELECTIVE_SHARED <= getattr(
+        torch.cuda.get_device_properties(q.device), 'shared_memory_per_block_optin', 0))  # torch < 2.7: unknown
 
 
 @torch.compiler.disable  # torch.compile calls it as is: the kernels are fused already
@@ -617,7 +620,7 @@ def segment_attention(q, k, v, segment_len):
     q = rope(fold(pad(q, (0, 0, offset, tail))), 0)
     k = rope(fold(pad(k, (0, 0, 0, tail))), 0)
     y = causal_sdpa(q, k, fold(pad(v, (0, 0, 0, tail))))
-    return y.view(B, H, n_segments * segment_len, D)[:, :, offset:T]
+    return y.reshape(B, H, n_segments * segment_len, D)[:, :, offset:T]  # fp32 SDPA gives a (B, N, H, D) layout
 
 
 def causal_sdpa(q, k, v):

@@ -22,7 +22,7 @@ CPU_COMMAND = [sys.executable, 'bench.py', '--device=cpu', '--n_layer=2', '--n_h
 @pytest.fixture(autouse=True)
 def restore_flags(monkeypatch):
     """Tests that call bench in-process change its globals (the flags); put them back afterwards."""
-    for key in bench.FLAGS + ['device_type', 'ptdtype']:
+    for key in bench.FLAGS + ['device_type', 'ptdtype', 'gpu_error']:
         monkeypatch.setattr(bench, key, getattr(bench, key))
 
 
@@ -83,6 +83,17 @@ def test_oom_is_recorded_and_longer_contexts_skipped(tmp_path, monkeypatch, caps
     assert rows['in', '32']['training'] == 'OOM' and rows['in', '64']['training'] == '-'
     assert rows['in', '64']['inference'] == 'ok' and rows['causal', '64']['training'] == 'ok'
     assert "- in: 64+ / 16" in capsys.readouterr().out
+
+
+def test_after_a_cuda_error_no_case_runs(monkeypatch):
+    """An illegal address leaves the GPU unusable: that case is an error, every later one '-', none runs."""
+    monkeypatch.setattr(bench, 'free_memory', lambda: None)  # CUDA would raise the same error again there
+    def crash():
+        raise RuntimeError('CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...')
+    result, status, message = bench.guarded(crash)
+    assert (result, status) == (None, 'error') and message.startswith('RuntimeError: CUDA error: an illegal memory')
+    assert 'no later case runs' in message
+    assert bench.guarded(lambda: pytest.fail('ran after a CUDA error')) == (None, '-', '')
 
 
 def test_a_slow_case_skips_longer_contexts(tmp_path, monkeypatch, capsys):

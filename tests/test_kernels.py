@@ -209,6 +209,30 @@ def test_available_only_on_cuda():
         assert not available(q.double())
 
 
+def test_fp32_selective_kernel_only_where_its_shared_memory_fits(monkeypatch):
+    """The fp32 selective backward needs 113 KiB of shared memory per block: an H100 or A100 has it, an RTX 4090
+    (99 KiB) does not, and a torch too old to say takes the reference."""
+    monkeypatch.setattr(kernels, 'kernel_ready', lambda q: True)
+    q = torch.zeros(1, 2, 16, 16)
+    for props, fp32 in (({'shared_memory_per_block_optin': 227 * 1024}, True),
+                        ({'shared_memory_per_block_optin': 99 * 1024}, False), ({}, False)):
+        monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: type('props', (), props))
+        assert kernels.selective_available(q) == fp32
+        assert kernels.selective_available(q.half()) and kernels.selective_available(q.bfloat16())
+
+
+def test_local_attention_takes_sdpa_output_of_any_layout(monkeypatch):
+    """On a GPU, SDPA's fp32 (memory-efficient) kernel returns its output as a transposed (B, N, H, D) tensor, not
+    a contiguous (B, H, N, D) one: the segments must still unfold."""
+    sdpa = kernels.scaled_dot_product_attention
+    monkeypatch.setattr(kernels, 'scaled_dot_product_attention',
+                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    q, k, v = qkv(2, 2, 21, 16, torch.float32)
+    out = kernels.segment_attention(q[:, :, 5:], k, v, 8)
+    monkeypatch.setattr(kernels, 'scaled_dot_product_attention', sdpa)
+    torch.testing.assert_close(out, kernels.segment_attention(q[:, :, 5:], k, v, 8))
+
+
 def test_imports_without_triton(monkeypatch):
     """macOS, Windows and CPU-only installs have no triton: kernels.py imports and offers no kernel."""
     monkeypatch.setitem(sys.modules, 'triton', None)
