@@ -876,8 +876,8 @@ def bench_quality():
                                        for c in (cells[label, T, depth] for T in Ts)] for depth in fractions]
             lines += markdown_table(f'Passkey accuracy, {label}: depth (rows) by length (columns)',
                                     ['depth'] + [fmt_context(T) for T in Ts], table)
-    lines += sorted({f"{r['checkpoint']} at {fmt_context(r.get('context') or r['length'])}: {r['message']}"
-                     for r in loss_rows + key_rows if r['status'] not in ('ok', 'OOM')})
+    lines += dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r.get('context') or r['length'])}: {r['message']}"
+                           for r in loss_rows + key_rows if r['status'] not in ('ok', 'OOM', 'n/a'))  # n/a: above
     write_report('bench_quality.md', lines)
     write_csv(os.path.join(out_dir, 'bench_quality.csv'), loss_rows)
     if key_rows:

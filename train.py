@@ -13,7 +13,6 @@ Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py --grad
 import dataclasses
 import math
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -145,14 +144,15 @@ def load_checkpoint(path, map_location='cpu'):
         raise SystemExit(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
-            raise ValueError("no 'model' and 'model_args' in it")
-    except Exception as e:
-        # torch's own message for an unpicklable file is a paragraph about weights_only: say what it means
-        reason = ('not a torch.save file of tensors and plain values' if isinstance(e, pickle.UnpicklingError) else
-                  str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
-        raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from "
-                         f"another program: train again or point at another file") from None
+        reason = ('' if isinstance(checkpoint, dict) and {'model', 'model_args'} <= checkpoint.keys() else
+                  "no 'model' and 'model_args' in it")
+    except PermissionError:
+        raise SystemExit(f"cannot read {path}: permission denied") from None
+    except Exception:  # torch's messages here (a paragraph on weights_only, a zip reader's, an IndexError) say little
+        reason = 'not a complete torch.save file of tensors and plain values'
+    if reason:
+        raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from another "
+                         f"program: train again or point at another file")
     checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
     return checkpoint
 
