@@ -147,21 +147,23 @@ def test_cuda_setup_gives_the_gpu_calls_an_index(monkeypatch):
     torch refuses the bare name 'cuda' there. Faked here with torch's own argument check."""
     from torch.cuda._utils import _get_device_index
     calls = []
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', torch.backends.cuda.matmul.allow_tf32)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', torch.backends.cudnn.allow_tf32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # setup() turns both on
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda d: type('props', (), {'total_memory': 80 << 30}))
     monkeypatch.setattr(torch.cuda, 'set_device', lambda d: calls.append(('device', _get_device_index(d))))
     monkeypatch.setattr(torch.cuda, 'set_per_process_memory_fraction',
                         lambda f, d=None: calls.append(('fraction', f, d if d is None else _get_device_index(d))))
-    for device, index in (('', None), ('cuda', None), ('cuda:1', 1)):
-        calls.clear()
-        monkeypatch.setattr(bench, 'device', device)
-        monkeypatch.setattr(bench, 'vram_gb', 8.0)
-        bench.setup()
-        assert bench.device_type == 'cuda' and bench.ptdtype == torch.bfloat16
-        assert calls == ([('device', index)] if index is not None else []) + [('fraction', 0.1, index)]
+    try:
+        for device, index in (('', None), ('cuda', None), ('cuda:1', 1)):
+            calls.clear()
+            monkeypatch.setattr(bench, 'device', device)
+            monkeypatch.setattr(bench, 'vram_gb', 8.0)
+            bench.setup()
+            assert bench.device_type == 'cuda' and bench.ptdtype == torch.bfloat16
+            assert calls == ([('device', index)] if index is not None else []) + [('fraction', 0.1, index)]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def test_a_bad_budget_fails_before_the_bench_runs(monkeypatch):
