@@ -83,9 +83,9 @@ class InAttention(nn.Module):
 
     def reprojected(self, q, xhat, mask):
         """Reference decode: rebuild this layer's K and V from the cached x̂0, then attend as in training."""
-        s = xhat * self.ln_kv.weight
+        s = xhat * self.ln_kv.weight.to(xhat.dtype)  # in the cache's dtype: an fp32 copy of it is GBs at 1M tokens
         if self.ln_kv.bias is not None:
-            s = s + self.ln_kv.bias
+            s = s + self.ln_kv.bias.to(xhat.dtype)
         _, (wk, bk), (wv, bv) = self.projections()
         k, v = self.heads(F.linear(s, wk, bk)), self.heads(F.linear(s, wv, bv))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

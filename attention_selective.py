@@ -284,9 +284,8 @@ class SelectiveCache:
     def insert(self, layer, k, v, position):
         """Put one token (k, v: (B, H, 1, D)) into a free slot, or in place of the evicted one; return the layer."""
         f, pos = self.f[layer], self.pos[layer]
-        free = pos < 0
-        if free.any():  # every row holds the same number of tokens
-            slot = free.int().argmax(dim=1)
+        if position < self.slots[layer]:  # every row holds its first min(position, slots) slots: no GPU sync to ask
+            slot = position
         elif self.budget[layer] is None:
             raise ValueError(f"selective cache holds {self.slots[layer]} tokens, {position + 1} asked for")
         else:

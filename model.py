@@ -293,7 +293,10 @@ class GPT(nn.Module):
         N = self.get_num_params()
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * N + 12 * L * H * Q * T
+        # the attention term 12 L H Q T counts the context each query sees (PaLM's T); infini's softmax sees one
+        # segment, and its memory's d x d products are left out
+        seen = min(T, cfg.segment_len) if cfg.attention == 'infini' else T
+        flops_per_token = 6 * N + 12 * L * H * Q * seen
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
@@ -319,7 +322,7 @@ class GPT(nn.Module):
                     logits, _ = self(context[:, start:start + step], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
-            logits = logits[:, -1, :] / temperature
+            logits = logits[:, -1, :].float() / temperature  # bf16 would tie close logits, even for top_k=1
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float('Inf')

@@ -111,3 +111,11 @@ def test_optimizer_groups_honour_lr_mult():
     assert by_mult[10.0]['lr'] == pytest.approx(1e-2) and by_mult[10.0]['weight_decay'] == 0.0
     decayed = [g for g in opt.param_groups if g['weight_decay'] > 0]
     assert all(p.dim() >= 2 for g in decayed for p in g['params'])
+
+
+def test_mfu_counts_infini_attention_within_a_segment():
+    """Infini-attention's softmax sees one segment, so its flops per token do not grow with the context."""
+    per_token = [GPT(tiny('infini', block_size=T)).estimate_mfu(1, 1.0) / T for T in (64, 256)]
+    assert per_token[0] == pytest.approx(per_token[1])
+    causal = [GPT(tiny('causal', block_size=T)).estimate_mfu(1, 1.0) / T for T in (64, 256)]
+    assert causal[1] > causal[0]
