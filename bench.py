@@ -135,13 +135,13 @@ def sync():
         torch.cuda.synchronize()
 
 
+gpu_error = ''  # the first CUDA error (an illegal address, a failed launch): it leaves the GPU unusable
+
+
 def free_memory():
     gc.collect()
-    if device_type == 'cuda':
+    if device_type == 'cuda' and not gpu_error:  # after a CUDA error, any call into CUDA raises it again
         torch.cuda.empty_cache()
-
-
-gpu_error = ''  # the first CUDA error (an illegal address, a failed launch): it leaves the GPU unusable
 
 
 def reset_peak():
@@ -177,8 +177,7 @@ def guarded(fn):
         if status == 'error' and 'CUDA error' in str(e):
             gpu_error = message
             message += ' (the GPU is unusable after a CUDA error: no later case runs)'
-    if not gpu_error:
-        free_memory()  # outside the except block, so the traceback no longer holds the case's tensors
+    free_memory()  # outside the except block, so the traceback no longer holds the case's tensors
     return result, status, message
 
 
@@ -876,8 +875,8 @@ def bench_quality():
                                        for c in (cells[label, T, depth] for T in Ts)] for depth in fractions]
             lines += markdown_table(f'Passkey accuracy, {label}: depth (rows) by length (columns)',
                                     ['depth'] + [fmt_context(T) for T in Ts], table)
-    lines += dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r.get('context') or r['length'])}: {r['message']}"
-                           for r in loss_rows + key_rows if r['status'] not in ('ok', 'OOM', 'n/a'))  # n/a: above
+    lines += list(dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r.get('context') or r['length'])}: {r['message']}"
+                                for r in loss_rows + key_rows if r['status'] not in ('ok', 'OOM', 'n/a')))  # n/a: above
     write_report('bench_quality.md', lines)
     write_csv(os.path.join(out_dir, 'bench_quality.csv'), loss_rows)
     if key_rows:

@@ -87,7 +87,9 @@ def test_oom_is_recorded_and_longer_contexts_skipped(tmp_path, monkeypatch, caps
 
 def test_after_a_cuda_error_no_case_runs(monkeypatch):
     """An illegal address leaves the GPU unusable: that case is an error, every later one '-', none runs."""
-    monkeypatch.setattr(bench, 'free_memory', lambda: None)  # CUDA would raise the same error again there
+    monkeypatch.setattr(bench, 'device_type', 'cuda')
+    monkeypatch.setattr(torch.cuda, 'empty_cache', lambda: pytest.fail('called CUDA after a CUDA error'))
+
     def crash():
         raise RuntimeError('CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...')
     result, status, message = bench.guarded(crash)
