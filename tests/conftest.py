@@ -15,6 +15,15 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.fixture(autouse=True)
+def restore_tf32():
+    """train.py and bench.py turn TF32 on for the whole process: on a GPU that would change later tests' numbers.
+    Restored by hand: torch 2.11's backend modules refuse monkeypatch."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Shared by test_train.py and test_sample.py: a tiny dataset and tiny in-process training runs.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

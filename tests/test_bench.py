@@ -149,23 +149,19 @@ def test_cuda_setup_gives_the_gpu_calls_an_index(monkeypatch):
     torch refuses the bare name 'cuda' there. Faked here with torch's own argument check."""
     from torch.cuda._utils import _get_device_index
     calls = []
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # setup() turns both on
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda d: type('props', (), {'total_memory': 80 << 30}))
     monkeypatch.setattr(torch.cuda, 'set_device', lambda d: calls.append(('device', _get_device_index(d))))
     monkeypatch.setattr(torch.cuda, 'set_per_process_memory_fraction',
                         lambda f, d=None: calls.append(('fraction', f, d if d is None else _get_device_index(d))))
-    try:
-        for device, index in (('', None), ('cuda', None), ('cuda:1', 1)):
-            calls.clear()
-            monkeypatch.setattr(bench, 'device', device)
-            monkeypatch.setattr(bench, 'vram_gb', 8.0)
-            bench.setup()
-            assert bench.device_type == 'cuda' and bench.ptdtype == torch.bfloat16
-            assert calls == ([('device', index)] if index is not None else []) + [('fraction', 0.1, index)]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    for device, index in (('', None), ('cuda', None), ('cuda:1', 1)):
+        calls.clear()
+        monkeypatch.setattr(bench, 'device', device)
+        monkeypatch.setattr(bench, 'vram_gb', 8.0)
+        bench.setup()
+        assert bench.device_type == 'cuda' and bench.ptdtype == torch.bfloat16
+        assert calls == ([('device', index)] if index is not None else []) + [('fraction', 0.1, index)]
 
 
 def test_a_bad_budget_fails_before_the_bench_runs(monkeypatch):
@@ -230,22 +226,25 @@ def test_val_loss_of_examples_skips_the_targets_that_start_one(monkeypatch):
     assert bench.val_loss(model, data, 16) == pytest.approx(losses.mean().item(), rel=1e-5)
 
 
-def test_kernels_mode_tables_with_the_kernels_in_the_interpreter(tmp_path, monkeypatch, capsys):
-    """The CUDA-only mode run on CPU tensors, its kernels in Triton's interpreter: every table and the CSV."""
+def test_kernels_mode_tables(tmp_path, monkeypatch, capsys):
+    """The kernels mode at tiny sizes, every table and the CSV: natively on a GPU; without one, on CPU tensors with
+    the kernels in Triton's interpreter."""
     kernels = pytest.importorskip('kernels')
-    if torch.cuda.is_available() or not kernels.triton:
-        pytest.skip('needs the interpreter: no CUDA, triton installed')
-    for key, value in dict(device='cpu', out_dir=str(tmp_path), n_head=2, n_embd=32, contexts='64,100', warmup=0,
-                           repeats=1, segment_len=32, batches='1,2').items():
+    if not kernels.triton:
+        pytest.skip('needs triton')
+    cuda = torch.cuda.is_available()
+    for key, value in dict(device='cuda' if cuda else 'cpu', out_dir=str(tmp_path), n_head=2, n_embd=32,
+                           contexts='64,100', warmup=0, repeats=1, segment_len=32, batches='1,2').items():
         monkeypatch.setattr(bench, key, value)
     bench.setup()
-    monkeypatch.setattr(bench, 'device_type', 'cuda')  # past the CUDA gate, with CPU tensors and no CUDA calls
-    monkeypatch.setattr(bench, 'header_lines', lambda: [])
-    monkeypatch.setattr(bench, 'peak_bytes', lambda: 0)
-    for name in ('sync', 'reset_peak'):
-        monkeypatch.setattr(bench, name, lambda: None)
-    for name in ('selective_available', 'infini_available'):
-        monkeypatch.setattr(kernels, name, lambda q: True)
+    if not cuda:
+        monkeypatch.setattr(bench, 'device_type', 'cuda')  # past the CUDA gate, with CPU tensors and no CUDA calls
+        monkeypatch.setattr(bench, 'header_lines', lambda: [])
+        monkeypatch.setattr(bench, 'peak_bytes', lambda: 0)
+        for name in ('sync', 'reset_peak'):
+            monkeypatch.setattr(bench, name, lambda: None)
+        for name in ('selective_available', 'infini_available'):
+            monkeypatch.setattr(kernels, name, lambda q: True)
     bench.bench_kernels()
     out = capsys.readouterr().out
     for title in ('Forward time', 'Forward + backward time', 'TFLOP/s', 'speed-up over its PyTorch reference'):

@@ -26,6 +26,9 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # relative error ||out - ref|| / ||ref|| against an fp64 reference on the same (rounded) inputs;
 # fp32 on a GPU multiplies in tf32
 TOLERANCE = {torch.float32: 5e-3 if CUDA else 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# selective gradients in fp32 on a GPU: TF32 products move a few votes across the ReLU's kink, and the selection
+# path's gradient with them (the fp64 reference moves as much when only q, k are rounded to TF32)
+SELECTIVE_GRAD_TOLERANCE = {**TOLERANCE, torch.float32: 3e-2 if CUDA else 1e-5}
 
 
 # Triton 3.6's interpreter indexes with 1-element arrays, which numpy 2.4 refuses (fixed in Triton 3.7)
@@ -91,7 +94,7 @@ def test_selective_matches_reference(poisoned_empty, B, H, T, D, h0, block_m, bl
     assert totals.dtype == torch.float32 and relative_error(totals, S.sum(dim=1)) < tol  # what a cache keeps as F
     for name, a, b in (('dq', q, q64), ('dk', k, k64), ('dv', v, v64)):
         assert torch.isfinite(a.grad).all(), name
-        assert relative_error(a.grad, b.grad) < tol, name
+        assert relative_error(a.grad, b.grad) < SELECTIVE_GRAD_TOLERANCE[dtype], name
 
 
 def test_selective_carry_is_column_sums_of_S_above_each_block(poisoned_empty):
@@ -100,16 +103,17 @@ def test_selective_carry_is_column_sums_of_S_above_each_block(poisoned_empty):
     B, H, T, D, h0, block_m, block_n = 2, 2, 37, 16, 1, 16, 16
     q, k, _ = qkv(B, H, T, D, torch.float32)
     S = selection_matrix(causal_logits(q.double(), k.double())[:, h0])
+    tol = TOLERANCE[torch.float32]  # a GPU's dot multiplies fp32 in TF32
     running = torch.zeros(B, T, device=DEVICE)
     for q_start, q_end in ((0, 1), (1, 3)):
         carry = kernels.selective_carry(q, k, running, q_start, q_end, h0, block_m, block_n)
         for I in range(q_start, q_end):
             cols = slice(0, min((I + 1) * block_m, T))  # the keys query block I reads
             expected = S[:, :I * block_m, cols].sum(dim=1)
-            torch.testing.assert_close(carry[:, I - q_start, cols].double(), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(carry[:, I - q_start, cols].double(), expected, rtol=tol, atol=tol)
         cols = slice(0, min(q_end * block_m, T))
-        torch.testing.assert_close(running[:, cols].double(), S[:, :q_end * block_m, cols].sum(dim=1), rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(running[:, cols].double(), S[:, :q_end * block_m, cols].sum(dim=1), rtol=tol,
+                                   atol=tol)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def test_resume_continues_the_same_run(train_tiny, tmp_path):
     train_tiny(tmp_path / 'straight', '--lr_decay_iters=4')
     train_tiny(tmp_path / 'halves', '--lr_decay_iters=4', '--max_iters=2')
     assert load(tmp_path / 'halves')['iter_num'] == 2
-    fresh_module('train').main([f'--out_dir={tmp_path / "halves"}', '--init_from=resume', '--max_iters=4'])
+    fresh_module('train').main([f'--out_dir={tmp_path / "halves"}', '--init_from=resume', '--max_iters=4',
+                                '--device=cpu', '--dtype=float32', '--compile=False'])  # the machine's, never resumed
     straight, halves = load(tmp_path / 'straight'), load(tmp_path / 'halves')
     assert halves['iter_num'] == 4
     for name, tensor in straight['model'].items():
