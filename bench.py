@@ -739,7 +739,7 @@ def bench_compile():
 
 def load_model(path):
     """A train.py checkpoint as an eval-mode GPT on the device, and the checkpoint dict itself."""
-    checkpoint = read_checkpoint(path, map_location=device)
+    checkpoint = read_checkpoint(path)
     try:
         model = GPT(GPTConfig(**{**checkpoint['model_args'], 'use_kernels': use_kernels}))
         model.load_state_dict(checkpoint['model'])

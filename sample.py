@@ -49,6 +49,8 @@ def main(argv):
     configure(argv, globals(), config_keys)
     torch.manual_seed(seed)
     device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
     ptdtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
                         else 'float16' if device_type == 'cuda' else 'float32')
     ctx = nullcontext() if ptdtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, ptdtype))
@@ -57,7 +59,7 @@ def main(argv):
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={out_dir}), or "
                          f"set --out_dir to a run's folder")
-    checkpoint = load_checkpoint(path, map_location=device)
+    checkpoint = load_checkpoint(path)
     config = GPTConfig(**checkpoint['model_args'])
     model = GPT(config)
     model.load_state_dict(checkpoint['model'])

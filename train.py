@@ -138,12 +138,13 @@ def configure(argv, config, keys):
     return given
 
 
-def load_checkpoint(path, map_location='cpu'):
-    """A checkpoint dict, or a one-line error saying why it cannot be read."""
+def load_checkpoint(path):
+    """A checkpoint dict (its tensors on the CPU, whatever device wrote them), or a one-line error saying why it
+    cannot be read."""
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         reason = ('' if isinstance(checkpoint, dict) and {'model', 'model_args'} <= checkpoint.keys() else
                   "no 'model' and 'model_args' in it")
     except PermissionError:

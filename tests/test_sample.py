@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, fresh_module
 
@@ -61,3 +62,11 @@ def test_selective_budget(train_tiny, tmp_path, capsys):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match='no checkpoint at .*ckpt.pt'):
         sample(tmp_path)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(train_tiny, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is here')
+    train_tiny(tmp_path)
+    with pytest.raises(SystemExit, match='--device=cuda but torch sees no CUDA GPU; use --device=cpu'):
+        sample(tmp_path, '--device=cuda')
