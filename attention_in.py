@@ -37,8 +37,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import causal_mask
-
 
 class InAttention(nn.Module):
     streams = False
@@ -76,7 +74,8 @@ class InAttention(nn.Module):
                                                is_causal=True)
         else:
             xhat = cache.update(x0, q.dtype)  # (B, L, C): all tokens so far, the new ones included
-            mask = None if T == 1 else causal_mask(T, xhat.size(1), x.device)  # x is the last T of L tokens
+            L = xhat.size(1)  # x is the last T of these L tokens: each sees itself and what came before
+            mask = None if T == 1 else torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
             y = (self.absorbed if cache.absorb else self.reprojected)(q, xhat, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))

@@ -28,15 +28,14 @@ The reference, `infini_attention(q, k, v, beta, segment_len, update, M=None, z=N
     returns y (B, H, Tq, d), and M, z after writing every COMPLETE segment of k, v (a trailing partial segment
     is not written: the cache keeps its keys and values until it is full). A training forward is Tq = T, M = None.
 The streaming cache calls the same function with k, v = [this layer's cached partial segment, new tokens].
-A Triton kernel with the same signature may live in kernels.py (`kernels.infini_attention`); it is used on CUDA
-when `kernels.infini_available(q)` says so and config.use_kernels is set.
+`fast_infini_attention` below has the same signature and results; it runs the memory as one Triton kernel
+(kernels.infini_memory) and is used on CUDA when `kernels.infini_available(q)` says so and config.use_kernels
+is set.
 """
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-from model import causal_mask
 
 try:
     import kernels
@@ -92,7 +91,7 @@ def local_attention(q, k, v, q_start, dropout_p):
     q, k = rope(q, q_start), rope(k, 0)
     if tq == tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    mask = None if tq == 1 else causal_mask(tq, tk, q.device)  # the last tq of tk positions
+    mask = None if tq == 1 else torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)  # last tq of tk
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -119,6 +118,49 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
             with no_autocast(q):
                 M, z = memory_update(sigma(ks.to(M.dtype)), vs.to(M.dtype), M, z, update)  # eq. 4 or 5
     return torch.cat(ys, dim=2), M, z
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast path (CUDA): the same numbers without the Python loop over segments. The memory (eq. 3-5) is one
+# Triton kernel (kernels.infini_memory); the local attention (eq. 1-2) of every segment is one SDPA call.
+
+SDPA_MAX_HEADS = 65535  # CUDA caps a grid's y and z axes there, where SDPA's kernels put batch and heads
+
+
+def causal_sdpa(q, k, v):
+    """Causal SDPA of (B, H, N, D) tensors, any number of heads H: SDPA's CUDA kernels put the heads on a grid axis
+    of at most SDPA_MAX_HEADS blocks and fail past it, which folded segments reach (T > 349k at H=12, N=64)."""
+    if q.size(1) <= SDPA_MAX_HEADS:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    heads = range(0, q.size(1), SDPA_MAX_HEADS)
+    return torch.cat([F.scaled_dot_product_attention(q[:, h:h + SDPA_MAX_HEADS], k[:, h:h + SDPA_MAX_HEADS],
+                                                     v[:, h:h + SDPA_MAX_HEADS], is_causal=True) for h in heads],
+                     dim=1)
+
+
+def segment_attention(q, k, v, segment_len):
+    """A_dot (eq. 1-2) of every segment in one SDPA call: pad to whole segments and fold them into the heads.
+
+    q are the last Tq of k's T positions (padded at the front to T: those rows are dropped); the zero keys padded
+    at the end are in every real query's future, so the causal mask hides them. RoPE by position in the segment.
+    """
+    B, H, T, D = k.shape
+    n_segments = -(-T // segment_len)
+    offset, tail = T - q.size(2), n_segments * segment_len - T
+    fold = lambda x: x.reshape(B, H * n_segments, segment_len, D)  # noqa: E731
+    q = rope(fold(F.pad(q, (0, 0, offset, tail))), 0)
+    k = rope(fold(F.pad(k, (0, 0, 0, tail))), 0)
+    y = causal_sdpa(q, k, fold(F.pad(v, (0, 0, 0, tail))))
+    return y.reshape(B, H, n_segments * segment_len, D)[:, :, offset:T]  # fp32 SDPA gives a (B, N, H, D) layout
+
+
+def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, block_t=None):
+    """infini_attention without dropout, through the Triton memory kernel: same signature, same results.
+    block_t: rows of a segment per step of the kernel (default kernels.BLOCK_T; the tests make it small)."""
+    a_mem, M, z = kernels.infini_memory(q, k, v, M, z, segment_len, update, block_t or kernels.BLOCK_T)  # eq. 3-5
+    a_dot = segment_attention(q, k, v, segment_len)  # eq. 1-2
+    gate = torch.sigmoid(beta).view(1, -1, 1, 1)
+    return (gate * a_mem.to(a_dot.dtype) + (1 - gate) * a_dot).to(q.dtype), M, z  # eq. 6
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +209,7 @@ class InfiniAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if (self.use_kernels and dropout_p == 0.0 and getattr(kernels, 'infini_available', None) is not None
                 and kernels.infini_available(q)):
-            return kernels.infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z)
+            return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z)
         return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p)
 
     def extra_log(self):

@@ -527,14 +527,14 @@ def attention_tflops(seconds, B, H, T, D, backward):
 
 def kernel_cases(kernels):
     """(name, fn(q, k, v), available(q)) for SDPA, each kernel and each kernel's PyTorch reference."""
-    from attention_infini import infini_attention as infini_reference
+    from attention_infini import fast_infini_attention, infini_attention as infini_reference
     from attention_selective import selective_attention as selective_reference
     beta = torch.zeros(n_head, device=device)  # gate logits: half memory, half local attention
     return [
         ('sdpa', lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), lambda q: True),
         ('selective kernel', lambda q, k, v: kernels.selective_attention(q, k, v, 0), kernels.selective_available),
         ('selective reference', lambda q, k, v: selective_reference(q, k, v, 0), lambda q: True),
-        ('infini kernel', lambda q, k, v: kernels.infini_attention(q, k, v, beta, segment_len)[0],
+        ('infini kernel', lambda q, k, v: fast_infini_attention(q, k, v, beta, segment_len)[0],
          kernels.infini_available),
         ('infini reference', lambda q, k, v: infini_reference(q, k, v, beta, segment_len)[0], lambda q: True),
     ]

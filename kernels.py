@@ -9,9 +9,10 @@ through Triton's interpreter (TRITON_INTERPRET=1) and natively on a GPU.
 
   selective_attention(q, k, v, selection_head)   fused Selective Attention, forward and backward
                                                   (reference: attention_selective.selective_attention)
-  infini_attention(q, k, v, beta, segment_len, update, M, z)
-                                                  Infini-attention without the Python loop over segments,
-                                                  forward and backward (reference: attention_infini.infini_attention)
+  infini_memory(q, k, v, M, z, segment_len, update)
+                                                  Infini-attention's memory without the Python loop over
+                                                  segments, forward and backward (reference: the memory read and
+                                                  update of attention_infini.infini_attention)
 
 Without Triton (macOS, Windows, CPU-only installs) this file still imports: the kernels stay plain, never
 called functions and every `*_available` returns False.
@@ -20,7 +21,6 @@ called functions and every `*_available` returns False.
 from __future__ import annotations  # kernel signatures name tl.constexpr, which must not be looked up without Triton
 
 import torch
-from torch.nn.functional import pad, scaled_dot_product_attention
 
 try:
     import triton
@@ -32,7 +32,6 @@ BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner-loop step (the selective kernels: see selective_block_n)
 BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
 FP32_SELECTIVE_SHARED = 113 * 1024  # bytes of shared memory the fp32 selective backward needs (--mode=compile)
-SDPA_MAX_HEADS = 65535  # CUDA caps a grid's y and z axes there, where SDPA's kernels put batch and heads
 CARRY_ROWS = 16384  # selective: query rows whose carry exists at once (a T-vector per 64 of them), so memory ~ T
 # tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward needs more than a gaming
 # GPU's 99 KiB of shared memory, or does not compile (bench.py --mode=compile), and Infini's M leaves registers
@@ -607,48 +606,22 @@ class InfiniMemory(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dM0, dz0, None, None, None
 
 
-def segment_attention(q, k, v, segment_len):
-    """A_dot (eq. 1-2) of every segment in one SDPA call: pad to whole segments and fold them into the batch.
-
-    q are the last Tq of k's T positions (padded at the front to T: those rows are dropped); the zero keys padded
-    at the end are in every real query's future, so the causal mask hides them. RoPE by position in the segment.
-    """
-    from attention_infini import rope  # the reference's own RoPE (imported here: that file imports this one)
-    B, H, T, D = k.shape
-    n_segments = cdiv(T, segment_len)
-    offset, tail = T - q.size(2), n_segments * segment_len - T
-    fold = lambda x: x.reshape(B, H * n_segments, segment_len, D)  # noqa: E731
-    q = rope(fold(pad(q, (0, 0, offset, tail))), 0)
-    k = rope(fold(pad(k, (0, 0, 0, tail))), 0)
-    y = causal_sdpa(q, k, fold(pad(v, (0, 0, 0, tail))))
-    return y.reshape(B, H, n_segments * segment_len, D)[:, :, offset:T]  # fp32 SDPA gives a (B, N, H, D) layout
-
-
-def causal_sdpa(q, k, v):
-    """Causal SDPA of (B, H, N, D) tensors, any number of heads H: SDPA's CUDA kernels put the heads on a grid axis
-    of at most SDPA_MAX_HEADS blocks and fail past it, which folded segments reach (T > 349k at H=12, N=64)."""
-    if q.size(1) <= SDPA_MAX_HEADS:
-        return scaled_dot_product_attention(q, k, v, is_causal=True)
-    heads = range(0, q.size(1), SDPA_MAX_HEADS)
-    return torch.cat([scaled_dot_product_attention(q[:, h:h + SDPA_MAX_HEADS], k[:, h:h + SDPA_MAX_HEADS],
-                                                   v[:, h:h + SDPA_MAX_HEADS], is_causal=True) for h in heads], dim=1)
-
-
 def infini_available(q):
     """Whether infini_attention below runs for q (the attention file also checks config.use_kernels)."""
     return kernel_ready(q)
 
 
-@torch.compiler.disable  # torch.compile calls it as is: the kernels are fused already
-def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, block_t=BLOCK_T):
-    """Infini-attention, the same signature and results as attention_infini.infini_attention (no dropout).
+@torch.compiler.disable  # torch.compile calls it as is: the kernel is fused already
+def infini_memory(q, k, v, M=None, z=None, segment_len=64, update='delta', block_t=BLOCK_T):
+    """The memory half of Infini-attention for every segment in one launch (eq. 3-5), no Python loop.
 
-    q (B, H, Tq, D) are the last Tq of the T positions of k, v (B, H, T, D); position 0 starts a segment. Returns
-    y (B, H, Tq, D) and the memory M (B, H, D, D), z (B, H, D) (fp32) after every complete segment. Differentiable
-    in q, k, v, beta and the incoming M, z.
+    q (B, H, Tq, D) are the last Tq of the T positions of k, v (B, H, T, D); position 0 starts a segment; all
+    un-rotated. Returns A_mem (B, H, Tq, D) in fp32 and the memory M (B, H, D, D), z (B, H, D) (fp32) after every
+    complete segment. Differentiable in q, k, v and the incoming M, z. attention_infini.py adds the local
+    attention and the gate; its reference loop is what this must agree with.
     """
     if triton is None:
-        raise RuntimeError("kernels.infini_attention needs triton; use attention_infini.infini_attention")
+        raise RuntimeError("kernels.infini_memory needs triton; use attention_infini.infini_attention")
     check_qkv(q, k, v)
     if update not in ('linear', 'delta'):
         raise ValueError(f"unknown memory update '{update}', choose linear or delta")
@@ -657,7 +630,4 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
         M = torch.zeros(B, H, D, D, dtype=torch.float32, device=q.device)
         z = torch.zeros(B, H, D, dtype=torch.float32, device=q.device)
     with torch.cuda.device_of(q):  # Triton launches on the current GPU (cuda:1 too); the backward is on q's already
-        a_mem, M, z = InfiniMemory.apply(q, k, v, M.float(), z.float(), segment_len, update, block_t)
-    a_dot = segment_attention(q, k, v, segment_len)
-    gate = torch.sigmoid(beta).view(1, H, 1, 1)
-    return (gate * a_mem.to(a_dot.dtype) + (1 - gate) * a_dot).to(q.dtype), M, z  # eq. 6
+        return InfiniMemory.apply(q, k, v, M.float(), z.float(), segment_len, update, block_t)

@@ -37,6 +37,10 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from attention_in import InAttention, InCache
+from attention_infini import InfiniAttention, InfiniCache
+from attention_selective import SelectiveAttention, SelectiveCache
+
 ATTENTIONS = ('causal', 'in', 'infini', 'selective')
 LOSS_PIECE = 2 ** 31 - 1  # logits per cross-entropy call: CUDA's kernel indexes them with int32
 
@@ -70,19 +74,9 @@ class GPTConfig:
 
 
 def attention_classes(name):
-    """The (Attention, Cache) classes of an attention, by name. Imported here so each file stands alone."""
-    if name == 'causal':
-        return CausalSelfAttention, KVCache
-    if name == 'in':
-        from attention_in import InAttention, InCache
-        return InAttention, InCache
-    if name == 'infini':
-        from attention_infini import InfiniAttention, InfiniCache
-        return InfiniAttention, InfiniCache
-    if name == 'selective':
-        from attention_selective import SelectiveAttention, SelectiveCache
-        return SelectiveAttention, SelectiveCache
-    raise ValueError(f"unknown attention '{name}', choose one of: {', '.join(ATTENTIONS)}")
+    """The (Attention, Cache) classes of an attention, by name."""
+    return {'causal': (CausalSelfAttention, KVCache), 'in': (InAttention, InCache),
+            'infini': (InfiniAttention, InfiniCache), 'selective': (SelectiveAttention, SelectiveCache)}[name]
 
 
 def cross_entropy(logits, targets, reduction='mean'):

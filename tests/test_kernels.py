@@ -15,7 +15,8 @@ import torch
 
 triton = pytest.importorskip('triton')
 import kernels  # noqa: E402  (after the skip: without triton there is nothing to run)
-from attention_infini import infini_attention  # noqa: E402
+import attention_infini  # noqa: E402
+from attention_infini import fast_infini_attention, infini_attention  # noqa: E402
 from attention_selective import causal_logits, selection_matrix, selective_attention  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -139,7 +140,7 @@ def test_infini_matches_reference(poisoned_empty, dtype, B, H, Tq, T, D, segment
         inputs += [(torch.randn(B, H, D, D, generator=g) * 0.1).to(DEVICE), torch.rand(B, H, D, generator=g).to(DEVICE)]
     ours = [t.clone().requires_grad_() for t in inputs]
     ref64 = [t.double().requires_grad_() for t in inputs]
-    y, M, z = kernels.infini_attention(*ours[:4], segment_len, update, *ours[4:], block_t=block_t)
+    y, M, z = fast_infini_attention(*ours[:4], segment_len, update, *ours[4:], block_t=block_t)
     y_ref, M_ref, z_ref = infini_attention(*ref64[:4], segment_len, update, *ref64[4:])
     grads = [torch.randn_like(t) for t in (y_ref, M_ref, z_ref)]  # the outgoing memory gets gradients too
     sum((a * b.to(a.dtype)).sum() for a, b in zip((y, M, z), grads)).backward()
@@ -157,12 +158,12 @@ def test_local_attention_splits_heads_past_the_cuda_grid_limit(monkeypatch):
     """The segments folded into the heads outgrow a CUDA grid axis at long contexts (196k heads at 1M tokens,
     H=12, N=64): SDPA is then called on slices of at most SDPA_MAX_HEADS heads, with the same result."""
     q, k, v = qkv(1, 7, 16, 16, torch.float32)
-    whole = kernels.causal_sdpa(q, k, v)
-    sdpa, calls = kernels.scaled_dot_product_attention, []
-    monkeypatch.setattr(kernels, 'scaled_dot_product_attention', lambda q, *a, **kw: calls.append(q.size(1))
-                        or sdpa(q, *a, **kw))
-    monkeypatch.setattr(kernels, 'SDPA_MAX_HEADS', 3)
-    torch.testing.assert_close(kernels.causal_sdpa(q, k, v), whole)
+    whole = attention_infini.causal_sdpa(q, k, v)
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda q, *a, **kw: calls.append(q.size(1)) or sdpa(q, *a, **kw))
+    monkeypatch.setattr(attention_infini, 'SDPA_MAX_HEADS', 3)
+    torch.testing.assert_close(attention_infini.causal_sdpa(q, k, v), whole)
     assert calls == [3, 3, 1]
 
 
@@ -228,13 +229,13 @@ def test_fp32_selective_kernel_only_where_its_shared_memory_fits(monkeypatch):
 def test_local_attention_takes_sdpa_output_of_any_layout(monkeypatch):
     """On a GPU, SDPA's fp32 (memory-efficient) kernel returns its output as a transposed (B, N, H, D) tensor, not
     a contiguous (B, H, N, D) one: the segments must still unfold."""
-    sdpa = kernels.scaled_dot_product_attention
-    monkeypatch.setattr(kernels, 'scaled_dot_product_attention',
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
                         lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
     q, k, v = qkv(2, 2, 21, 16, torch.float32)
-    out = kernels.segment_attention(q[:, :, 5:], k, v, 8)
-    monkeypatch.setattr(kernels, 'scaled_dot_product_attention', sdpa)
-    torch.testing.assert_close(out, kernels.segment_attention(q[:, :, 5:], k, v, 8))
+    out = attention_infini.segment_attention(q[:, :, 5:], k, v, 8)
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', sdpa)
+    torch.testing.assert_close(out, attention_infini.segment_attention(q[:, :, 5:], k, v, 8))
 
 
 def test_imports_without_triton(monkeypatch):

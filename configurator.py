@@ -1,0 +1,151 @@
+"""
+What the scripts share: --key=value flags, the device and its dtype, and checkpoints.
+
+Flags work as in nanoGPT's configurator: every plain global at the top of a script (a bool, int, float or str)
+is a flag, its value the default. `configure(argv, flags_of(globals()))` applies files of flags (python files of
+assignments, given without --) and then --key=value flags, keeping each flag's type, and returns the settings.
+"""
+
+import os
+import types
+from contextlib import nullcontext
+
+import torch
+
+
+def flags_of(namespace):
+    """A script's flags and their defaults: its plain globals (bool, int, float, str) not starting with '_'."""
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+
+
+def parse_value(key, raw, default):
+    """A flag's text as the type of its default, or a one-line error."""
+    try:
+        if isinstance(default, bool):
+            return {'true': True, 'false': False, '1': True, '0': False}[raw.lower()]
+        return type(default)(raw)
+    except (KeyError, ValueError):
+        raise SystemExit(f"--{key}={raw}: expected {type(default).__name__} like the default {default!r}") from None
+
+
+def check_value(key, value, default, where):
+    """A value set in a config file, checked against the flag's type (an int is a fine float)."""
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if type(value) is not type(default):
+        raise SystemExit(f"{where} sets {key}={value!r}: expected {type(default).__name__} like the default "
+                         f"{default!r}")
+    return value
+
+
+def read_config_file(path, defaults):
+    """The assignments of a file of flags, as {key: value}, each checked against its default."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"no config file '{path}' (flags are written --key=value)")
+    namespace = {}
+    with open(path) as f:
+        source = f.read()
+    try:
+        exec(source, namespace)
+    except Exception as e:
+        raise SystemExit(f"{path} does not run: {type(e).__name__}: {e}") from None
+    values = {}
+    for key, value in namespace.items():
+        if key.startswith('_') or isinstance(value, types.ModuleType):
+            continue
+        if key not in defaults:
+            raise SystemExit(f"{path} sets unknown key '{key}'; --help lists the flags")
+        values[key] = check_value(key, value, defaults[key], path)
+    return values
+
+
+def configure(argv, defaults, doc=''):
+    """Files of flags, then --key=value flags, applied to defaults ({flag: default value}).
+
+    Returns (settings, given): settings has every flag as an attribute, given is the set of flags set by argv.
+    --help prints doc and the flags with their defaults."""
+    settings, given = dict(defaults), set()
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            print(doc.strip() + '\n\nflags and their defaults:')
+            print('\n'.join(f'  --{k}={v!r}' for k, v in defaults.items()))
+            raise SystemExit(0)
+        if not arg.startswith('--'):
+            values = read_config_file(arg, defaults)
+        else:
+            key, eq, raw = arg[2:].partition('=')
+            if not eq:
+                raise SystemExit(f"flags are written --key=value, got '{arg}'")
+            if key not in defaults:
+                raise SystemExit(f"unknown flag --{key}; --help lists the flags")
+            values = {key: parse_value(key, raw, defaults[key])}
+        settings.update(values)
+        given.update(values)
+    return types.SimpleNamespace(**settings), given
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Devices
+
+def default_device():
+    return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+
+
+def device_type_of(device):
+    """'cuda', 'mps' or 'cpu' for a --device flag; a one-line error for a CUDA device torch cannot see."""
+    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
+    return device_type
+
+
+def resolve_dtype(dtype, device_type):
+    """The --dtype flag's name, '' meaning: bfloat16 on CUDA where the GPU has it natively, else float16 there;
+    float32 elsewhere."""
+    if not dtype:
+        if device_type != 'cuda':
+            return 'float32'
+        return 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"--dtype={dtype}: use float32, bfloat16 or float16")
+    return dtype
+
+
+def autocast(device_type, dtype):
+    """Mixed precision for a dtype name: none in float32."""
+    return nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def load_checkpoint(path):
+    """A checkpoint dict (its tensors on the CPU, whatever device wrote them), or a one-line error saying why it
+    cannot be read."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        reason = ('' if isinstance(checkpoint, dict) and {'model', 'model_args'} <= checkpoint.keys() else
+                  "no 'model' and 'model_args' in it")
+    except PermissionError:
+        raise SystemExit(f"cannot read {path}: permission denied") from None
+    except Exception:  # torch's messages here (a paragraph on weights_only, a zip reader's, an IndexError) say little
+        reason = 'not a complete torch.save file of tensors and plain values'
+    if reason:
+        raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from another "
+                         f"program: train again or point at another file")
+    # a compiled model's state_dict names its weights _orig_mod.*
+    checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
+    return checkpoint
+
+
+def save_checkpoint(checkpoint, path):
+    """Write to a temp file in the same folder, fsync, then rename over path: the rename is atomic, so a run
+    killed mid-write leaves the previous checkpoint whole."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
