@@ -12,6 +12,8 @@ from contextlib import nullcontext
 
 import torch
 
+from model import GPT, GPTConfig
+
 
 def flags_of(namespace):
     """A script's flags and their defaults: its plain globals (bool, int, float, str) not starting with '_'."""
@@ -138,6 +140,18 @@ def load_checkpoint(path):
     # a compiled model's state_dict names its weights _orig_mod.*
     checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
     return checkpoint
+
+
+def load_model(path, device='cpu', **overrides):
+    """The eval-mode GPT of a checkpoint on device, and the checkpoint dict. overrides change model settings that
+    do not touch the weights (use_kernels, dropout)."""
+    checkpoint = load_checkpoint(path)
+    try:
+        model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
+        model.load_state_dict(checkpoint['model'])
+    except (TypeError, ValueError, RuntimeError) as e:  # settings or weights from another version of model.py
+        raise SystemExit(f"cannot build the model of {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    return model.to(device).eval(), checkpoint
 
 
 def save_checkpoint(checkpoint, path):

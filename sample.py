@@ -8,26 +8,24 @@ Sample from a trained model, nanoGPT style; every global below is a flag:
 
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
+from configurator import autocast, configure, default_device, device_type_of, flags_of, load_model, resolve_dtype
 from data.common import tokenizer_from_meta
-from model import GPT, GPTConfig
-from train import configure, load_checkpoint
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out'         # the run whose ckpt.pt to sample from
 start = '\n'            # the prompt, or 'FILE:path' to read it from a file
 num_samples = 3
 max_new_tokens = 500
-temperature = 0.8       # 1.0 = the model's distribution, lower is more predictable
+temperature = 0.8       # 1.0 = the model's distribution, lower is more predictable, 0 = always the likeliest
 top_k = 200             # keep only the top_k most likely tokens; 0 = all
 seed = 1337
-device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device = default_device()
 dtype = ''              # '' = bfloat16 on CUDA where supported, else float16; float32 elsewhere
 budget = ''             # selective only: KV entries each layer keeps, an int or one per layer ('8,16,...'); '' = all
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+FLAGS = flags_of(globals())
 # -----------------------------------------------------------------------------------------------------------
 
 
@@ -46,30 +44,25 @@ def parse_budget(text, config):
 
 
 def main(argv):
-    configure(argv, globals(), config_keys)
-    torch.manual_seed(seed)
-    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
-    ptdtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
-                        else 'float16' if device_type == 'cuda' else 'float32')
-    ctx = nullcontext() if ptdtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, ptdtype))
-
-    path = os.path.join(out_dir, 'ckpt.pt')
+    cfg, _ = configure(argv, FLAGS, __doc__)
+    if cfg.temperature < 0 or cfg.top_k < 0 or cfg.num_samples < 0 or cfg.max_new_tokens < 0:
+        raise SystemExit("--temperature, --top_k, --num_samples and --max_new_tokens must be >= 0 "
+                         "(temperature 0 is greedy decoding, top_k 0 keeps every token)")
+    torch.manual_seed(cfg.seed)
+    device_type = device_type_of(cfg.device)
+    ctx = autocast(device_type, resolve_dtype(cfg.dtype, device_type))
+    path = os.path.join(cfg.out_dir, 'ckpt.pt')
     if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={out_dir}), or "
+        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={cfg.out_dir}), or "
                          f"set --out_dir to a run's folder")
-    checkpoint = load_checkpoint(path)
-    config = GPTConfig(**checkpoint['model_args'])
-    model = GPT(config)
-    model.load_state_dict(checkpoint['model'])
-    model.eval().to(device)
+    model, checkpoint = load_model(path, cfg.device)
+    config = model.config
     tok = tokenizer_from_meta(checkpoint['tokenizer'])
-    cache_options = parse_budget(budget, config)
+    cache_options = parse_budget(cfg.budget, config)
 
-    prompt = start
-    if start.startswith('FILE:'):
-        path = start[len('FILE:'):]
+    prompt = cfg.start
+    if prompt.startswith('FILE:'):
+        path = prompt[len('FILE:'):]
         if not os.path.isfile(path):
             raise SystemExit(f"--start=FILE:{path}: no such file")
         with open(path, encoding='utf-8', errors='replace') as f:
@@ -83,12 +76,12 @@ def main(argv):
     if len(ids) > config.block_size and not model.streams:
         print(f"the prompt has {len(ids)} tokens, more than block_size={config.block_size}: the model sees its "
               f"last {config.block_size}")
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
+    x = torch.tensor(ids, dtype=torch.long, device=cfg.device)[None, ...]
 
     with torch.no_grad(), ctx:
-        for _ in range(num_samples):
+        for _ in range(cfg.num_samples):
             try:
-                y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                                    **cache_options)
             except ValueError as e:  # e.g. a budget the cache refuses
                 raise SystemExit(str(e)) from None

@@ -70,3 +70,19 @@ def test_cuda_without_a_gpu_is_a_clear_error(train_tiny, tmp_path):
     train_tiny(tmp_path)
     with pytest.raises(SystemExit, match='--device=cuda but torch sees no CUDA GPU; use --device=cpu'):
         sample(tmp_path, '--device=cuda')
+
+
+def test_temperature_zero_is_greedy(train_tiny, tmp_path, capsys):
+    """Greedy decoding draws nothing at random: every sample is the same text."""
+    train_tiny(tmp_path)
+    capsys.readouterr()  # the training run's output
+    sample(tmp_path, '--temperature=0', '--start=def ', '--num_samples=3')
+    samples = capsys.readouterr().out.split('---------------')[:3]
+    assert samples[0] == samples[1] == samples[2]
+
+
+@pytest.mark.parametrize('flag', ['--top_k=-3', '--temperature=-1'])
+def test_negative_sampling_settings_are_one_line(train_tiny, tmp_path, flag):
+    train_tiny(tmp_path)
+    with pytest.raises(SystemExit, match='must be >= 0'):
+        sample(tmp_path, flag)

@@ -3,12 +3,14 @@ import importlib.util
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, TINY_FLAGS, fresh_module
+from configurator import configure
 from model import ATTENTIONS
 
 WRITTEN = [a for a in ATTENTIONS if a == 'causal' or importlib.util.find_spec(f'attention_{a}') is not None]
@@ -97,6 +99,8 @@ def test_flags_that_contradict_the_checkpoint(train_tiny, tmp_path):
     ('--init_from=nowhere/ckpt.pt', 'no checkpoint at nowhere/ckpt.pt'),
     ('max_iters=2', "no config file 'max_iters=2'"),
     ('--block_size=10000', 'too few for --block_size=10000'),
+    ('--learning_rate=nan', '--learning_rate=nan must be a finite number >= 0'),
+    ('--batch_size=0', '--batch_size=0 must be at least 1'),
 ])
 def test_clear_errors(train_tiny, tmp_path, flag, message):
     assert message in error_of(train_tiny, tmp_path, flag)
@@ -130,12 +134,12 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(train_tiny, tmp_pat
     train_tiny(tmp_path)
     before = load(tmp_path)
     script = (
-        "import os, signal, torch, train\n"
+        "import os, signal, torch, configurator\n"
         "def dying_save(obj, f):\n"
         "    f.write(b'the first half of a checkpoint'); f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = dying_save\n"
-        f"train.save_checkpoint({{'model': {{}}}}, {str(tmp_path / 'ckpt.pt')!r})\n")
+        f"configurator.save_checkpoint({{'model': {{}}}}, {str(tmp_path / 'ckpt.pt')!r})\n")
     out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == -9, out.stderr
     after = load(tmp_path)
@@ -143,29 +147,41 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(train_tiny, tmp_pat
     assert all(torch.equal(t, after['model'][k]) for k, t in before['model'].items())
 
 
+def settings(**values):
+    """train.py's default settings with some changed, as main() sees them after the flags."""
+    train = fresh_module('train')
+    return train, SimpleNamespace(**{**train.FLAGS, 'example_len': 0, 'answer_len': 0, **values})
+
+
 def test_batches_of_fixed_length_examples(tmp_path):
     """With example_len (passkey), windows start at an example and targets never cross into the next one."""
-    train = fresh_module('train')
     np.tile(np.arange(8, dtype=np.uint16), 10).tofile(tmp_path / 'train.bin')  # 10 examples of 8 tokens: 0..7
-    train.data_dir, train.example_len, train.batch_size = str(tmp_path), 8, 5
     for block_size, last_target in ((8, -1), (6, 6)):
-        train.block_size = block_size
-        x, y = train.get_batch('train', np.random.default_rng(0), 'cpu')
+        train, cfg = settings(data_dir=str(tmp_path), example_len=8, batch_size=5, block_size=block_size)
+        x, y = train.get_batch(cfg, 'train', np.random.default_rng(0), 'cpu')
         assert (x == torch.arange(block_size)).all()
         assert (y[:, :-1] == torch.arange(1, block_size)).all() and (y[:, -1] == last_target).all()
 
 
+def test_batches_that_score_only_the_answer(tmp_path):
+    """answer_len (a task's answer at the end of each example): the other targets are -1, ignored by the loss."""
+    np.tile(np.arange(8, dtype=np.uint16), 10).tofile(tmp_path / 'train.bin')
+    train, cfg = settings(data_dir=str(tmp_path), example_len=8, answer_len=2, batch_size=3, block_size=8)
+    x, y = train.get_batch(cfg, 'train', np.random.default_rng(0), 'cpu')
+    assert (y[:, :5] == -1).all() and (y[:, 5:7] == torch.tensor([6, 7])).all() and (y[:, 7] == -1).all()
+
+
 def test_learning_rate_schedule():
-    train = fresh_module('train')
-    train.learning_rate, train.min_lr, train.warmup_iters, train.max_iters = 1.0, 0.1, 10, 110
-    assert train.get_lr(0) < train.get_lr(9) < 1.0
-    assert train.get_lr(10) == 1.0 and train.get_lr(60) == pytest.approx(0.55) and train.get_lr(110) == 0.1
+    train, cfg = settings(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert train.get_lr(cfg, 0) < train.get_lr(cfg, 9) < 1.0
+    assert train.get_lr(cfg, 10) == 1.0 and train.get_lr(cfg, 60) == pytest.approx(0.55)
+    assert train.get_lr(cfg, 110) == 0.1
 
 
 @pytest.mark.parametrize('name', sorted(os.listdir(os.path.join(ROOT, 'config'))))
 def test_config_files_are_valid(name):
     train = fresh_module('train')
-    given = train.configure([os.path.join(ROOT, 'config', name)], vars(train), train.config_keys)
+    _, given = configure([os.path.join(ROOT, 'config', name)], train.FLAGS)
     assert given
 
 
