@@ -77,7 +77,7 @@ def test_temperature_zero_is_greedy(train_tiny, tmp_path, capsys):
     train_tiny(tmp_path)
     capsys.readouterr()  # the training run's output
     sample(tmp_path, '--temperature=0', '--start=def ', '--num_samples=3')
-    samples = capsys.readouterr().out.split('---------------')[:3]
+    samples = [s.strip() for s in capsys.readouterr().out.split('---------------')[:3]]
     assert samples[0] == samples[1] == samples[2]
 
 
