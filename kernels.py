@@ -16,9 +16,18 @@ through Triton's interpreter (TRITON_INTERPRET=1) and natively on a GPU.
 
 Without Triton (macOS, Windows, CPU-only installs) this file still imports: the kernels stay plain, never
 called functions and every `*_available` returns False.
+
+`python kernels.py --report` compiles every kernel for several GPUs, with no GPU needed, and prints the
+registers, spills and shared memory each one takes (the last section of this file).
 """
 
 from __future__ import annotations  # kernel signatures name tl.constexpr, which must not be looked up without Triton
+
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
 
 import torch
 
@@ -31,14 +40,15 @@ except ImportError:
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner-loop step (the selective kernels: see selective_block_n)
 BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
-FP32_SELECTIVE_SHARED = 113 * 1024  # bytes of shared memory the fp32 selective backward needs (--mode=compile)
+FP32_SELECTIVE_SHARED = 113 * 1024  # bytes of shared memory the fp32 selective backward needs (--report)
 CARRY_ROWS = 16384  # selective: query rows whose carry exists at once (a T-vector per 64 of them), so memory ~ T
 # tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward needs more than a gaming
-# GPU's 99 KiB of shared memory, or does not compile (bench.py --mode=compile), and Infini's M leaves registers
+# GPU's 99 KiB of shared memory, or does not compile (python kernels.py --report), and Infini's M leaves registers
 HEAD_DIMS = (16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# launch settings: 4 warps, 2 pipeline stages (the digest's best forward on an H100); the kernels that hold three
-# or more fp32 tiles get 8 warps, which keeps them from spilling registers on an H100 (bench.py --mode=compile).
+# launch settings: 4 warps (128 threads) per program, and 2 pipeline stages, so that the next key block loads while
+# the current one is computed; the kernels that hold three or more fp32 tiles get 8 warps, which keeps them from
+# spilling registers on an H100 (python kernels.py --report).
 # Fused multiply-adds, Triton's default until 3.10 changes it, stated so that the numbers do not change with it.
 NARROW = dict(num_warps=4, num_stages=2, enable_fp_fusion=True)
 WIDE = dict(num_warps=8, num_stages=2, enable_fp_fusion=True)
@@ -70,25 +80,61 @@ def kernel_ready(q):
             and q.size(-1) in HEAD_DIMS)
 
 
+TRIED = {}  # (kernel, device, dtype, head dim) -> whether the kernel ran there, forward and backward
+
+
+@torch.compiler.disable  # a try/except that may warn: not something to trace
+def works_here(name, q, trial):
+    """Whether a kernel compiles and runs for q's GPU, dtype and head dim. trial(q) runs it once, forward and
+    backward, on tiny inputs like q. A user's GPU may be too old for Triton or have too little shared memory,
+    and a Triton version may reject a kernel: that must not end a training run. So a failure warns once, naming
+    the card and the reason, and the attention runs its PyTorch reference from then on."""
+    key = (name, str(q.device), q.dtype, q.size(-1))
+    if key not in TRIED:
+        try:
+            with torch.enable_grad():
+                trial(q)
+            TRIED[key] = True
+        except torch.cuda.OutOfMemoryError:  # not the kernel's fault: let the caller see it
+            raise
+        except Exception as e:
+            TRIED[key] = False
+            card = torch.cuda.get_device_name(q.device) if q.is_cuda else str(q.device)
+            reason = (str(e).strip().splitlines() or [''])[0][:200]
+            warnings.warn(f"the {name} Triton kernel does not run on {card} in {q.dtype} at head dim {q.size(-1)} "
+                          f"({type(e).__name__}: {reason}); the PyTorch reference runs instead", stacklevel=2)
+    return TRIED[key]
+
+
+def tiny_like(q, n=1, length=64):
+    """n small (1, 2, length, D) tensors on q's device, in q's dtype, that take gradients: a kernel's trial run."""
+    return [torch.randn(1, 2, length, q.size(-1), device=q.device, dtype=q.dtype, requires_grad=True)
+            for _ in range(n)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Selective attention (Leviathan et al. 2024), fused.
 #
-# The reference computes, for one selecting head h0 and every head h (attention_selective.py, digest §1.1):
+# The reference computes, for one selecting head h0 and every head h (attention_selective.py; the paper's
+# Figure 2):
 #   L_h = q_h k_h^T / sqrt(D), causal                                         (the usual logits)
 #   S[k, j] = relu(L_h0[k, j]) for 0 < j < k, else 0                          (Figure 2: votes to hide j)
 #   F[i, j] = sum_{k < i} S[k, j]                                             ("accumulate", exclusive)
 #   O_h = softmax(L_h - F) V_h                                                (F shared by all heads)
 # F is a prefix sum down the query axis, so it cannot be an elementwise score bias inside FlashAttention as is.
-# Blockwise it splits (digest §4.3): for a query block I and a key block J,
-#   F[I, J] = C[I, J] + (exclusive cumsum of S[I, J] down its rows),   C[I, j] = sum_{k before block I} S[k, j]
-# C, the "carry", is one vector per query block: T / BLOCK_M times smaller than F, still T^2 / 64 numbers. So it
+# But a sum over the rows before i is the sum over the query blocks before i's block plus the rows before i in
+# its own block. So for a query block I and a key block J:
+#   F[I, J] = carry[I, J] + (exclusive cumsum of S[I, J] down its rows),   carry[I, j] = sum_{k before I} S[k, j]
+# The carry is one vector per query block: T / BLOCK_M times smaller than F, still T^2 / 64 numbers. So it
 # exists for CARRY_ROWS query rows at a time (256 vectors of T, linear in T), chunk after chunk, with the running
-# column sums R handed from one chunk to the next. Per chunk the forward is two passes:
-#   1. _selective_carry_kernel walks down each key block's column of tiles, adding up S (head h0 only): C, R.
+# column sums handed from one chunk to the next. Per chunk the forward is two passes:
+#   1. _selective_carry_kernel walks down each key block's column of tiles, adding up S (head h0 only): the
+#      carry, and the running column sums.
 #   2. _selective_fwd_kernel is FlashAttention-2 with one more dot per tile (head h0's logits, for S), the F
-#      tile rebuilt from C and a tl.cumsum, and L_h - F fed to the online softmax.
-# The backward recomputes C (cheap: 1/H of the attention's QK^T) rather than keeping it between passes, so the
-# saved state is q, k, v, O and the log-sum-exp per row, as in FlashAttention, plus R at each chunk's start.
+#      tile rebuilt from the carry and a tl.cumsum, and L_h - F fed to the online softmax.
+# The backward recomputes the carry (cheap: 1/H of the attention's QK^T) rather than keeping it between passes,
+# so the saved state is q, k, v, O and the log-sum-exp per row, as in FlashAttention, plus the running column
+# sums at each chunk's start.
 #
 # Backward. With dZ_h = P_h * (dP_h - rowsum(dO_h * O_h)), the usual FlashAttention gradient of the scores:
 #   direct path:    dQ_h = dZ_h K_h / sqrt(D),  dK_h = dZ_h^T Q_h / sqrt(D),  dV_h = P_h^T dO_h
@@ -110,9 +156,9 @@ def _load_rows(ptr, offs, T, BLOCK_D: tl.constexpr):
 
 
 @jit
-def _carry_row(C, b, qb, q_start, q_end, T):
-    """Where query block qb's carry starts in C (B, q_end - q_start, T): one row of T per block of this chunk."""
-    return C + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T
+def _carry_row(CARRY, b, qb, q_start, q_end, T):
+    """Where query block qb's carry starts in CARRY (B, q_end - q_start, T): a row of T per block of this chunk."""
+    return CARRY + (b * (q_end - q_start) + qb - q_start).to(tl.int64) * T
 
 
 @jit
@@ -134,32 +180,33 @@ def _accumulate(S, carry_row, offs_n, T):
 @jit
 def _scores(q, k, F, offs_m, offs_n, scale):
     """L_h - F on one tile, -inf on future keys (j > i)."""
-    s = tl.dot(q, tl.trans(k)) * scale - F
-    return tl.where(offs_n[None, :] <= offs_m[:, None], s, float('-inf'))
+    scores = tl.dot(q, tl.trans(k)) * scale - F
+    return tl.where(offs_n[None, :] <= offs_m[:, None], scores, float('-inf'))
 
 
 @jit
-def _selective_carry_kernel(Q, K, C, R, H, T, h0, scale, q_start, q_end,
+def _selective_carry_kernel(Q, K, CARRY, RUNNING, H, T, h0, scale, q_start, q_end,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pass 1, grid (key blocks, B), for the query blocks q_start..q_end-1: C[b, I - q_start, j] = sum of S[k, j]
-    over the rows k before block I. R[b, j] holds that sum for the rows before q_start, and is moved to q_end."""
+    """Pass 1, grid (key blocks, B), for the query blocks q_start..q_end-1: CARRY[b, I - q_start, j] = sum of
+    S[k, j] over the rows k before block I. RUNNING[b, j] holds that sum for the rows before q_start, and is moved
+    on to q_end."""
     kb = tl.program_id(0)
     b = tl.program_id(1)
     head0 = (b * H + h0).to(tl.int64) * T * BLOCK_D
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = _load_rows(K + head0, offs_n, T, BLOCK_D)
-    carry = tl.load(R + b.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
-    # query blocks wholly before this key block get no votes on it (k > j) and never read C here
+    carry = tl.load(RUNNING + b.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
+    # query blocks wholly before this key block get no votes on it (k > j) and never read its carry
     for qb in range(tl.maximum(kb * BLOCK_N // BLOCK_M, q_start), q_end):
-        tl.store(_carry_row(C, b, qb, q_start, q_end, T) + offs_n, carry, mask=offs_n < T)
+        tl.store(_carry_row(CARRY, b, qb, q_start, q_end, T) + offs_n, carry, mask=offs_n < T)
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         S = _votes(_load_rows(Q + head0, offs_m, T, BLOCK_D), k0, offs_m, offs_n, T, scale)
         carry += tl.sum(S, 0)
-    tl.store(R + b.to(tl.int64) * T + offs_n, carry, mask=offs_n < T)
+    tl.store(RUNNING + b.to(tl.int64) * T + offs_n, carry, mask=offs_n < T)
 
 
 @jit
-def _selective_fwd_kernel(Q, K, V, C, O, LSE, H, T, h0, scale, q_start, q_end,
+def _selective_fwd_kernel(Q, K, V, CARRY, O, LSE, H, T, h0, scale, q_start, q_end,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 2, grid (query blocks from q_start, B * H): O_h = softmax(L_h - F) V_h, online softmax over key blocks."""
     qb = q_start + tl.program_id(0)
@@ -167,7 +214,7 @@ def _selective_fwd_kernel(Q, K, V, C, O, LSE, H, T, h0, scale, q_start, q_end,
     b = bh // H
     head = bh.to(tl.int64) * T * BLOCK_D
     head0 = (b * H + h0).to(tl.int64) * T * BLOCK_D
-    carry_row = _carry_row(C, b, qb, q_start, q_end, T)
+    carry_row = _carry_row(CARRY, b, qb, q_start, q_end, T)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + head, offs_m, T, BLOCK_D)
     q0 = _load_rows(Q + head0, offs_m, T, BLOCK_D)  # the selecting head's queries (q itself when h == h0)
@@ -180,10 +227,10 @@ def _selective_fwd_kernel(Q, K, V, C, O, LSE, H, T, h0, scale, q_start, q_end,
         v = _load_rows(V + head, offs_n, T, BLOCK_D)
         S = _votes(q0, _load_rows(K + head0, offs_n, T, BLOCK_D), offs_m, offs_n, T, scale)
         F = _accumulate(S, carry_row, offs_n, T)
-        s = _scores(q, k, F, offs_m, offs_n, scale)
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first tile on: key 0 is visible to every row
+        scores = _scores(q, k, F, offs_m, offs_n, scale)
+        m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite from the first tile on: key 0 is visible to every row
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -196,14 +243,14 @@ def _selective_fwd_kernel(Q, K, V, C, O, LSE, H, T, h0, scale, q_start, q_end,
 @jit
 def _probs_and_dz(q, k, v, do, lse, delta, F, offs_m, offs_n, T, scale):
     """Recompute P_h on one tile from the saved log-sum-exp, and dZ_h = P_h * (dO_h V_h^T - delta)."""
-    s = _scores(q, k, F, offs_m, offs_n, scale)
-    p = tl.where(offs_m[:, None] < T, tl.exp(s - lse[:, None]), 0.0)  # rows past T have no saved lse
+    scores = _scores(q, k, F, offs_m, offs_n, scale)
+    p = tl.where(offs_m[:, None] < T, tl.exp(scores - lse[:, None]), 0.0)  # rows past T have no saved lse
     dp = tl.dot(do, tl.trans(v))
     return p, p * (dp - delta[:, None])
 
 
 @jit
-def _selective_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, C, DK, DV, H, T, h0, scale, q_start, q_end,
+def _selective_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, CARRY, DK, DV, H, T, h0, scale, q_start, q_end,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Direct path, grid (key blocks, B * H): adds to dK_h and dV_h (fp32) of one key block what the query blocks
     q_start..q_end-1 give."""
@@ -225,19 +272,19 @@ def _selective_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, C, DK, DV, H, T, h0, sca
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         S = _votes(_load_rows(Q + head0, offs_m, T, BLOCK_D), k0, offs_m, offs_n, T, scale)
-        F = _accumulate(S, _carry_row(C, b, qb, q_start, q_end, T), offs_n, T)
+        F = _accumulate(S, _carry_row(CARRY, b, qb, q_start, q_end, T), offs_n, T)
         p, dz = _probs_and_dz(q, k, v, do, lse, delta, F, offs_m, offs_n, T, scale)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dk += tl.dot(tl.trans(dz.to(q.dtype)), q)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = offs_n[:, None] * BLOCK_D + offs_d[None, :]
-    rows = offs_n[:, None] < T
-    tl.store(DK + head + ptrs, tl.load(DK + head + ptrs, mask=rows, other=0.0) + dk * scale, mask=rows)
-    tl.store(DV + head + ptrs, tl.load(DV + head + ptrs, mask=rows, other=0.0) + dv, mask=rows)
+    live = offs_n[:, None] < T
+    tl.store(DK + head + ptrs, tl.load(DK + head + ptrs, mask=live, other=0.0) + dk * scale, mask=live)
+    tl.store(DV + head + ptrs, tl.load(DV + head + ptrs, mask=live, other=0.0) + dv, mask=live)
 
 
 @jit
-def _selective_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, C, DQ, H, T, h0, scale, q_start, q_end,
+def _selective_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, CARRY, DQ, H, T, h0, scale, q_start, q_end,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Direct path, grid (query blocks from q_start, B * H): dQ_h of one query block, looping over the key blocks."""
     qb = q_start + tl.program_id(0)
@@ -245,7 +292,7 @@ def _selective_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, C, DQ, H, T, h0, scale, q_
     b = bh // H
     head = bh.to(tl.int64) * T * BLOCK_D
     head0 = (b * H + h0).to(tl.int64) * T * BLOCK_D
-    carry_row = _carry_row(C, b, qb, q_start, q_end, T)
+    carry_row = _carry_row(CARRY, b, qb, q_start, q_end, T)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + head, offs_m, T, BLOCK_D)
     q0 = _load_rows(Q + head0, offs_m, T, BLOCK_D)
@@ -267,14 +314,14 @@ def _selective_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, C, DQ, H, T, h0, scale, q_
 
 
 @jit
-def _selective_bwd_selection_kernel(Q, K, V, DO, LSE, DELTA, C, DQ0, DK0, BELOW, H, T, h0, scale, q_start, q_end,
-                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _selective_bwd_selection_kernel(Q, K, V, DO, LSE, DELTA, CARRY, DQ0, DK0, BELOW, H, T, h0, scale, q_start,
+                                    q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Selection path, grid (key blocks, B): the gradient through S into head h0's queries and keys (fp32), from
     the query blocks q_start..q_end-1.
 
     Walks this key block's tiles from query block q_end-1 up, so that the suffix sum of dF over the query blocks
-    below is a running vector, as C is in pass 1; BELOW carries it from the blocks after q_end, and back. dK0 is
-    added to in the program; dQ0 rows are shared by all key blocks and are added atomically.
+    below is a running vector, as the carry is in pass 1; BELOW carries it from the blocks after q_end, and back.
+    dK0 is added to in the program; dQ0 rows are shared by all key blocks and are added atomically.
     """
     kb = tl.program_id(0)
     b = tl.program_id(1)
@@ -290,7 +337,7 @@ def _selective_bwd_selection_kernel(Q, K, V, DO, LSE, DELTA, C, DQ0, DK0, BELOW,
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         q0 = _load_rows(Q + head0, offs_m, T, BLOCK_D)
         S = _votes(q0, k0, offs_m, offs_n, T, scale)
-        F = _accumulate(S, _carry_row(C, b, qb, q_start, q_end, T), offs_n, T)
+        F = _accumulate(S, _carry_row(CARRY, b, qb, q_start, q_end, T), offs_n, T)
         dF = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for h in range(0, H):  # F is shared by all heads: its gradient is minus the sum of their dZ
             bh = b * H + h
@@ -309,20 +356,20 @@ def _selective_bwd_selection_kernel(Q, K, V, DO, LSE, DELTA, C, DQ0, DK0, BELOW,
         tl.atomic_add(DQ0 + b.to(tl.int64) * T * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :],
                       tl.dot(G.to(k0.dtype), k0) * scale, mask=offs_m[:, None] < T)
     ptrs = DK0 + b.to(tl.int64) * T * BLOCK_D + offs_n[:, None] * BLOCK_D + offs_d[None, :]
-    rows = offs_n[:, None] < T
-    tl.store(ptrs, tl.load(ptrs, mask=rows, other=0.0) + dk0 * scale, mask=rows)
+    live = offs_n[:, None] < T
+    tl.store(ptrs, tl.load(ptrs, mask=live, other=0.0) + dk0 * scale, mask=live)
     tl.store(BELOW + b.to(tl.int64) * T + offs_n, below, mask=offs_n < T)
 
 
 def carry_chunks(T, block_m, carry_rows):
     """The query blocks as (first, end) ranges of at most carry_rows rows: one carry exists at a time."""
-    n_qblocks, step = cdiv(T, block_m), max(1, carry_rows // block_m)
-    return [(q0, min(q0 + step, n_qblocks)) for q0 in range(0, n_qblocks, step)]
+    n_qblocks, per_chunk = cdiv(T, block_m), max(1, carry_rows // block_m)
+    return [(q0, min(q0 + per_chunk, n_qblocks)) for q0 in range(0, n_qblocks, per_chunk)]
 
 
 def selective_carry(q, k, running, q_start, q_end, selection_head, block_m, block_n):
-    """Pass 1 for the query blocks q_start..q_end-1: C (B, q_end - q_start, T) fp32, the column sums of S above
-    each block. running (B, T): those sums over the rows before q_start, moved on to q_end in place."""
+    """Pass 1 for the query blocks q_start..q_end-1: the carry (B, q_end - q_start, T) fp32, the column sums of S
+    above each block. running (B, T): those sums over the rows before q_start, moved on to q_end in place."""
     B, H, T, D = q.shape
     carry = torch.empty(B, q_end - q_start, T, dtype=torch.float32, device=q.device)
     n_kblocks = cdiv(min(q_end * block_m, T), block_n)  # the keys these query blocks read
@@ -341,21 +388,21 @@ class SelectiveAttention(torch.autograd.Function):
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         chunks = carry_chunks(T, block_m, carry_rows)
         running = torch.zeros(B, T, dtype=torch.float32, device=q.device)
-        starts = torch.empty(len(chunks), B, T, dtype=torch.float32, device=q.device)  # running at each chunk
-        for (q_start, q_end), start in zip(chunks, starts):
-            start.copy_(running)
+        chunk_running = torch.empty(len(chunks), B, T, dtype=torch.float32, device=q.device)  # at chunk starts
+        for (q_start, q_end), running_before in zip(chunks, chunk_running):
+            running_before.copy_(running)
             carry = selective_carry(q, k, running, q_start, q_end, selection_head, block_m, block_n)
             _selective_fwd_kernel[(q_end - q_start, B * H)](q, k, v, carry, o, lse, H, T, selection_head, D ** -0.5,
                                                             q_start, q_end, BLOCK_M=block_m, BLOCK_N=block_n,
                                                             BLOCK_D=D, **NARROW)
-        ctx.save_for_backward(q, k, v, o, lse, starts)
+        ctx.save_for_backward(q, k, v, o, lse, chunk_running)
         ctx.config = selection_head, block_m, block_n, chunks
         ctx.mark_non_differentiable(running)
         return o, running  # running: every row's votes summed by column, the F a cache keeps
 
     @staticmethod
     def backward(ctx, do, _):
-        q, k, v, o, lse, starts = ctx.saved_tensors
+        q, k, v, o, lse, chunk_running = ctx.saved_tensors
         selection_head, block_m, block_n, chunks = ctx.config
         do = do.contiguous()
         B, H, T, D = q.shape
@@ -365,9 +412,10 @@ class SelectiveAttention(torch.autograd.Function):
         dk, dv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))  # summed over chunks
         dq0, dk0 = (torch.zeros(B, T, D, dtype=torch.float32, device=q.device) for _ in range(2))  # head h0's extra
         below = torch.zeros(B, T, dtype=torch.float32, device=q.device)
-        for (q_start, q_end), start in zip(reversed(chunks), starts.flip(0)):  # bottom-up, for the selection path
+        # bottom-up: the selection path carries dF's column sums up from one chunk to the next
+        for (q_start, q_end), running_before in zip(reversed(chunks), chunk_running.flip(0)):
             # the carry is recomputed (1/H of the QK^T work) rather than kept between passes
-            carry = selective_carry(q, k, start.clone(), q_start, q_end, selection_head, block_m, block_n)
+            carry = selective_carry(q, k, running_before.clone(), q_start, q_end, selection_head, block_m, block_n)
             args = (H, T, selection_head, D ** -0.5, q_start, q_end)
             n_kblocks = cdiv(min(q_end * block_m, T), block_n)
             _selective_bwd_dkdv_kernel[(n_kblocks, B * H)](q, k, v, do, lse, delta, carry, dk, dv, *args, **blocks,
@@ -384,8 +432,8 @@ class SelectiveAttention(torch.autograd.Function):
 
 def selective_block_n(capability_major):
     """Keys per inner step of the selective kernels on a GPU of this compute capability: 64 on an H100 (sm_90);
-    32 on the others, where 64 makes three of the four kernels spill registers (bench.py --mode=compile; chosen
-    from the compiler's report, not yet from timings)."""
+    32 on the others, where 64 makes three of the four kernels spill registers (python kernels.py --report;
+    chosen from the compiler's report, not from timings)."""
     return BLOCK_N if capability_major == 9 else BLOCK_N // 2
 
 
@@ -393,7 +441,8 @@ def selective_available(q):
     """Whether selective_attention below runs for q (the attention file also checks config.use_kernels). fp32 only
     on GPUs that give a block more shared memory than gaming cards' 99 KiB: its backward needs 113 KiB."""
     return kernel_ready(q) and (q.dtype != torch.float32 or FP32_SELECTIVE_SHARED <= getattr(
-        torch.cuda.get_device_properties(q.device), 'shared_memory_per_block_optin', 0))  # torch < 2.7: unknown
+        torch.cuda.get_device_properties(q.device), 'shared_memory_per_block_optin', 0)) and (  # torch < 2.7: 0
+        works_here('selective attention', q, lambda q: selective_attention(*tiny_like(q, 3)).sum().backward()))
 
 
 @torch.compiler.disable  # torch.compile calls it as is: the kernels are fused already
@@ -438,9 +487,9 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None
 # Backward: when a gradient is needed, the memory kernel stores M and z before each segment (a d x d matrix per
 # segment and head: T d^2 / segment_len numbers, K's size in fp32 at segment_len = d). _infini_memory_bwd_kernel
 # walks the segments in reverse, carrying dL/dM and dL/dz, and differentiates eq. 3-5 by hand. With
-# sigma = ELU + 1, c = max(sigma(X) z, 1e-6) and R = sigma(X) M / c (a read, eq. 3), and dR its gradient:
-#   dM += sigma(X)^T (dR / c)      dz += sigma(X)^T g      dsigma(X) = (dR / c) M^T + g z^T
-#   where g = -rowsum(dR * R) / c where sigma(X) z > 1e-6 (else 0: the clamp).
+# sigma = ELU + 1, denom = max(sigma(X) z, 1e-6), R = sigma(X) M / denom (a read, eq. 3) and dR its gradient:
+#   dM += sigma(X)^T (dR / denom)      dz += sigma(X)^T g      dsigma(X) = (dR / denom) M^T + g z^T
+#   where g = -rowsum(dR * R) / denom where sigma(X) z > 1e-6 (else 0: the clamp).
 # An update M' = M + sigma(K)^T U with U = V (linear) or U = V - R(K) (delta), z' = z + colsum(sigma(K)):
 #   dV = sigma(K) dM',  dsigma(K) = U dM'^T + dz',  and for delta the read R(K) gets dR = -dV.
 
@@ -452,16 +501,17 @@ def _sigma(x):
 
 @jit
 def _memory_read(sx, M, z):
-    """R = sigma(X) M / c with c = max(sigma(X) z, 1e-6), row-wise (eq. 3): an empty memory reads 0. Returns R, c."""
-    c = tl.maximum(tl.sum(sx * z[None, :], 1), 1e-6)
-    return tl.dot(sx, M) / c[:, None], c
+    """R = sigma(X) M / denom with denom = max(sigma(X) z, 1e-6), row-wise (eq. 3): an empty memory reads 0.
+    Returns R, denom."""
+    denom = tl.maximum(tl.sum(sx * z[None, :], 1), 1e-6)
+    return tl.dot(sx, M) / denom[:, None], denom
 
 
 @jit
-def _memory_read_grad(sx, M, z, R, c, dR):
-    """Gradients of a read R = sigma(X) M / c: (dsigma(X), dM, dz)."""
-    dnum = dR / c[:, None]
-    g = tl.where(c > 1e-6, -tl.sum(dR * R, 1) / c, 0.0)
+def _memory_read_grad(sx, M, z, R, denom, dR):
+    """Gradients of a read R = sigma(X) M / denom: (dsigma(X), dM, dz)."""
+    dnum = dR / denom[:, None]
+    g = tl.where(denom > 1e-6, -tl.sum(dR * R, 1) / denom, 0.0)
     dsx = tl.dot(dnum, tl.trans(M)) + g[:, None] * z[None, :]
     return dsx, tl.dot(tl.trans(sx), dnum), tl.sum(sx * g[:, None], 0)
 
@@ -477,7 +527,7 @@ def _features(ptr, rows, end, BLOCK_D: tl.constexpr):
 
 @jit
 def _infini_memory_fwd_kernel(Q, K, V, M0, Z0, A, M_OUT, Z_OUT, MS, ZS, T, Tq, N, n_segments,
-                              DELTA: tl.constexpr, SAVE: tl.constexpr, BLOCK_T: tl.constexpr,
+                              DELTA_RULE: tl.constexpr, SAVE: tl.constexpr, BLOCK_T: tl.constexpr,
                               BLOCK_D: tl.constexpr):
     """Grid (B * H,): one head's memory through all segments. A = the memory reads of the Tq queries (fp32)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -505,7 +555,7 @@ def _infini_memory_fwd_kernel(Q, K, V, M0, Z0, A, M_OUT, Z_OUT, MS, ZS, T, Tq, N
             rows = t0 + tl.arange(0, BLOCK_T)
             sk, _ = _features(k_head, rows, end, BLOCK_D)
             u = _load_rows(v_head, rows, end, BLOCK_D).to(tl.float32)
-            if DELTA:  # eq. 5: write only what the memory does not already return for these keys
+            if DELTA_RULE:  # eq. 5: write only what the memory does not already return for these keys
                 R, _ = _memory_read(sk, M, z)
                 u -= R
             dM += tl.dot(tl.trans(sk), u)  # eq. 4: M += sigma(K)^T V
@@ -519,7 +569,7 @@ def _infini_memory_fwd_kernel(Q, K, V, M0, Z0, A, M_OUT, Z_OUT, MS, ZS, T, Tq, N
 
 @jit
 def _infini_memory_bwd_kernel(Q, K, V, DA, MS, ZS, DM_OUT, DZ_OUT, DQ, DK, DV, DM0, DZ0, T, Tq, N, n_segments,
-                              DELTA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                              DELTA_RULE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (B * H,): the segments in reverse; dM, dz are the gradients of the memory after segment s."""
     bh = tl.program_id(0).to(tl.int64)
     offset = T - Tq
@@ -542,9 +592,9 @@ def _infini_memory_bwd_kernel(Q, K, V, DA, MS, ZS, DM_OUT, DZ_OUT, DQ, DK, DV, D
             sk, dsigma = _features(k_head, rows, end, BLOCK_D)
             u = _load_rows(v_head, rows, end, BLOCK_D).to(tl.float32)
             dv = tl.dot(sk, dM)
-            if DELTA:
-                R, c = _memory_read(sk, M, z)
-                dsk, dM_read, dz_read = _memory_read_grad(sk, M, z, R, c, -dv)
+            if DELTA_RULE:
+                R, denom = _memory_read(sk, M, z)
+                dsk, dM_read, dz_read = _memory_read_grad(sk, M, z, R, denom, -dv)
                 dM_before += tl.where(written, dM_read, 0.0)
                 dz_before += tl.where(written, dz_read, 0.0)
                 u -= R
@@ -561,8 +611,8 @@ def _infini_memory_bwd_kernel(Q, K, V, DA, MS, ZS, DM_OUT, DZ_OUT, DQ, DK, DV, D
             sq, dsigma = _features(q_head, rows - offset, end - offset, BLOCK_D)
             dR = tl.load(DA + bh * Tq * BLOCK_D + (rows - offset)[:, None] * BLOCK_D + offs_d[None, :], mask=live,
                          other=0.0)
-            R, c = _memory_read(sq, M, z)
-            dsq, dM_read, dz_read = _memory_read_grad(sq, M, z, R, c, dR)
+            R, denom = _memory_read(sq, M, z)
+            dsq, dM_read, dz_read = _memory_read_grad(sq, M, z, R, denom, dR)
             dM_before += dM_read
             dz_before += dz_read
             tl.store(DQ + bh * Tq * BLOCK_D + (rows - offset)[:, None] * BLOCK_D + offs_d[None, :],
@@ -586,8 +636,8 @@ class InfiniMemory(torch.autograd.Function):
         Ms = torch.empty(B, H, n_segments if save else 0, D, D, dtype=torch.float32, device=q.device)
         zs = torch.empty(B, H, n_segments if save else 0, D, dtype=torch.float32, device=q.device)
         _infini_memory_fwd_kernel[(B * H,)](q, k, v, M.contiguous(), z.contiguous(), a, M_out, z_out, Ms, zs, T,
-                                            q.size(2), segment_len, n_segments, DELTA=update == 'delta', SAVE=save,
-                                            BLOCK_T=block_t, BLOCK_D=D, **WIDE)
+                                            q.size(2), segment_len, n_segments, DELTA_RULE=update == 'delta',
+                                            SAVE=save, BLOCK_T=block_t, BLOCK_D=D, **WIDE)
         ctx.save_for_backward(q, k, v, Ms, zs)
         ctx.config = segment_len, update, block_t
         return a, M_out, z_out
@@ -602,13 +652,14 @@ class InfiniMemory(torch.autograd.Function):
         dM0, dz0 = torch.empty_like(dM), torch.empty_like(dz)
         _infini_memory_bwd_kernel[(B * H,)](q, k, v, da.contiguous(), Ms, zs, dM.contiguous(), dz.contiguous(), dq,
                                             dk, dv, dM0, dz0, T, q.size(2), segment_len, Ms.size(2),
-                                            DELTA=update == 'delta', BLOCK_T=block_t, BLOCK_D=D, **WIDE)
+                                            DELTA_RULE=update == 'delta', BLOCK_T=block_t, BLOCK_D=D, **WIDE)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dM0, dz0, None, None, None
 
 
 def infini_available(q):
-    """Whether infini_attention below runs for q (the attention file also checks config.use_kernels)."""
-    return kernel_ready(q)
+    """Whether infini_memory below runs for q (the attention file also checks config.use_kernels)."""
+    return kernel_ready(q) and works_here('Infini memory', q, lambda q: sum(
+        t.sum() for t in infini_memory(*tiny_like(q, 3), segment_len=32)).backward())
 
 
 @torch.compiler.disable  # torch.compile calls it as is: the kernel is fused already
@@ -631,3 +682,122 @@ def infini_memory(q, k, v, M=None, z=None, segment_len=64, update='delta', block
         z = torch.zeros(B, H, D, dtype=torch.float32, device=q.device)
     with torch.cuda.device_of(q):  # Triton launches on the current GPU (cuda:1 too); the backward is on q's already
         return InfiniMemory.apply(q, k, v, M.float(), z.float(), segment_len, update, block_t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiler's report: what each kernel costs a GPU, read from the compiler, with no GPU needed.
+#
+#   python kernels.py --report                          A100, RTX 30, RTX 40, H100, RTX 50; head dim 64, bf16
+#   python kernels.py --report --archs=86,90 --head_dim=32 --dtype=float32
+#
+# Triton ships NVIDIA's ptxas and cuobjdump, so the kernels compile here for any GPU. A kernel that needs more
+# shared memory than a GPU gives a block does not launch there ("out of resources"), and registers spilled to
+# local memory ("spill", bytes per thread) make it slow.
+
+SHARED_MEMORY_KIB = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}  # a block's most, per arch
+INTEGER_ARGS = {'H', 'T', 'N', 'Tq', 'h0', 'q_start', 'q_end', 'n_segments'}  # the kernels' integer arguments
+
+
+def kernel_launches(D, arch):
+    """(what, kernel, its pointers in the data dtype (the others are fp32), constexprs, launch settings), as this
+    file launches them on a GPU of compute capability arch (86 = 8.6)."""
+    selective = dict(BLOCK_M=BLOCK_M, BLOCK_N=selective_block_n(arch // 10), BLOCK_D=D)
+    infini = dict(BLOCK_T=BLOCK_T, BLOCK_D=D)
+    data = 'Q K V O DO DQ'.split()
+    launches = [('selective carry', _selective_carry_kernel, data, selective, NARROW),
+                ('selective forward', _selective_fwd_kernel, data, selective, NARROW),
+                ('selective backward dK dV', _selective_bwd_dkdv_kernel, data, selective, WIDE),
+                ('selective backward dQ', _selective_bwd_dq_kernel, data, selective, NARROW),
+                ('selective backward selection', _selective_bwd_selection_kernel, data, selective, WIDE)]
+    for update in ('linear', 'delta'):
+        rule = dict(infini, DELTA_RULE=update == 'delta')
+        launches += [(f'infini memory forward, {update}{", saving for backward" * save}', _infini_memory_fwd_kernel,
+                      ['Q', 'K', 'V'], dict(rule, SAVE=save), WIDE) for save in (False, True)]
+        launches.append((f'infini memory backward, {update}', _infini_memory_bwd_kernel, ['Q', 'K', 'V'], rule, WIDE))
+    return launches
+
+
+def compile_kernel(fn, data, constexprs, launch, arch, dtype):
+    """Compile one kernel for one compute capability: (registers, spill bytes per thread, shared memory bytes)."""
+    import triton.backends.nvidia
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    pointer = {torch.bfloat16: '*bf16', torch.float16: '*fp16', torch.float32: '*fp32'}[dtype]
+    signature = {a: 'constexpr' if a in constexprs else 'fp32' if a == 'scale' else 'i32' if a in INTEGER_ARGS else
+                 pointer if a in data else '*fp32' for a in fn.arg_names}
+    values = {(i,): constexprs[a] for i, a in enumerate(fn.arg_names) if a in constexprs}
+    aligned = {(i,): [['tt.divisibility', 16]] for i, a in enumerate(fn.arg_names) if signature[a][0] == '*'}
+    compiled = triton.compile(ASTSource(fn, signature, values, aligned), target=GPUTarget('cuda', arch, 32),
+                              options=dict(launch))
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), 'bin', 'cuobjdump')
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'kernel.cubin')
+        with open(path, 'wb') as f:
+            f.write(compiled.asm['cubin'])
+        usage = subprocess.run([tool, '-res-usage', path], capture_output=True, text=True, check=True).stdout
+    fields = dict(item.split(':') for line in usage.splitlines() if 'REG:' in line for item in line.split())
+    return int(fields['REG']), int(fields['STACK']), compiled.metadata.shared
+
+
+def compiler_report(archs, head_dim=64, dtype=torch.bfloat16):
+    """Every kernel compiled for every arch: {(what, arch): (registers, spill, shared bytes) or 'fails: why'}."""
+    results = {}
+    for arch in archs:
+        for what, fn, data, constexprs, launch in kernel_launches(head_dim, arch):
+            try:
+                results[what, arch] = compile_kernel(fn, data, constexprs, launch, arch, dtype)
+            except Exception as e:  # a compiler failure is a result: report it and go on
+                results[what, arch] = f"fails: {(str(e).strip().splitlines() or [''])[-1][:80]}"
+    return results
+
+
+def fits(result, arch):
+    """'ok', 'TOO MUCH' (more shared memory than the GPU gives a block) or the compiler's failure."""
+    if isinstance(result, str):
+        return result
+    return 'ok' if result[2] <= SHARED_MEMORY_KIB.get(arch, 99) * 1024 else 'TOO MUCH'
+
+
+def report_table(results, archs, head_dim, dtype):
+    """The report as markdown: a row per kernel, a column per arch."""
+    limits = ', '.join(f'sm_{arch} {SHARED_MEMORY_KIB.get(arch, 99)} KiB' for arch in archs)
+    lines = [f'triton {triton.__version__}, head dim {head_dim}, {str(dtype).removeprefix("torch.")}; cells: '
+             f'registers per thread, bytes per thread spilled to local memory, shared memory per block (TOO MUCH: '
+             f'more than the GPU has, {limits})', '',
+             '| kernel | ' + ' | '.join(f'sm_{arch}' for arch in archs) + ' |', '|' + '---:|' * (len(archs) + 1)]
+    for what in dict.fromkeys(what for what, _ in results):
+        cells = []
+        for arch in archs:
+            r, status = results[what, arch], fits(results[what, arch], arch)
+            cells.append(f'{r[0]} reg, {r[1]} B spill, {r[2] / 1024:.3g} KiB' + (' TOO MUCH' if status != 'ok' else '')
+                         if isinstance(r, tuple) else r)
+        lines.append(f'| {what} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def main(argv):
+    """python kernels.py --report [--archs=80,86,89,90,120] [--head_dim=64] [--dtype=bfloat16]"""
+    if argv[:1] != ['--report']:
+        raise SystemExit(f'usage: {main.__doc__}')
+    flags = dict(archs='80,86,89,90,120', head_dim='64', dtype='bfloat16')
+    for arg in argv[1:]:
+        key, eq, value = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq or key not in flags:
+            raise SystemExit(f"unknown flag '{arg}'; usage: {main.__doc__}")
+        flags[key] = value
+    try:
+        archs = [int(a) for a in flags['archs'].split(',')]
+        head_dim, dtype = int(flags['head_dim']), getattr(torch, flags['dtype'])
+    except (ValueError, AttributeError):
+        raise SystemExit(f"--archs is a comma-separated list like 86,90, --head_dim an int, --dtype one of float32, "
+                         f"float16, bfloat16: got {flags}") from None
+    if head_dim not in HEAD_DIMS or dtype not in DTYPES:
+        raise SystemExit(f'the kernels take head dims {HEAD_DIMS} and dtypes {DTYPES}')
+    if triton is None or os.environ.get('TRITON_INTERPRET') == '1':
+        raise SystemExit('--report needs the Triton compiler with its CUDA backend (pip install triton, on Linux '
+                         'x86_64), and TRITON_INTERPRET unset')
+    print('\n'.join(report_table(compiler_report(archs, head_dim, dtype), archs, head_dim, dtype)))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -7,7 +7,10 @@ all exercised.
 """
 import importlib.util
 import os
+import re
+import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -177,8 +180,9 @@ def test_models_dispatch_to_the_kernels(monkeypatch, attention):
     forced on."""
     monkeypatch.setattr(kernels, f'{attention}_available', lambda q: True)
     calls = []
-    kernel = getattr(kernels, f'{attention}_attention')
-    monkeypatch.setattr(kernels, f'{attention}_attention', lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    name = {'selective': 'selective_attention', 'infini': 'infini_memory'}[attention]  # infini: the memory kernel
+    kernel = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     config = dict(block_size=24, vocab_size=31, n_layer=2, n_head=2, n_embd=32, attention=attention, segment_len=8)
     idx = torch.randint(0, 31, (2, 20), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     results = []
@@ -218,12 +222,59 @@ def test_fp32_selective_kernel_only_where_its_shared_memory_fits(monkeypatch):
     """The fp32 selective backward needs 113 KiB of shared memory per block: an H100 or A100 has it, an RTX 4090
     (99 KiB) does not, and a torch too old to say takes the reference."""
     monkeypatch.setattr(kernels, 'kernel_ready', lambda q: True)
+    monkeypatch.setattr(kernels, 'works_here', lambda name, q, trial: True)
     q = torch.zeros(1, 2, 16, 16)
     for props, fp32 in (({'shared_memory_per_block_optin': 227 * 1024}, True),
                         ({'shared_memory_per_block_optin': 99 * 1024}, False), ({}, False)):
         monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: type('props', (), props))
         assert kernels.selective_available(q) == fp32
         assert kernels.selective_available(q.half()) and kernels.selective_available(q.bfloat16())
+
+
+@pytest.mark.parametrize('attention', ['selective', 'infini'])
+def test_a_kernel_that_fails_on_this_gpu_falls_back_to_the_reference(monkeypatch, attention):
+    """A kernel that does not compile on a user's card (here: too little shared memory) warns once, naming the
+    card and the reason, and training goes on with the PyTorch reference, with the same loss and gradients."""
+    name = {'selective': 'selective_attention', 'infini': 'infini_memory'}[attention]
+    monkeypatch.setattr(kernels, 'kernel_ready', lambda q: True)
+    monkeypatch.setattr(kernels, 'works_here', kernels.works_here)  # the real one, with its own record:
+    monkeypatch.setattr(kernels, 'TRIED', {})
+    monkeypatch.setattr(torch.cuda, 'get_device_properties',  # an H100's, so fp32 selective passes its own test
+                        lambda device: type('props', (), {'shared_memory_per_block_optin': 227 * 1024}))
+
+    def out_of_resources(*args, **kwargs):
+        raise RuntimeError('out of resource: shared memory, Required: 116736, Hardware limit: 101376')
+    monkeypatch.setattr(kernels, name, out_of_resources)
+    config = dict(block_size=24, vocab_size=31, n_layer=2, n_head=2, n_embd=32, attention=attention, segment_len=8)
+    idx = torch.randint(0, 31, (2, 20), generator=torch.Generator().manual_seed(0))
+    results = []
+    for use_kernels in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**config, use_kernels=use_kernels))
+        if use_kernels:
+            with pytest.warns(UserWarning, match=r'Triton kernel does not run on cpu in torch.float32 at head dim '
+                                                 r'16 \(RuntimeError: out of resource: shared memory'):
+                _, loss = model(idx, idx)
+            with warnings.catch_warnings():
+                warnings.simplefilter('error')  # once: the second layer and later steps say nothing
+                model(idx, idx)
+        else:
+            _, loss = model(idx, idx)
+        loss.backward()
+        results.append((loss, model.transformer.h[0].attn.c_attn.weight.grad))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref)
+
+
+def test_the_trial_runs_pass_where_the_kernels_work(monkeypatch):
+    """The trial run before a kernel's first use must itself be right, or every GPU would fall back silently."""
+    monkeypatch.setattr(kernels, 'kernel_ready', lambda q: True)
+    monkeypatch.setattr(kernels, 'TRIED', {})
+    q = torch.zeros(1, 2, 16, 16, device=DEVICE, dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert kernels.selective_available(q) and kernels.infini_available(q)
+    assert set(kernels.TRIED.values()) == {True}
 
 
 def test_local_attention_takes_sdpa_output_of_any_layout(monkeypatch):
@@ -251,3 +302,56 @@ def test_imports_without_triton(monkeypatch):
 
 def test_interpreter_is_on_without_cuda():
     assert CUDA or os.environ.get('TRITON_INTERPRET') == '1'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# python kernels.py --report: the kernels compiled for GPUs, no GPU needed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def report_rows(stdout):
+    """{kernel: [cell per arch]} from the report's markdown table."""
+    rows = [line.strip('|').split(' | ') for line in stdout.splitlines() if line.startswith('| ')]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_report_compiles_every_kernel_for_gaming_and_datacenter_gpus():
+    """Each kernel compiles for an RTX 30 (sm_86) and an H100 (sm_90), fitting their shared memory."""
+    pytest.importorskip('triton.backends.nvidia')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}  # conftest sets it without a GPU
+    result = subprocess.run([sys.executable, 'kernels.py', '--report', '--archs=86,90'], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = report_rows(result.stdout)
+    assert len(rows) == 11 and '| kernel | sm_86 | sm_90 |' in result.stdout
+    for kernel, cells in rows.items():
+        for cell in cells:
+            registers = re.fullmatch(r'(\d+) reg, \d+ B spill, [\d.]+ KiB', cell)
+            assert registers and int(registers.group(1)) <= 255, (kernel, cell)
+
+
+def test_report_marks_what_does_not_fit_or_fails(monkeypatch):
+    def fake_compile(fn, data, constexprs, launch, arch, dtype):
+        if fn is kernels._infini_memory_bwd_kernel:
+            raise RuntimeError('PassManager::run failed')
+        return 100, 0, (120 if fn is kernels._selective_fwd_kernel else 10) * 1024  # 120 KiB: not on sm_86
+
+    monkeypatch.setattr(kernels, 'compile_kernel', fake_compile)
+    results = kernels.compiler_report([86, 90])
+    status = {(what, arch): kernels.fits(r, arch) for (what, arch), r in results.items()}
+    assert status['selective forward', 86] == 'TOO MUCH' and status['selective forward', 90] == 'ok'
+    assert status['infini memory backward, delta', 90] == 'fails: PassManager::run failed'
+    assert status['selective carry', 86] == status['infini memory forward, linear', 90] == 'ok'
+    rows = report_rows('\n'.join(kernels.report_table(results, [86, 90], 64, torch.bfloat16)))
+    assert rows['selective forward'] == ['100 reg, 0 B spill, 120 KiB TOO MUCH', '100 reg, 0 B spill, 120 KiB']
+
+
+@pytest.mark.parametrize('argv, message', [
+    ([], 'usage: python kernels.py --report'),
+    (['--report', '--arch=86'], "unknown flag '--arch=86'"),
+    (['--report', '--archs=sm86'], '--archs is a comma-separated list like 86,90'),
+])
+def test_report_flags_are_one_line_errors(argv, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        kernels.main(argv)

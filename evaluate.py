@@ -1,0 +1,358 @@
+"""
+How good are trained checkpoints at each context? Each evaluation is one function and one flag:
+
+    python evaluate.py --ckpt=out/ckpt.pt                                    # val loss at 1/2, 1, 2, 4 x block_size
+    python evaluate.py --ckpt=out-in/ckpt.pt,out/ckpt.pt --contexts=256,512,1k    # a column per checkpoint
+    python evaluate.py --ckpt=out-passkey-infini/ckpt.pt --contexts=256,1k,4k,16k  # + passkey accuracy table
+    python evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --budgets=True    # selective's KV budgets
+
+  --loss     val loss at each context: the mean next-token loss over the same seeded windows of val.bin for
+             every checkpoint. Past block_size a fixed-context model is n/a (--extend=True tiles its positions).
+  --passkey  passkey retrieval accuracy by length and depth, greedy decoding (on by itself for checkpoints
+             trained on data/passkey).
+  --budgets  Selective Attention: the smallest per-layer KV-cache budgets that keep val loss under --target.
+
+Each evaluation prints a markdown table and writes it, with a CSV of its numbers, to out_dir/<name>.md and .csv.
+A case that runs out of memory is OOM, a context a model cannot take is n/a: the other cases still run.
+"""
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from configurator import autocast, configure, default_device, device_type_of, flags_of, load_model, resolve_dtype
+from model import cross_entropy
+from report import context_list, fmt_bytes, fmt_context, guarded, header_lines, markdown_table, write_csv, write_report
+
+# -----------------------------------------------------------------------------------------------------------
+ckpt = 'out/ckpt.pt'       # a train.py checkpoint, or several separated by commas (one column each)
+device = ''                # '' = cuda if available, else mps, else cpu
+dtype = ''                 # autocast dtype; '' = bfloat16 on CUDA (float16 where bf16 is missing), else float32
+use_kernels = True         # False forces every attention's PyTorch reference
+memory_read = ''           # infini's memory-read ablation: '' = as trained, 'off' (A_mem = 0) or 'local' (gate 0)
+data_dir = ''              # '' = data/<the checkpoint's dataset>
+out_dir = 'eval_out'       # where the markdown and the CSV go
+contexts = ''              # comma-separated, k/M suffixes allowed; '' = 1/2, 1, 2, 4 x the first block_size
+eval_windows = 16          # val loss at a context = mean over this many random windows of it (seeded)
+batch_size = 1             # windows per forward
+seed = 1337
+extend = False             # past block_size, tile the position table (as fine-tuning does) instead of n/a
+# the evaluations
+loss = True                # val loss at each context
+passkey = False            # passkey accuracy even if no checkpoint was trained on data/passkey
+depths = '0,0.25,0.5,0.75,1'   # passkey: where the key sits, as a fraction of the filler
+passkey_trials = 4         # passkey: examples per (length, depth) cell
+budgets = False            # selective: search the per-layer KV budgets
+# budgets: the val loss the pruned model may reach: '+0.02' (an increase over its own unpruned loss), '1.95' (a
+# loss), or a checkpoint whose full-cache val loss is the target (the paper's criterion: a standard model's loss)
+target = '+0.02'
+shrink = 0.8               # budgets: each greedy step cuts one layer's budget to this fraction of itself
+evict = 'F'                # budgets: the cache evicts the most-masked entry ('F') or the oldest ('window': the first
+                           # token + a sliding window, the baseline that tells F's saving from recency's)
+FLAGS = flags_of(globals())
+# -----------------------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_val_data(checkpoint, data_dir=''):
+    """val.bin of the checkpoint's dataset (or of data_dir) as a memmap, and the dataset's meta."""
+    from data.common import load_meta
+    run = checkpoint.get('config', {})
+    folder = data_dir or run.get('data_dir') or os.path.join(HERE, 'data', str(run.get('dataset')))
+    path = os.path.join(folder, 'val.bin')
+    if not os.path.isfile(path):
+        raise SystemExit(f"no {path}: prepare the dataset (python data/<name>/prepare.py) or pass --data_dir=")
+    return np.memmap(path, dtype=np.uint16, mode='r'), load_meta(folder)
+
+
+def load_run(path, settings):
+    """One checkpoint to evaluate: its model, val data, dataset meta and a label for the tables."""
+    ablation = {'memory_read': settings.memory_read} if settings.memory_read else {}  # attention_infini.py
+    model, checkpoint = load_model(path, settings.device, use_kernels=settings.use_kernels, **ablation)
+    data, meta = load_val_data(checkpoint, settings.data_dir)
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    label = f'{folder} ({model.config.attention}, block {fmt_context(model.config.block_size)})'
+    label += f', memory_read={settings.memory_read}' if ablation else ''
+    return SimpleNamespace(path=path, label=label, model=model, checkpoint=checkpoint, data=data, meta=meta,
+                           trained=model.config.block_size, example_len=meta.get('example_len'))
+
+
+def fit_context(run, T, extend):
+    """Past block_size, with --extend, tile a fixed-context model's position table; True when T is past what the
+    model was trained for (its number is then marked *)."""
+    if not extend or run.model.streams or T <= run.trained:
+        return False
+    if T > run.model.config.block_size:
+        run.model.resize_block_size(T)
+    return True
+
+
+# -----------------------------------------------------------------------------------------------------------
+# val loss by context
+
+@torch.no_grad()
+def val_loss(model, data, T, settings, example_len=None):
+    """Mean next-token loss over eval_windows windows of T tokens, the same seeded windows for every model.
+
+    When the dataset is made of fixed-length examples (passkey), windows start on example boundaries and, as in
+    train.py, the first token of an example is no target: nothing before it predicts it."""
+    stride = example_len or 1
+    count = (len(data) - T - 1) // stride + 1
+    if count < 1:
+        raise ValueError(f'val.bin has {len(data)} tokens, fewer than a window of {T + 1}')
+    starts = np.random.default_rng([settings.seed, T]).integers(0, count, settings.eval_windows) * stride
+    targets = torch.arange(1, T + 1, device=settings.device) % example_len != 0 if example_len else None
+    total, n = 0.0, 0
+    for i in range(0, len(starts), settings.batch_size):
+        batch = np.stack([data[s:s + T + 1] for s in starts[i:i + settings.batch_size]]).astype(np.int64)
+        batch = torch.from_numpy(batch).to(settings.device)
+        x, y = batch[:, :-1], batch[:, 1:].contiguous()  # GPT's loss views the targets flat
+        if targets is not None:
+            y = y.masked_fill(~targets, -1)  # ignored by the loss (out of place: y may share x's storage)
+        with autocast(settings.device_type, settings.dtype):
+            logits, _ = model(x, y)
+        # the language-model loss alone: GPT's loss would add an attention's auxiliary training loss
+        total += cross_entropy(logits.float(), y, reduction='sum').item()
+        n += (y != -1).sum().item()
+    return total / n
+
+
+def loss_by_context(runs, Ts, settings):
+    """Val loss of every checkpoint at every context: (markdown lines, CSV rows)."""
+    rows = []
+    for run in tqdm(runs, desc='val loss', dynamic_ncols=True):
+        for T in Ts:
+            mark = '*' if fit_context(run, T, settings.extend) else ''
+            value, status, message = guarded(lambda: val_loss(run.model, run.data, T, settings, run.example_len),
+                                             settings)
+            rows.append(dict(checkpoint=run.label, context=T, val_loss=value, status=status or 'ok', mark=mark,
+                             message=message))
+    cells = {(r['checkpoint'], r['context']): r for r in rows}
+    table = [[fmt_context(T)] + [f"{c['val_loss']:.4f}{c['mark']}" if c['val_loss'] is not None else c['status']
+                                 for c in (cells[run.label, T] for run in runs)] for T in Ts]
+    lines = [f'val loss: mean over {settings.eval_windows} windows per context, the same seeded windows for '
+             f'every checkpoint',
+             'past block_size, fixed-context models tile their position table (no training): marked *'
+             if settings.extend else 'n/a past block_size: a fixed-context model cannot take it', '']
+    lines += markdown_table('Val loss by context', ['context'] + [run.label for run in runs], table)
+    return lines + failures(rows, 'context'), rows
+
+
+def failures(rows, key):
+    """One line per failure that is not OOM or n/a (the tables show those)."""
+    return list(dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r[key])}: {r['message']}" for r in rows
+                              if r['status'] not in ('ok', 'OOM', 'n/a')))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# passkey accuracy by length and depth
+
+@torch.no_grad()
+def passkey_accuracy(model, tok, length, depth, settings):
+    """Fraction of passkey_trials examples of `length` tokens whose answer greedy decoding gets exactly right."""
+    from data.passkey.prepare import make_passkey
+    rng = np.random.default_rng([settings.seed, length, int(depth * 1000)])
+    examples = [make_passkey(length, depth, rng, tok) for _ in range(settings.passkey_trials)]
+    correct = 0
+    for prompt, answer in examples:
+        idx = torch.tensor([list(prompt)], dtype=torch.long, device=settings.device)
+        with autocast(settings.device_type, settings.dtype):
+            out = model.generate(idx, len(answer), top_k=1)
+        correct += out[0, len(prompt):].tolist() == list(answer)
+    return correct / len(examples)
+
+
+def heat(accuracy):
+    """A shade per accuracy, so a table of them reads as a heatmap."""
+    return ' ░▒▓█'[round(accuracy * 4)] + f' {accuracy:.0%}'
+
+
+def passkey_by_length_and_depth(runs, Ts, settings):
+    """A depth x length table of passkey accuracy per checkpoint: (markdown lines, CSV rows)."""
+    from data.common import tokenizer_from_meta
+    fractions = depth_list(settings.depths)
+    rows = []
+    bar = tqdm(total=len(runs) * len(Ts) * len(fractions), desc='passkey', dynamic_ncols=True)
+    for run in runs:
+        tok = tokenizer_from_meta(run.checkpoint.get('tokenizer') or run.meta)
+        for depth in fractions:
+            for T in Ts:
+                fit_context(run, T, settings.extend)
+                value, status, message = guarded(lambda: passkey_accuracy(run.model, tok, T, depth, settings),
+                                                 settings)
+                rows.append(dict(checkpoint=run.label, length=T, depth=depth, accuracy=value,
+                                 status=status or 'ok', message=message))
+                bar.update()
+    bar.close()
+    past = ('read the whole prompt with tiled positions' if settings.extend else
+            'see only the last block_size tokens (nanoGPT cropping; --extend=True tiles positions instead)')
+    lines = [f'Passkey retrieval: {settings.passkey_trials} examples per cell, greedy decoding; past their '
+             f'block_size fixed-context models {past}', '']
+    cells = {(r['checkpoint'], r['length'], r['depth']): r for r in rows}
+    for run in runs:
+        table = [[f'{depth:g}'] + [heat(c['accuracy']) if c['accuracy'] is not None else c['status']
+                                   for c in (cells[run.label, T, depth] for T in Ts)] for depth in fractions]
+        lines += markdown_table(f'Passkey accuracy, {run.label}: depth (rows) by length (columns)',
+                                ['depth'] + [fmt_context(T) for T in Ts], table)
+    return lines + failures(rows, 'length'), rows
+
+
+def depth_list(text):
+    try:
+        fractions = [float(d) for d in text.split(',') if d]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(0 <= d <= 1 for d in fractions):
+        raise SystemExit(f"--depths is a comma-separated list of fractions between 0 and 1, not '{text}'")
+    return fractions
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Selective Attention's KV budgets: the smallest per-layer budgets that keep val loss under a target, chosen
+# greedily on validation data. The pruning is simulated in one parallel forward (attn.budget): within a layer, F
+# depends only on that layer's queries and keys, so which tokens the evicting cache holds at each step can be
+# replayed from the full F. tests/test_selective.py checks that it equals token-by-token decoding.
+
+def pruned_val_loss(model, data, budgets, settings, example_len=None):
+    """val_loss at block_size with layer l's cache pruned to budgets[l] entries."""
+    for block, budget in zip(model.transformer.h, budgets):
+        block.attn.budget, block.attn.evict = budget, settings.evict
+    try:
+        return val_loss(model, data, model.config.block_size, settings, example_len)
+    finally:
+        for block in model.transformer.h:
+            block.attn.budget = None
+
+
+def choose_budgets(full, loss_of, target, shrink=0.8, progress=None):
+    """Greedy search from the full budgets (one per layer): each round, try cutting each layer's budget to
+    `shrink` of itself and keep the one cut whose loss_of(budgets) is least; stop when even that cut would pass
+    target. Returns the steps taken, [(budgets, loss)], the first being the unpruned model."""
+    steps = [(full, loss_of(full))]
+    while steps[-1][1] <= target:
+        current = steps[-1][0]
+        trials = [current[:l] + [max(2, min(b - 1, round(shrink * b)))] + current[l + 1:]
+                  for l, b in enumerate(current) if b > 2]
+        if not trials:
+            break
+        loss, best = min((loss_of(t), t) for t in trials)
+        if loss > target:
+            break
+        steps.append((best, loss))
+        if progress:
+            progress(best, loss)
+    return steps
+
+
+def selective_budgets(run, settings):
+    """The budget search on one selective checkpoint, and its KV memory: (markdown lines, CSV rows)."""
+    model, data, example_len = run.model, run.data, run.example_len
+    if model.config.attention != 'selective':
+        raise SystemExit(f"--budgets prunes Selective Attention's cache; {run.path} is "
+                         f"'{model.config.attention}': give a checkpoint trained with --attention=selective")
+    N, L = model.config.block_size, model.config.n_layer
+    full = pruned_val_loss(model, data, [N] * L, settings, example_len)
+    goal, source, reference = budget_target(settings, full, data, N, example_len)
+    print(f'target val loss {goal:.4f} ({source}); unpruned selective {full:.4f}; greedy search over {L} layers')
+    steps = choose_budgets([N] * L, lambda b: pruned_val_loss(model, data, b, settings, example_len), goal,
+                           settings.shrink,
+                           progress=lambda b, loss: print(f'  budgets {b}: {sum(b)} entries, val loss {loss:.4f}'))
+    chosen, loss = steps[-1]
+
+    # memory of a real cache with these budgets after a full window, against a standard KV cache of N tokens
+    cache = model.new_cache(1, N, budget=chosen, evict=settings.evict)
+    with torch.no_grad():
+        model(torch.from_numpy(data[:N].astype(np.int64))[None].to(settings.device), cache=cache)
+    per_entry = 2 * model.config.n_embd * next(model.parameters()).element_size()
+    reached = 'reached' if loss <= goal else 'NOT reached: the unpruned selective model is already above it'
+    lines = [f'checkpoint: {run.path} (block_size {N}, {L} layers) · val loss: {settings.eval_windows} windows '
+             f'of {N} tokens · eviction: {settings.evict}', f'target val loss {goal:.4f} ({source}): {reached}', '']
+    lines += markdown_table('Budgets per layer (KV entries kept, first token and current one included)',
+                            ['layer', 'budget', 'of block_size'],
+                            [[str(l), str(b), f'{b / N:.1%}'] for l, b in enumerate(chosen)])
+    rows = [['selective, full cache', str(L * N), fmt_bytes(L * N * per_entry), f'{full:.4f}'],
+            ['selective, pruned to the budgets', str(sum(chosen)), fmt_bytes(sum(chosen) * per_entry), f'{loss:.4f}'],
+            ['the pruned cache.nbytes() (+ F and positions)', str(sum(chosen)), fmt_bytes(cache.nbytes()), '']]
+    if reference:
+        rows.append([reference, str(L * N), fmt_bytes(L * N * per_entry), f'{goal:.4f}'])
+    lines += markdown_table('KV memory (keys and values of all layers, batch 1)',
+                            ['model', 'entries', 'bytes', 'val loss'], rows)
+    lines.append(f'memory reduction: {L * N / sum(chosen):.1f}x fewer KV entries (the paper counts these: '
+                 f'16x, 25x, 47x at contexts 512, 1k, 2k)')
+    return lines, [dict(step=i, entries=sum(b), val_loss=l, budgets=' '.join(map(str, b)))
+                   for i, (b, l) in enumerate(steps)]
+
+
+def budget_target(settings, full, data, N, example_len):
+    """--target as (the val loss to stay under, where it comes from, the reference model's row label or None)."""
+    target = settings.target
+    if os.path.isfile(target):  # the paper's criterion: the val loss of another model (a standard one), full cache
+        reference, _ = load_model(target, settings.device, use_kernels=settings.use_kernels)
+        goal = val_loss(reference, data, N, settings, example_len)
+        label = f'{target} ({reference.config.attention}, n_head={reference.config.n_head}), full cache'
+        return goal, f'val loss of {label}', label
+    try:
+        given = float(target)
+    except ValueError:
+        raise SystemExit(f"--target is '+0.02' (an increase), a loss like '1.95', or a checkpoint path, "
+                         f"not '{target}'") from None
+    if target.startswith('+'):
+        return full + given, f'unpruned loss {full:.4f} {target}', None
+    return given, 'given', None
+
+
+# -----------------------------------------------------------------------------------------------------------
+
+def setup(argv):
+    """The flags as a settings object, checked, with the device and dtype resolved."""
+    settings, _ = configure(argv, FLAGS, __doc__)
+    settings.device = settings.device or default_device()
+    settings.device_type = device_type_of(settings.device)
+    settings.dtype = resolve_dtype(settings.dtype, settings.device_type)
+    settings.gpu_error = ''  # the first CUDA error, kept by report.guarded
+    if min(settings.eval_windows, settings.batch_size, settings.passkey_trials) < 1:
+        raise SystemExit('eval_windows, batch_size and passkey_trials must be >= 1')
+    if not 0 < settings.shrink < 1:
+        raise SystemExit(f'--shrink is a fraction between 0 and 1, not {settings.shrink}')
+    if settings.evict not in ('F', 'window'):
+        raise SystemExit(f"--evict is 'F' (the most-masked entry leaves) or 'window' (the oldest), not "
+                         f"'{settings.evict}'")
+    depth_list(settings.depths)  # bad depths fail now, not after the val loss
+    if settings.device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py evaluates
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(settings.seed)
+    return settings
+
+
+def report(settings, name, lines, rows):
+    """Print an evaluation's tables and write them to out_dir/name.md, its numbers to out_dir/name.csv."""
+    write_report(settings, f'{name}.md', header_lines(settings) + lines)
+    write_csv(os.path.join(settings.out_dir, f'{name}.csv'), rows)
+    print(f'wrote {settings.out_dir}/{name}.md and {name}.csv')
+
+
+def main(argv):
+    settings = setup(argv)
+    paths = [p for p in settings.ckpt.split(',') if p]
+    if not paths:
+        raise SystemExit('--ckpt is a train.py checkpoint (several: comma-separated), like out/ckpt.pt')
+    if settings.budgets and len(paths) > 1:
+        raise SystemExit("--budgets searches one checkpoint's budgets: give one --ckpt")
+    runs = [load_run(path, settings) for path in paths]
+    Ts = context_list(settings, ','.join(str(runs[0].trained * m // 2) for m in (1, 2, 4, 8)))
+    trained_on_passkey = any(str(run.meta.get('dataset', '')).startswith('passkey') for run in runs)
+    if settings.loss:
+        report(settings, 'val_loss', *loss_by_context(runs, Ts, settings))
+    if settings.passkey or trained_on_passkey:
+        report(settings, 'passkey', *passkey_by_length_and_depth(runs, Ts, settings))
+    if settings.budgets:
+        report(settings, 'budgets', *selective_budgets(runs[0], settings))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,133 @@
+"""
+What bench.py and evaluate.py share: each case runs guarded, and the results become markdown tables and CSV files.
+
+A guarded case never stops the script. Out of memory reads 'OOM', a context a model cannot take (a ValueError)
+reads 'n/a', anything else 'error' with its message. Every table starts with the device, the versions and the
+command that made it, and a value may carry its ratio to a baseline measured in the same run.
+"""
+import csv
+import gc
+import os
+import platform
+import sys
+
+import torch
+
+
+def free_memory(settings):
+    gc.collect()
+    if settings.device_type == 'cuda' and not settings.gpu_error:  # after a CUDA error, any CUDA call raises it
+        torch.cuda.empty_cache()
+
+
+def guarded(fn, settings):
+    """Run one case: (result, None, '') or (None, 'OOM' | 'n/a' | 'error' | '-', message). Memory is freed after.
+    The first CUDA error (an illegal address, a failed launch) leaves the GPU unusable: it is kept in
+    settings.gpu_error, and no later case runs ('-')."""
+    if settings.gpu_error:
+        return None, '-', ''
+    result, status, message = None, None, ''
+    try:
+        result = fn()
+    except Exception as e:  # one case failing must not stop the script: record what happened and go on
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+            'out of memory' in str(e) or "can't allocate memory" in str(e)))
+        status = 'OOM' if oom else 'n/a' if isinstance(e, ValueError) else 'error'
+        message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        if status == 'error' and 'CUDA error' in str(e):
+            settings.gpu_error = message
+            message += ' (the GPU is unusable after a CUDA error: no later case runs)'
+    free_memory(settings)  # outside the except block, so the traceback no longer holds the case's tensors
+    return result, status, message
+
+
+def parse_ints(flag, text, example='1024,4k,1M'):
+    """'128,1k,1M' -> [128, 1024, 1048576]."""
+    scale = {'k': 2 ** 10, 'm': 2 ** 20}
+    try:
+        return [int(n[:-1]) * scale[n[-1].lower()] if n[-1].lower() in scale else int(n)
+                for n in text.replace(' ', '').split(',') if n]
+    except ValueError:
+        raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None
+
+
+def context_list(settings, default):
+    """--contexts, or default, as sorted lengths in tokens."""
+    Ts = sorted(set(parse_ints('contexts', settings.contexts or default)))
+    if not Ts or Ts[0] < 2:
+        raise SystemExit(f"--contexts needs lengths of at least 2 tokens, not '{settings.contexts}'")
+    return Ts
+
+
+def fmt_context(T):
+    return f'{T >> 20}M' if T % 2 ** 20 == 0 else f'{T >> 10}k' if T % 2 ** 10 == 0 else str(T)
+
+
+def fmt_bytes(n):
+    for unit, size in (('GiB', 2 ** 30), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+        if n >= size:
+            return f'{n / size:.3g} {unit}'
+    return f'{n:.3g} B'
+
+
+def fmt_rate(r):
+    for unit, size in (('M', 1e6), ('k', 1e3)):
+        if r >= size:
+            return f'{r / size:.3g}{unit}'
+    return f'{r:.3g}'
+
+
+def fmt_ratio(r):
+    return f'{r:.2g}x' if r < 10 else f'{r:.0f}x'
+
+
+FORMATS = {'bytes': fmt_bytes, 'rate': fmt_rate, 'ms': lambda seconds: f'{seconds * 1e3:.3g} ms'}
+
+
+def cell(result, key, base, unit):
+    """A case's value at key (result: a dict), with its ratio to the baseline case's (base: causal's, or SDPA's,
+    in the same run); a status ('OOM', 'n/a', 'error', '-') as it is."""
+    if not isinstance(result, dict) or result[key] is None:
+        return result if isinstance(result, str) else ''
+    ratio = f' ({fmt_ratio(result[key] / base[key])})' if isinstance(base, dict) and base[key] else ''
+    return FORMATS[unit](result[key]) + ratio
+
+
+def markdown_table(title, header, rows):
+    lines = [f'### {title}', '', '| ' + ' | '.join(header) + ' |', '|' + '---:|' * len(header)]
+    return lines + ['| ' + ' | '.join(row) + ' |' for row in rows] + ['']
+
+
+def header_lines(settings):
+    """The device, the versions and the command, so that a table says where it comes from."""
+    if settings.device_type == 'cuda':
+        total = torch.cuda.get_device_properties(settings.device).total_memory
+        name = f'{torch.cuda.get_device_name(settings.device)} ({fmt_bytes(total)})'
+    else:
+        name = f'{settings.device_type.upper()} ({platform.machine()}, {torch.get_num_threads()} threads)'
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = 'not installed'
+    return [f'device: {name} · torch {torch.__version__} · triton {triton_version} · python '
+            f'{platform.python_version()}',
+            f'command: python {os.path.basename(sys.argv[0])} {" ".join(sys.argv[1:])}', '']
+
+
+def write_report(settings, name, lines):
+    """Print the lines and write them to out_dir/name."""
+    print('\n'.join(lines))
+    os.makedirs(settings.out_dir, exist_ok=True)
+    with open(os.path.join(settings.out_dir, name), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+def write_csv(path, rows):
+    """Rows of dicts to a CSV file: whole numbers as integers, other floats to 6 significant digits, None empty."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: (str(int(v)) if v.is_integer() else f'{v:.6g}') if isinstance(v, float) else v
+                          for k, v in row.items()} for row in rows)

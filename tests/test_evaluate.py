@@ -1,0 +1,164 @@
+"""evaluate.py on tiny checkpoints: val loss by context, the passkey table, Selective Attention's budget search."""
+import csv
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import evaluate
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def tiny_dataset(folder, n_tokens):
+    """A byte-level val.bin of random tokens and its meta.pkl."""
+    folder.mkdir()
+    np.random.default_rng(0).integers(0, 256, n_tokens).astype(np.uint16).tofile(folder / 'val.bin')
+    with open(folder / 'meta.pkl', 'wb') as f:
+        pickle.dump(dict(vocab_size=257, tokenizer={'kind': 'byte'}, eot_token=256, dataset='tiny'), f)
+    return folder
+
+
+def make_checkpoint(path, attention, block_size, model=None):
+    torch.manual_seed(0)
+    args = dict(block_size=block_size, vocab_size=257, n_layer=1, n_head=2, n_embd=16, attention=attention,
+                segment_len=32)
+    if model is not None:
+        args = {k: getattr(model.config, k) for k in args}
+    model = model or GPT(GPTConfig(**args))
+    state = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}  # as torch.compile saves them
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(model_args=args, model=state, config=dict(dataset='tiny'), tokenizer={'kind': 'byte'}), path)
+    return path
+
+
+def test_val_loss_and_passkey_on_tiny_checkpoints(tmp_path, capsys):
+    data = tiny_dataset(tmp_path / 'tiny', 3000)
+    causal = make_checkpoint(str(tmp_path / 'out-causal' / 'ckpt.pt'), 'causal', 128)
+    infini = make_checkpoint(str(tmp_path / 'out-infini' / 'ckpt.pt'), 'infini', 128)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, 'evaluate.py', '--device=cpu', f'--data_dir={data}',
+                             f'--ckpt={causal},{infini}', '--contexts=128,256', '--eval_windows=3', '--batch_size=2',
+                             '--passkey=True', '--passkey_trials=1', '--depths=0,1', f'--out_dir={tmp_path}/eval'],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {(r['checkpoint'], r['context']): r for r in read_csv(tmp_path / 'eval' / 'val_loss.csv')}
+    causal_label, infini_label = 'out-causal (causal, block 128)', 'out-infini (infini, block 128)'
+    assert rows[causal_label, '256']['status'] == 'n/a'  # past block_size: a fixed context cannot
+    assert rows[infini_label, '256']['status'] == 'ok'  # infini streams past it
+    for key in [(causal_label, '128'), (infini_label, '128'), (infini_label, '256')]:
+        assert 5.0 < float(rows[key]['val_loss']) < 6.0  # an untrained model: about ln(257) = 5.55
+    passkey = read_csv(tmp_path / 'eval' / 'passkey.csv')
+    assert len(passkey) == 2 * 2 * 2 and all(r['status'] == 'ok' for r in passkey)
+    assert f'### Passkey accuracy, {infini_label}' in result.stdout
+    assert (tmp_path / 'eval' / 'val_loss.md').read_text().startswith('device: CPU')
+
+    evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={causal}', '--contexts=256', '--eval_windows=1',
+                   '--extend=True', f'--out_dir={tmp_path}/extended'])
+    assert re.search(r'\| 256 \| \d\.\d{4}\* \|', capsys.readouterr().out)  # tiled positions, marked *
+
+
+def test_val_loss_of_examples_skips_the_targets_that_start_one():
+    """As train.py does: nothing in an example predicts the first token of the next one."""
+    settings = evaluate.setup(['--device=cpu', '--eval_windows=1'])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+    data = np.random.default_rng(0).integers(0, 256, 17).astype(np.uint16)  # room for one window of 16: at 0
+    ids = torch.from_numpy(data.astype(np.int64))
+    with torch.no_grad():
+        logits, _ = model(ids[None, :16], ids[None, 1:])
+    losses = F.cross_entropy(logits[0], ids[1:], reduction='none')
+    kept = [t for t in range(16) if (t + 1) % 8]  # targets 8 and 16 start the 2nd and 3rd examples of 8 tokens
+    assert len(kept) == 14
+    assert evaluate.val_loss(model, data, 16, settings, example_len=8) == pytest.approx(losses[kept].mean().item(),
+                                                                                         rel=1e-5)
+    assert evaluate.val_loss(model, data, 16, settings) == pytest.approx(losses.mean().item(), rel=1e-5)
+
+
+class Oracle:
+    """A stand-in model whose greedy answer is the key it reads in the prompt (or a wrong one)."""
+    streams = True
+
+    def __init__(self, right):
+        self.right = right
+
+    def generate(self, idx, max_new_tokens, top_k=None):
+        key = re.search(r'pass key is (\d+)\. Remember', bytes(idx[0].tolist()).decode()).group(1)
+        key = key if self.right else key[::-1] + '0'
+        return torch.cat((idx, torch.tensor([list(key.encode())[:max_new_tokens]])), dim=1)
+
+
+def test_passkey_accuracy_scores_exact_answers():
+    from data.common import tokenizer_from_meta
+    settings = evaluate.setup(['--device=cpu', '--passkey_trials=3'])
+    tok = tokenizer_from_meta({'kind': 'byte'})
+    assert evaluate.passkey_accuracy(Oracle(right=True), tok, 300, 0.5, settings) == 1.0
+    assert evaluate.passkey_accuracy(Oracle(right=False), tok, 300, 0.5, settings) == 0.0
+
+
+def test_choose_budgets_is_greedy_and_stops_at_the_target():
+    """Each round cuts the layer whose cut costs least, and the search stops before passing the target."""
+    weights = [1.0, 0.1]  # a made-up val loss: layer 0's budget matters ten times more than layer 1's
+
+    def loss_of(budgets):
+        return sum(w / b for w, b in zip(weights, budgets))
+
+    steps = evaluate.choose_budgets([32, 32], loss_of, target=0.2)
+    (first, _), (last, loss) = steps[0], steps[-1]
+    assert first == [32, 32] and loss <= 0.2
+    assert last[1] < last[0], "the cheap layer is cut further"
+    assert all(sum(b) < sum(a) for (a, _), (b, _) in zip(steps, steps[1:]))
+    cuts = [[max(2, min(b - 1, round(0.8 * b))) if l == i else b for l, b in enumerate(last)]
+            for i in range(2) if last[i] > 2]
+    assert all(loss_of(cut) > 0.2 for cut in cuts), "stopped only when every cut fails"
+
+
+def test_budgets_end_to_end(tmp_path, capsys):
+    """--budgets on a tiny selective checkpoint whose selecting head votes hard: budgets, loss within target, KV
+    memory."""
+    data = tiny_dataset(tmp_path / 'tiny', 2000)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=16, attention='selective'))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(8.0)  # large votes, so that F and pruning really matter
+    path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'selective', 32, model)
+    evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--budgets=True',
+                   '--target=+0.05', '--shrink=0.5', '--eval_windows=2', '--batch_size=2', f'--out_dir={tmp_path}/ev'])
+    out = capsys.readouterr().out
+    assert 'reached' in out and 'fewer KV entries' in out
+    steps = read_csv(tmp_path / 'ev' / 'budgets.csv')
+    assert steps[0]['budgets'] == '32 32' and float(steps[-1]['val_loss']) <= float(steps[0]['val_loss']) + 0.05
+    assert int(steps[-1]['entries']) < 64
+    assert not (tmp_path / 'ev' / 'val_loss.csv').exists()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--ckpt='], '--ckpt is a train.py checkpoint'),
+    (['--ckpt=nowhere/ckpt.pt'], 'no checkpoint at nowhere/ckpt.pt'),
+    (['--depths=0,2'], "--depths is a comma-separated list of fractions between 0 and 1, not '0,2'"),
+    (['--shrink=1.5'], '--shrink is a fraction between 0 and 1, not 1.5'),
+    (['--ckpt=a.pt,b.pt', '--budgets=True'], "--budgets searches one checkpoint's budgets: give one --ckpt"),
+])
+def test_bad_flags_are_one_line_errors(args, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        evaluate.main(['--device=cpu'] + args)
+
+
+def test_budgets_refuse_a_checkpoint_that_is_not_selective(tmp_path):
+    data = tiny_dataset(tmp_path / 'tiny', 500)
+    path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'causal', 32)
+    with pytest.raises(SystemExit, match="--budgets prunes Selective Attention's cache; .* is 'causal'"):
+        evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--budgets=True'])
