@@ -14,8 +14,10 @@ Choices where the paper's readable text is silent (README, "InAttention"):
   - the initial state is x0 = drop(wte[token] + wpe[pos]), the exact input of block 0 (the only depth-0 state);
   - K/V projections are per layer (c_attn has the same shape as the causal baseline's, so the parameter count
     is GPT-2's plus one LayerNorm per layer); the cache is n_embd numbers per token either way (see below);
-  - positions enter through the learned table added into x0, so every key carries its absolute position and
-    nothing position-dependent is applied after the key projection (RoPE would break the absorbed decode);
+  - positions (GPTConfig.positions) enter either through the learned table added into x0, so every key carries
+    its absolute position, or as ALiBi's distance bias on the scores (Press et al. 2022, section 3), which leaves
+    keys untouched. Nothing position-dependent is applied to a key after its projection: a rotation (RoPE) there
+    would break the absorbed decode and give every layer its own key cache again, so model.py refuses it;
   - ln_kv: each layer normalises x0 with its own LayerNorm. The attention does not see its block's ln_1, so
     this is a small deviation from reusing ln_1 on x0 (2 * n_embd more parameters per layer).
 
@@ -37,6 +39,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from positions import alibi_bias, alibi_slopes
+
 
 class InAttention(nn.Module):
     streams = False
@@ -47,6 +51,9 @@ class InAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.positions = config.positions
+        if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
+            self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
         self.ln_kv = nn.LayerNorm(config.n_embd, bias=config.bias)  # normalises x0 for this layer's keys/values
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # rows: Wq, Wk, Wv
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -70,15 +77,29 @@ class InAttention(nn.Module):
             # training / evaluation: keys and values from the initial states, SDPA keeps memory linear in T
             s = self.ln_kv(x0)
             k, v = self.heads(F.linear(s, wk, bk)), self.heads(F.linear(s, wv, bv))
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
+            dropout_p = self.dropout if self.training else 0.0
+            if self.positions == 'alibi':
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(T, T, q), dropout_p=dropout_p)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             xhat = cache.update(x0, q.dtype)  # (B, L, C): all tokens so far, the new ones included
             L = xhat.size(1)  # x is the last T of these L tokens: each sees itself and what came before
-            mask = None if T == 1 else torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
-            y = (self.absorbed if cache.absorb else self.reprojected)(q, xhat, mask)
+            y = (self.absorbed if cache.absorb else self.reprojected)(q, xhat, self.mask(T, L, q))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def mask(self, T, L, q):
+        """What the last T of L tokens may see: None (all of it, one query), a boolean causal mask, or with ALiBi the
+        float mask -m_h * (i - j) with -inf on future keys (H, T, L). Cached rows sit at positions 0..L-1."""
+        if T == 1 and self.positions != 'alibi':
+            return None
+        causal = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+        if self.positions != 'alibi':
+            return causal
+        keys = torch.arange(L, device=q.device)
+        bias = alibi_bias(self.slopes, keys[L - T:], keys)
+        return bias.masked_fill(~causal, float('-inf')).to(q.dtype)
 
     def reprojected(self, q, xhat, mask):
         """Reference decode: rebuild this layer's K and V from the cached x̂0, then attend as in training."""
@@ -97,8 +118,10 @@ class InAttention(nn.Module):
         _, (wk, _), (wv, bv) = self.projections()
         qt = torch.einsum('bhtd,hdc->bhtc', q, wk.view(H, D, C)) * self.ln_kv.weight  # g * Wk^T q per head
         att = (qt.reshape(B, H * T, C) @ xhat.transpose(1, 2)).view(B, H, T, L) / math.sqrt(D)
-        if mask is not None:
+        if mask is not None and mask.dtype == torch.bool:
             att = att.masked_fill(~mask, float('-inf'))
+        elif mask is not None:  # ALiBi: the distance bias is added to the scores, as in training
+            att = att + mask
         att = att.to(torch.promote_types(att.dtype, torch.float32))  # softmax in fp32 at least (bf16 on GPU)
         att = F.softmax(att, dim=-1).to(xhat.dtype)
         ctx = (att.view(B, H * T, L) @ xhat).view(B, H, T, C) * self.ln_kv.weight  # g * sum_j w_j x̂_j

@@ -13,24 +13,42 @@ Per layer, per head, for segment s with queries, keys, values Q, K, V (N x d), s
             z_s = z_{s-1} + sum_t sigma(K_t)                           normaliser (both rules, eq. 4)
     A     = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot            gate, beta per head (eq. 6)
 
-then the heads are concatenated and go through c_proj (eq. 7). M_0 = 0 and z_0 = 0: the first segment's read
-is 0/0, which we define as 0 (the denominator is clamped, so the gradient stays finite too). Positions: RoPE
-by the position inside the segment, for the local attention only; the memory sees un-rotated sigma(Q), sigma(K)
-(the paper's memory is position-free), so nothing depends on absolute positions and the model streams forever.
-Gradients flow through M and z across the segments of a training sequence. M, z and their products are fp32
-(fp64 for fp64 inputs), autocast or not: they sum many segments.
+then the heads are concatenated and go through c_proj (eq. 7); all of it is the paper's section 2.1. M_0 = 0
+and z_0 = 0: the first segment's read is 0/0, which we define as 0 (the denominator is clamped, so the gradient
+stays finite too). Positions: RoPE by the position inside the segment, for the local attention only; the memory
+sees un-rotated sigma(Q), sigma(K) (the paper's memory is position-free), so nothing depends on absolute
+positions and the model streams forever. Gradients flow through M and z across the segments of a training
+sequence. M, z and their products are fp32 (fp64 for fp64 inputs), autocast or not: they sum many segments.
 
-The reference, `infini_attention(q, k, v, beta, segment_len, update, M=None, z=None, dropout_p=0.0)`:
+Three options that are not in the paper (GPTConfig fields; each default is the paper). docs/infini.md measures
+what they do on passkey retrieval.
+
+    feature_scale   sigma(x) = ELU(feature_scale * x) + 1. A read is an average of everything stored, weighted
+                    by sigma(q).sigma(k_j) (memory_weights below). With the paper's sigma those weights are
+                    flat, so on inputs longer than training the filler's share grows and drowns the needle.
+                    A larger scale makes the weights sharper (4 is what docs/infini.md uses).
+    memory_boost    training only: the first segment's write into M and z counts 1 + U(0, memory_boost) times,
+                    drawn per sequence (and layer), as if that text had been repeated. Training inputs are
+                    short, so the memory only ever holds a few segments; the boost shows the model memories as
+                    crowded as a long input's, and the model must learn keys that still stand out.
+    memory_read     'on' (eq. 6), or an ablation: 'off' sets A_mem = 0 and keeps the gate, so a head outputs
+                    (1 - sigmoid(beta)) A_dot; 'local' forces the gate to 0, so a head outputs A_dot alone.
+                    'off' removes exactly what the memory adds; 'local' keeps each head's output at full
+                    scale. Neither is what the model was trained with; a model trained with 'local' is the
+                    fair control (it has learned to do without memory).
+
+The reference, `infini_attention(q, k, v, beta, segment_len, update, M=None, z=None, dropout_p=0.0, ...)`:
     q     (B, H, Tq, d)  queries (un-rotated) of the LAST Tq of the T positions of k and v
     k, v  (B, H, T, d)   keys (un-rotated) and values; position 0 of k is the first token of a segment
     beta  (H,)           gate logits
     M, z  (B, H, d, d), (B, H, d)   memory after the segments before k (None: empty)
+    feature_scale, memory_read      the options above; first_segment_repeats (B,) or None: memory_boost's draw
     returns y (B, H, Tq, d), and M, z after writing every COMPLETE segment of k, v (a trailing partial segment
     is not written: the cache keeps its keys and values until it is full). A training forward is Tq = T, M = None.
 The streaming cache calls the same function with k, v = [this layer's cached partial segment, new tokens].
-`fast_infini_attention` below has the same signature and results; it runs the memory as one Triton kernel
-(kernels.infini_memory) and is used on CUDA when `kernels.infini_available(q)` says so and config.use_kernels
-is set.
+`fast_infini_attention` below has the same signature and results (without dropout and memory_boost); it runs
+the memory as one Triton kernel (kernels.infini_memory) and is used on CUDA when `kernels.infini_available(q)`
+says so and config.use_kernels is set.
 """
 
 import torch
@@ -43,14 +61,16 @@ except ImportError:  # kernels.py needs triton; without it the reference below r
     kernels = None
 
 UPDATES = ('linear', 'delta')
+MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, the gate forced to 0 (module docstring)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The reference: a loop over segments, the paper's equations in order.
 
-def sigma(x):
-    """ELU + 1: a positive feature map, so sigma(Q) z > 0 once anything is stored (the paper's choice)."""
-    return F.elu(x) + 1
+def sigma(x, feature_scale=1.0):
+    """ELU + 1, a positive feature map, so sigma(Q) z > 0 once anything is stored (the paper's choice, scale 1).
+    feature_scale > 1 sharpens it (not in the paper; module docstring)."""
+    return F.elu(x * feature_scale if feature_scale != 1.0 else x) + 1
 
 
 def memory_dtype(x):
@@ -62,16 +82,41 @@ def no_autocast(x):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def memory_read(sq, M, z):
+def read_memory(sq, M, z):
     """A_mem = sigma(Q) M / (sigma(Q) z), row-wise (eq. 3). An empty memory (z = 0) reads 0, not 0/0."""
     return (sq @ M) / (sq @ z.unsqueeze(-1)).clamp_min(1e-6)
 
 
-def memory_update(sk, v, M, z, update):
-    """Write one segment: sk = sigma(K), v = V (B, H, N, d) into M (B, H, d, d) and z (B, H, d) (eq. 4, 5)."""
+def write_memory(sk, v, M, z, update, repeats=None):
+    """Write one segment: sk = sigma(K), v = V (B, H, N, d) into M (B, H, d, d) and z (B, H, d) (eq. 4, 5).
+    repeats (B,) or None: memory_boost's draw, the write counts that many times per sequence (not in the paper)."""
     if update == 'delta':
-        v = v - memory_read(sk, M, z)  # store only what the memory does not already return for these keys
+        v = v - read_memory(sk, M, z)  # store only what the memory does not already return for these keys
+    if repeats is not None:
+        sk = sk * repeats.view(-1, 1, 1, 1)  # scales both sigma(K)^T V and sum_t sigma(K_t)
     return M + sk.transpose(-1, -2) @ v, z + sk.sum(dim=-2)
+
+
+def memory_weights(sq, sk):
+    """How much each stored token weighs in a read: w_j = sigma(q).sigma(k_j) / sum_i sigma(q).sigma(k_i).
+
+    sq (..., Tq, d) are sigma(queries), sk (..., Tk, d) sigma of every key written so far; returns (..., Tq, Tk),
+    rows summing to 1. The denominator is eq. 3's sigma(q) z exactly. Under the linear rule the read is
+    A_mem = sum_j w_j v_j, an average of the stored values (tested); under the delta rule the same weights fall
+    on what each token wrote, its value minus what the memory already returned for its key. docs/infini.md
+    measures the share of these weights that falls on a passkey's tokens, by input length."""
+    scores = sq @ sk.transpose(-1, -2)
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def gated_output(a_mem, a_dot, beta, memory_read='on'):
+    """A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot per head (eq. 6), or an ablation (MEMORY_READS)."""
+    if memory_read == 'local':
+        return a_dot
+    gate = torch.sigmoid(beta).view(1, -1, 1, 1)
+    if memory_read == 'off':
+        return (1 - gate) * a_dot
+    return gate * a_mem + (1 - gate) * a_dot
 
 
 def rope(x, start):
@@ -95,14 +140,14 @@ def local_attention(q, k, v, q_start, dropout_p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0):
+def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0,
+                     feature_scale=1.0, memory_read='on', first_segment_repeats=None):
     """Infini-attention over a sequence starting at a segment boundary (signature: module docstring)."""
     B, H, T, D = k.shape
     offset = T - q.size(-2)  # position (in k) of the first query
     if M is None:
         M = k.new_zeros(B, H, D, D, dtype=memory_dtype(k))
         z = k.new_zeros(B, H, D, dtype=memory_dtype(k))
-    gate = torch.sigmoid(beta).view(1, H, 1, 1)
     ys = []
     for s in range(0, T, segment_len):
         e = min(s + segment_len, T)
@@ -112,11 +157,14 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
             qs = q[:, :, first - offset:e - offset]
             a_dot = local_attention(qs, ks, vs, first - s, dropout_p)  # eq. 2
             with no_autocast(q):
-                a_mem = memory_read(sigma(qs.to(M.dtype)), M, z).to(a_dot.dtype)  # eq. 3, M_{s-1}: before the update
-            ys.append((gate * a_mem + (1 - gate) * a_dot).to(q.dtype))  # eq. 6 (fp32 gate: back to q's dtype)
+                sq = sigma(qs.to(M.dtype), feature_scale)
+                a_mem = read_memory(sq, M, z).to(a_dot.dtype)  # eq. 3, M_{s-1}: before the update
+            ys.append(gated_output(a_mem, a_dot, beta, memory_read).to(q.dtype))  # eq. 6 (fp32 gate: q's dtype)
         if e - s == segment_len:  # a complete segment goes into the memory; a partial one waits in the cache
+            repeats = first_segment_repeats if s == 0 else None  # memory_boost (training only)
             with no_autocast(q):
-                M, z = memory_update(sigma(ks.to(M.dtype)), vs.to(M.dtype), M, z, update)  # eq. 4 or 5
+                sk = sigma(ks.to(M.dtype), feature_scale)
+                M, z = write_memory(sk, vs.to(M.dtype), M, z, update, repeats)  # eq. 4 or 5
     return torch.cat(ys, dim=2), M, z
 
 
@@ -132,9 +180,9 @@ def causal_sdpa(q, k, v):
     of at most SDPA_MAX_HEADS blocks and fail past it, which folded segments reach (T > 349k at H=12, N=64)."""
     if q.size(1) <= SDPA_MAX_HEADS:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    heads = range(0, q.size(1), SDPA_MAX_HEADS)
+    starts = range(0, q.size(1), SDPA_MAX_HEADS)
     return torch.cat([F.scaled_dot_product_attention(q[:, h:h + SDPA_MAX_HEADS], k[:, h:h + SDPA_MAX_HEADS],
-                                                     v[:, h:h + SDPA_MAX_HEADS], is_causal=True) for h in heads],
+                                                     v[:, h:h + SDPA_MAX_HEADS], is_causal=True) for h in starts],
                      dim=1)
 
 
@@ -154,13 +202,16 @@ def segment_attention(q, k, v, segment_len):
     return y.reshape(B, H, n_segments * segment_len, D)[:, :, offset:T]  # fp32 SDPA gives a (B, N, H, D) layout
 
 
-def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, block_t=None):
-    """infini_attention without dropout, through the Triton memory kernel: same signature, same results.
+def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, block_t=None,
+                          feature_scale=1.0, memory_read='on'):
+    """infini_attention without dropout or memory_boost, through the Triton memory kernel: same results.
     block_t: rows of a segment per step of the kernel (default kernels.BLOCK_T; the tests make it small)."""
-    a_mem, M, z = kernels.infini_memory(q, k, v, M, z, segment_len, update, block_t or kernels.BLOCK_T)  # eq. 3-5
+    # the kernel applies the paper's sigma to what it is given: sigma(scale * x) is the kernel's sigma of
+    # scale * x, so the memory gets scaled queries and keys, the local attention the model's own
+    qm, km = (q, k) if feature_scale == 1.0 else (q * feature_scale, k * feature_scale)
+    a_mem, M, z = kernels.infini_memory(qm, km, v, M, z, segment_len, update, block_t or kernels.BLOCK_T)  # eq. 3-5
     a_dot = segment_attention(q, k, v, segment_len)  # eq. 1-2
-    gate = torch.sigmoid(beta).view(1, -1, 1, 1)
-    return (gate * a_mem.to(a_dot.dtype) + (1 - gate) * a_dot).to(q.dtype), M, z  # eq. 6
+    return gated_output(a_mem.to(a_dot.dtype), a_dot, beta, memory_read).to(q.dtype), M, z  # eq. 6
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,12 +228,21 @@ class InfiniAttention(nn.Module):
             raise ValueError(f"segment_len={config.segment_len} must be a positive number of tokens")
         if (config.n_embd // config.n_head) % 2:
             raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {config.n_embd // config.n_head}")
+        if config.memory_read not in MEMORY_READS:
+            raise ValueError(f"unknown memory_read '{config.memory_read}', choose one of: {', '.join(MEMORY_READS)}")
+        if not config.feature_scale > 0:
+            raise ValueError(f"feature_scale={config.feature_scale} must be positive (1 is the paper's sigma)")
+        if not config.memory_boost >= 0:
+            raise ValueError(f"memory_boost={config.memory_boost} must be 0 (off) or positive")
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.segment_len = config.segment_len
         self.update = config.memory_update
+        self.feature_scale = config.feature_scale
+        self.memory_boost = config.memory_boost
+        self.memory_read = config.memory_read
         self.use_kernels = config.use_kernels
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -207,10 +267,15 @@ class InfiniAttention(nn.Module):
 
     def attend(self, q, k, v, M=None, z=None):
         dropout_p = self.dropout if self.training else 0.0
-        if (self.use_kernels and dropout_p == 0.0 and getattr(kernels, 'infini_available', None) is not None
-                and kernels.infini_available(q)):
-            return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z)
-        return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p)
+        repeats = None
+        if self.training and self.memory_boost > 0 and M is None:  # a training sequence: boost its first write
+            repeats = 1 + self.memory_boost * torch.rand(q.size(0), device=q.device, dtype=memory_dtype(q))
+        if (self.use_kernels and dropout_p == 0.0 and repeats is None
+                and getattr(kernels, 'infini_available', None) is not None and kernels.infini_available(q)):
+            return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z,
+                                         feature_scale=self.feature_scale, memory_read=self.memory_read)
+        return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p,
+                                self.feature_scale, self.memory_read, repeats)
 
     def extra_log(self):
         """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory."""

@@ -10,15 +10,25 @@ Config (GPTConfig fields used here):
   selection_head  the head whose logits make the votes (paper: head 0)
   selection_fn    'relu' (paper), 'softplus' or 'sigmoid': the nonlinearity turning logits into votes
   selection_loss  weight of the auxiliary memory loss (0 = off); it pushes the model to mask more
-  use_kernels     use the fused Triton kernel of kernels.py where it applies (CUDA, relu, no budget)
+  use_kernels     use the fused Triton kernel of kernels.py where it applies (CUDA, relu, no budget, no alibi)
+  positions       'learned' (the model's table), 'rope' (queries and keys rotated before the logits) or 'alibi'
+                  (a distance bias added to every head's logits after F is subtracted). The votes always come
+                  from the content logits q.k / sqrt(d), after any rotation and before any additive bias: the
+                  selecting head votes on what a token says, not on how far away it is.
 
 Inference-only options: SelectiveCache(..., budget=K) prunes each layer to K entries while decoding; setting
 `attn.budget = K` on a module simulates that pruning in one parallel forward (used to measure pruned val loss).
+The eviction rule is evict='F' (the most-masked entry goes, the method's own) or evict='window' (the oldest goes:
+the first token plus a sliding window of the latest K-1, the baseline that tells F's part from recency's); set
+`attn.evict` to simulate it. Every cached entry keeps its absolute position, so rope and alibi stay exact after
+evictions.
 """
 
 import torch
 import torch.nn as nn
 from torch.nn.functional import dropout, pad, softplus
+
+from positions import alibi_bias, alibi_slopes, rope
 
 try:
     import kernels
@@ -26,6 +36,7 @@ except ImportError:  # kernels.py needs triton; without it the reference below r
     kernels = None
 
 SELECTION_FNS = {'relu': torch.relu, 'softplus': softplus, 'sigmoid': torch.sigmoid}
+EVICTIONS = ('F', 'window')  # what a budgeted cache evicts: the most masked entry, or the oldest
 MEMORY_TAU = 1.0  # tau of the memory loss: a token counts as gone once its F reaches tau
 CHUNK = 1024  # queries a cached forward scores at a time: chunk x (held + chunk) logits, never T x T
 
@@ -59,7 +70,9 @@ def selection_matrix(logits, selection_fn='relu'):
     return votes(logits, positions[:, None], positions[None, :], selection_fn)
 
 
-@torch.compiler.disable  # Inductor's scan codegen failed on this cumsum at some lengths (digest 4.2): keep it eager
+# Figure 2's caption warns that the sketch can "interfere with compiler optimizations": Inductor's scan codegen
+# failed on this cumsum at some lengths (torch 2.11), so it stays eager
+@torch.compiler.disable
 def accumulated_masks(S):
     """F[i, j] = sum_{k < i} S[k, j]: Figure 2's "mask strictly in the future" (roll S down one query) + "accumulate".
 
@@ -69,15 +82,21 @@ def accumulated_masks(S):
     return pad(S.cumsum(dim=-2)[..., :-1, :], (0, 0, 1, 0))
 
 
-def eviction_schedule(F, budget, n_held=0):
+def eviction_scores(F, evict):
+    """What a budgeted cache evicts by: F itself, or all zeros for the sliding window (ties go to the oldest)."""
+    return F if evict == 'F' else torch.zeros_like(F)
+
+
+def eviction_schedule(F, budget, n_held=0, evict='F'):
     """keep[b, i, j]: whether token j is still in a `budget`-entry cache when query i runs.
 
     The cache's rule, replayed on F (B, queries, tokens): query i's token enters; if the cache is then over budget,
     the entry with the largest F[i] (the most masked) leaves, never token 0 or the new one, ties to the oldest
     (tokens are in position order and argmax returns the first maximum). F only grows, so an evicted token would
     never have come back. From an empty cache F is T x T; a cache already holding n_held tokens (the first n_held
-    columns) gets query i's token as column n_held + i.
+    columns) gets query i's token as column n_held + i. evict='window' scores every entry 0: the oldest leaves.
     """
+    F = eviction_scores(F, evict)
     B, T, N = F.shape
     held = torch.zeros(B, N, dtype=torch.bool, device=F.device)
     held[:, :n_held] = True
@@ -94,14 +113,18 @@ def eviction_schedule(F, budget, n_held=0):
     return keep
 
 
-def selective_attention(q, k, v, selection_head=0, selection_fn='relu', budget=None, dropout_p=0.0):
-    """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D). budget: simulate a pruned cache (or None)."""
+def selective_attention(q, k, v, selection_head=0, selection_fn='relu', budget=None, dropout_p=0.0, bias=None,
+                        evict='F'):
+    """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D). budget: simulate a pruned cache (or None)
+    that evicts by `evict`. bias: added to every head's logits after selection (ALiBi's (H, T, T)), or None."""
     logits = causal_logits(q, k)
     # Figure 2: "select head 0": S comes from one head's scaled, causally masked logits; no new parameters
     F = accumulated_masks(selection_matrix(logits[:, selection_head], selection_fn))
     logits = logits - F[:, None]  # "apply selection": F is subtracted from every head, the selecting one too
+    if bias is not None:
+        logits = logits + bias
     if budget is not None and budget < q.size(-2):
-        logits = logits.masked_fill(~eviction_schedule(F, budget)[:, None], float('-inf'))
+        logits = logits.masked_fill(~eviction_schedule(F, budget, evict=evict)[:, None], float('-inf'))
     att = torch.softmax(logits, dim=-1)  # row i always keeps token 0 (F = 0 there): never all -inf
     if dropout_p > 0.0:
         att = dropout(att, dropout_p)
@@ -130,19 +153,38 @@ class SelectiveAttention(nn.Module):
         self.selection_fn = config.selection_fn
         self.selection_loss = config.selection_loss
         self.use_kernels = config.use_kernels
+        self.positions = config.positions
         self.budget = None  # set by a caller to evaluate pruning in parallel (eviction_schedule)
+        self.evict = 'F'    # the eviction rule that simulation replays: 'F' or 'window'
         self.aux_loss = 0.0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
+            self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
-    def forward(self, x, x0, cache=None):
+    def qkv(self, x, start):
+        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at positions start.., rotated with rope."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
+            positions = torch.arange(start, start + T, device=x.device)
+            q, k = rope(q, positions), rope(k, positions)
+        return q, k, v
+
+    def selection_masks(self, x):
+        """F (B, T, T) of this layer for its input x (B, T, C, after ln_1): how masked each token is at each query.
+        For inspection (experiments/selective_synthetic.py counts the tokens left unmasked)."""
+        q, k, _ = self.qkv(x, 0)
+        return self.head_masks(q, k)[1]
+
+    def forward(self, x, x0, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.qkv(x, 0 if cache is None else cache.length)
         self.aux_loss = 0.0
         if cache is None:
-            y = self.attend(q, k, v, self.budget)
+            y = self.attend(q, k, v, self.budget, evict=self.evict)
             if self.training and self.selection_loss > 0:
                 self.aux_loss = self.memory_loss(q, k)
         elif cache.length == 0 and cache.budget[self.layer_idx] is None:  # a prefill with nothing to evict
@@ -156,13 +198,21 @@ class SelectiveAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q, k, v, budget, vote_totals=False):
+    def distance_bias(self, query_positions, key_positions):
+        """ALiBi's bias for these queries and keys (positions.alibi_bias), or None without alibi."""
+        if self.positions != 'alibi':
+            return None
+        return alibi_bias(self.slopes, query_positions, key_positions)
+
+    def attend(self, q, k, v, budget, vote_totals=False, evict='F'):
         """Selective attention of q, k, v; with vote_totals also S's column sums (B, T), the F a cache keeps."""
         dropout_p = self.dropout if self.training else 0.0
         if (self.use_kernels and kernels is not None and budget is None and dropout_p == 0.0
-                and self.selection_fn == 'relu' and kernels.selective_available(q)):
+                and self.selection_fn == 'relu' and self.positions != 'alibi' and kernels.selective_available(q)):
             return kernels.selective_attention(q, k, v, self.selection_head, vote_totals=vote_totals)
-        y = selective_attention(q, k, v, self.selection_head, self.selection_fn, budget, dropout_p)
+        positions = torch.arange(q.size(-2), device=q.device)
+        y = selective_attention(q, k, v, self.selection_head, self.selection_fn, budget, dropout_p,
+                                self.distance_bias(positions, positions), evict)
         return (y, self.vote_totals(q, k)) if vote_totals else y
 
     def head_masks(self, q, k):
@@ -175,7 +225,8 @@ class SelectiveAttention(nn.Module):
         """Auxiliary memory loss: epsilon * (max over queries of the soft count of unmasked tokens) / (L * T).
 
         Query i sees i+1 tokens, a token with F >= tau counts as gone: M_i = (i+1) - sum_j min(F[i,j], tau) / tau.
-        Summed over layers by GPT, this is L_mem as the public reimplementations write it (digest 2.6), tau = 1.
+        Summed over layers by GPT, this is the paper's auxiliary memory loss L_mem (its context-pruning section),
+        with tau = 1 as public reimplementations set it.
         """
         T = q.size(-2)
         _, F = self.head_masks(q, k)
@@ -193,21 +244,25 @@ class SelectiveAttention(nn.Module):
         return total
 
     def extend(self, cache, q, k, v, start):
-        """Tokens at positions start.. (q, k, v: (B, H, C, D)) against the cache, with exactly the results of C
-        decode steps: their votes accumulate down the chunk and the cache's eviction rule is replayed on them."""
-        layer, C = self.layer_idx, q.size(-2)
+        """Tokens at positions start.. (q, k, v: (B, H, n_new, D)) against the cache, with exactly the results of
+        n_new decode steps: their votes accumulate down the chunk and the cache's eviction rule is replayed on them."""
+        layer, n_new = self.layer_idx, q.size(-2)
         K, V, f, pos = cache.held(layer, k)
         n = pos.size(1)
-        positions = torch.arange(start, start + C, device=q.device)
+        positions = torch.arange(start, start + n_new, device=q.device)
         K, V = torch.cat([K, k], dim=2), torch.cat([V, v], dim=2)
-        pos = torch.cat([pos, positions.expand(q.size(0), C)], dim=1)
-        logits = (q @ K.transpose(-1, -2)).to(f.dtype) * q.size(-1) ** -0.5  # (B, H, C, n + C)
+        pos = torch.cat([pos, positions.expand(q.size(0), n_new)], dim=1)
+        logits = (q @ K.transpose(-1, -2)).to(f.dtype) * q.size(-1) ** -0.5  # (B, H, n_new, n + n_new)
         S = votes(logits[:, self.selection_head], positions[:, None], pos[:, None, :], self.selection_fn)
-        F = pad(f, (0, C))[:, None] + accumulated_masks(S)  # the cached F, then the chunk's own votes
+        F = pad(f, (0, n_new))[:, None] + accumulated_masks(S)  # the cached F, then the chunk's own votes
         visible = pos[:, None, :] <= positions[:, None]
-        if cache.budget[layer] is not None and n + C > cache.budget[layer]:
-            visible &= eviction_schedule(F, cache.budget[layer], n)
-        att = torch.softmax((logits - F[:, None]).masked_fill(~visible[:, None], float('-inf')), dim=-1)
+        if cache.budget[layer] is not None and n + n_new > cache.budget[layer]:
+            visible &= eviction_schedule(F, cache.budget[layer], n, cache.evict)
+        scores = logits - F[:, None]
+        bias = self.distance_bias(positions, pos)  # by each held entry's own position, evictions or not
+        if bias is not None:
+            scores = scores + bias
+        att = torch.softmax(scores.masked_fill(~visible[:, None], float('-inf')), dim=-1)
         cache.store(layer, K, V, F[:, -1] + S[:, -1], visible[:, -1], pos)  # what the next query sees
         return att.to(v.dtype) @ V
 
@@ -216,7 +271,11 @@ class SelectiveAttention(nn.Module):
         K, V, f, pos = cache.insert(self.layer_idx, k, v, position)  # evicts first if over budget
         logits = (q @ K.transpose(-1, -2)).to(f.dtype) * q.size(-1) ** -0.5
         logits = logits.masked_fill((pos < 0)[:, None, None], float('-inf'))  # empty slots
-        att = torch.softmax(logits - f[:, None, None], dim=-1)
+        scores = logits - f[:, None, None]
+        bias = self.distance_bias(torch.tensor([position], device=q.device), pos)  # (B, H, 1, slots)
+        if bias is not None:
+            scores = scores + bias
+        att = torch.softmax(scores, dim=-1)
         # this token's votes (row i of S): never for the first token nor itself, counted from the next query on
         S = SELECTION_FNS[self.selection_fn](logits[:, self.selection_head, 0])
         f += S.masked_fill((pos <= 0) | (pos == position), 0.0)
@@ -231,10 +290,14 @@ class SelectiveCache:
 
     budget: None (keep everything, up to max_len), an int for every layer, or a list of one int per layer.
     A budget counts the first token and the current one, so it is at least 2.
+    evict: 'F' (the most-masked entry leaves) or 'window' (the oldest leaves: first token + sliding window).
     """
     last_token_only = False
 
-    def __init__(self, config, batch_size, max_len, budget=None):
+    def __init__(self, config, batch_size, max_len, budget=None, evict='F'):
+        if evict not in EVICTIONS:
+            raise ValueError(f"unknown evict '{evict}', choose one of: {', '.join(EVICTIONS)}")
+        self.evict = evict
         budgets = budget if isinstance(budget, (list, tuple)) else [budget] * config.n_layer
         if len(budgets) != config.n_layer:
             raise ValueError(f"budget lists {len(budgets)} values for {config.n_layer} layers; give one per layer "
@@ -290,7 +353,7 @@ class SelectiveCache:
             raise ValueError(f"selective cache holds {self.slots[layer]} tokens, {position + 1} asked for")
         else:
             # context pruning: evict the most-masked token (largest F), never the first; ties to the oldest
-            candidates = f.masked_fill(pos == 0, float('-inf'))
+            candidates = eviction_scores(f, self.evict).masked_fill(pos == 0, float('-inf'))
             most = candidates == candidates.max(dim=1, keepdim=True).values
             slot = pos.masked_fill(~most, position).argmin(dim=1)
         rows = torch.arange(k.size(0), device=k.device)

@@ -137,6 +137,8 @@ def load_checkpoint(path):
     if reason:
         raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from another "
                          f"program: train again or point at another file")
+    # checkpoints written before GPTConfig had a positions field all used GPT-2's learned table
+    checkpoint['model_args'].setdefault('positions', 'learned')
     # a compiled model's state_dict names its weights _orig_mod.*
     checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
     return checkpoint

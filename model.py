@@ -24,9 +24,13 @@ The attention interface (every attention file implements it):
   Attention.streams                     True when the attention has no context limit (Infini-attention): it
                                         then brings its own positions and the model has no position table.
 
-Positions: a learned absolute table (GPT-2's wpe) added to the initial states, as InAttention's cache needs
-(positions must live in x0); Infini-attention streams past block_size, so it instead rotates queries and keys
-inside each segment (RoPE) and keeps its memory position-free, as its paper does.
+Positions (GPTConfig.positions, helpers in positions.py): 'learned' adds GPT-2's table (wpe) to the initial
+states; 'rope' rotates queries and keys by their position; 'alibi' adds a distance bias to the scores. Without
+'learned' there is no table. Each attention takes the schemes its cache allows (ATTENTION_POSITIONS, whose
+first entry is its default):
+InAttention keeps one cache of initial states for all layers, so a position must live in x0 or in the scores,
+never in a rotated key. Infini-attention streams past block_size, so it always rotates queries and keys inside
+each segment (RoPE) and keeps its memory position-free, as its paper does: the field does not change it.
 """
 
 import inspect
@@ -40,8 +44,22 @@ from torch.nn import functional as F
 from attention_in import InAttention, InCache
 from attention_infini import InfiniAttention, InfiniCache
 from attention_selective import SelectiveAttention, SelectiveCache
+from positions import POSITIONS, alibi_bias, alibi_slopes, rope
 
 ATTENTIONS = ('causal', 'in', 'infini', 'selective')
+# the position schemes each attention takes, and why it refuses the others
+# the position schemes each attention takes, its default first, and why it refuses the others. The defaults are
+# what the numbers say (docs/selective.md, docs/inattention.md): at train.py's CPU defaults, rotary positions
+# beat the learned table by about 0.5 nats for causal and selective, and ALiBi beats it by 0.23 for InAttention
+ATTENTION_POSITIONS = {
+    'causal': (('rope', 'alibi', 'learned'), ''),
+    'selective': (('rope', 'alibi', 'learned'), ''),
+    'in': (('alibi', 'learned'), "InAttention keeps one cache of initial states x0 for every layer and folds each "
+           "layer's key projection into its query (the absorbed decode); a rotation applied after the key "
+           "projection would need a key cache per layer again"),
+    'infini': (('rope', 'learned'), "Infini-attention always brings its own positions, RoPE inside each segment "
+               "with a position-free memory; 'rope' and 'learned' both leave it so"),
+}
 LOSS_PIECE = 2 ** 31 - 1  # logits per cross-entropy call: CUDA's kernel indexes them with int32
 
 
@@ -60,15 +78,29 @@ class GPTConfig:
     segment_len: int = 64
     memory_update: str = 'delta'
     gate_lr_mult: float = 10.0
+    # infini, not in the paper (attention_infini.py, docs/infini.md): sigma(x) = ELU(feature_scale * x) + 1; the
+    # first segment's write counts 1 + U(0, memory_boost) times in training; memory_read 'on', 'off' or 'local'
+    feature_scale: float = 1.0
+    memory_boost: float = 0.0
+    memory_read: str = 'on'
     # selective: the head whose logits select (paper: head 0), the auxiliary memory loss weight (0 = off), and
     # the nonlinearity turning logits into votes ('relu' as in the paper, 'softplus', 'sigmoid')
     selection_head: int = 0
     selection_loss: float = 0.0
     selection_fn: str = 'relu'
+    # how tokens know their position: 'learned' (GPT-2's table), 'rope' (rotary) or 'alibi' (distance bias)
+    positions: str = ''  # '' = the attention's default, the first of ATTENTION_POSITIONS
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention '{self.attention}', choose one of: {', '.join(ATTENTIONS)}")
+        allowed, why = ATTENTION_POSITIONS[self.attention]
+        self.positions = self.positions or allowed[0]
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown positions '{self.positions}', choose one of: {', '.join(POSITIONS)}")
+        if self.positions not in allowed:
+            raise ValueError(f"attention='{self.attention}' cannot take positions='{self.positions}': {why}; "
+                             f"choose one of: {', '.join(allowed)}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
 
@@ -108,24 +140,34 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.positions = config.positions
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
+            self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
     def forward(self, x, x0, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
-        else:
+        start = 0 if cache is None else cache.length
+        positions = torch.arange(start, start + T, device=x.device)
+        if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
+            q, k = rope(q, positions), rope(k, positions)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)
-            if T == k.size(2):  # prefill of an empty cache: the flash path, no T x T mask in memory
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.positions == 'alibi':  # the distance bias, with -inf on future keys, as one float mask
+            keys = torch.arange(k.size(2), device=x.device)
+            bias = alibi_bias(self.slopes, positions, keys).masked_fill(~causal_mask(T, k.size(2), x.device),
+                                                                        float('-inf'))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+        elif cache is None or T == k.size(2):  # training, or prefill of an empty cache: no T x T mask in memory
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -196,7 +238,8 @@ class GPT(nn.Module):
         self.streams = attention_class.streams
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=None if self.streams else nn.Embedding(config.block_size, config.n_embd),
+            wpe=(nn.Embedding(config.block_size, config.n_embd)
+                 if config.positions == 'learned' and not self.streams else None),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -296,6 +339,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, **cache_options):
         """Sample max_new_tokens after idx (b, t), with the attention's cache: the prefix is never recomputed.
+        temperature=0 takes the most likely token each step (greedy decoding).
 
         Attentions with a context limit keep nanoGPT's semantics past block_size: the context is the last
         block_size tokens, so the cache is rebuilt from that window each step. Streaming ones never crop, and
@@ -316,7 +360,11 @@ class GPT(nn.Module):
                     logits, _ = self(context[:, start:start + step], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
-            logits = logits[:, -1, :].float() / temperature  # bf16 would tie close logits, even for top_k=1
+            logits = logits[:, -1, :].float()  # fp32: bf16 would tie close logits, even for top_k=1
+            if temperature == 0:  # greedy decoding: the most likely token
+                idx = torch.cat((idx, logits.argmax(dim=-1, keepdim=True)), dim=1)
+                continue
+            logits = logits / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float('Inf')

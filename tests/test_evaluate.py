@@ -1,5 +1,6 @@
 """evaluate.py on tiny checkpoints: val loss by context, the passkey table, Selective Attention's budget search."""
 import csv
+import dataclasses
 import os
 import pickle
 import re
@@ -40,7 +41,8 @@ def make_checkpoint(path, attention, block_size, model=None):
     model = model or GPT(GPTConfig(**args))
     state = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}  # as torch.compile saves them
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(dict(model_args=args, model=state, config=dict(dataset='tiny'), tokenizer={'kind': 'byte'}), path)
+    torch.save(dict(model_args=dataclasses.asdict(model.config), model=state, config=dict(dataset='tiny'),
+                    tokenizer={'kind': 'byte'}), path)
     return path
 
 

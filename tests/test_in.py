@@ -22,9 +22,10 @@ def model64(**kw):
     return model
 
 
-@pytest.mark.parametrize('absorb', [True, False])
-def test_cached_logits_equal_full_forward(absorb):
-    model = model64()
+@pytest.mark.parametrize('absorb,positions', [(True, 'learned'), (False, 'learned'), (True, 'alibi'),
+                                             (False, 'alibi')])
+def test_cached_logits_equal_full_forward(absorb, positions):
+    model = model64(positions=positions)
     idx = torch.randint(0, 23, (2, 30))
     cache = model.new_cache(2, absorb=absorb)
     model(idx[:, :7], cache=cache)
@@ -37,9 +38,10 @@ def test_cached_logits_equal_full_forward(absorb):
         torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
 
 
-def test_absorbed_equals_reprojected_with_targets():
+@pytest.mark.parametrize('positions', ['learned', 'alibi'])
+def test_absorbed_equals_reprojected_with_targets(positions):
     """With targets every new token runs the blocks (T > 1 queries, masked): both paths, every position."""
-    model = model64()
+    model = model64(positions=positions)
     idx = torch.randint(0, 23, (1, 20))
     full, _ = model(idx, idx)
     for absorb in (True, False):
@@ -49,9 +51,9 @@ def test_absorbed_equals_reprojected_with_targets():
         torch.testing.assert_close(torch.cat((first, rest), 1), full, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('absorb', [True, False])
-def test_cached_greedy_generation_equals_recomputation(absorb):
-    model = model64()
+@pytest.mark.parametrize('absorb,positions', [(True, 'learned'), (False, 'learned'), (True, 'alibi')])
+def test_cached_greedy_generation_equals_recomputation(absorb, positions):
+    model = model64(positions=positions)
     prompt = torch.randint(0, 23, (2, 5))
     out = model.generate(prompt, 40, top_k=1, absorb=absorb)  # past block_size=32: cropped, cache rebuilt
     ref = prompt
@@ -64,7 +66,7 @@ def test_cached_greedy_generation_equals_recomputation(absorb):
 def test_one_layer_equals_causal_attention():
     """With one layer, keys/values from x0 are keys/values from the block's input: plain causal attention."""
     torch.manual_seed(0)
-    causal = GPT(tiny(attention='causal', n_layer=1)).double().eval()
+    causal = GPT(tiny(attention='causal', n_layer=1, positions='alibi')).double().eval()  # in's default positions
     inatt = GPT(tiny(n_layer=1)).double().eval()
     state = causal.state_dict()
     state['transformer.h.0.attn.ln_kv.weight'] = state['transformer.h.0.ln_1.weight']

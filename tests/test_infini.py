@@ -3,7 +3,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from attention_infini import gate_values, infini_attention, memory_read, memory_update, rope
+import attention_infini
+from attention_infini import (gate_values, infini_attention, memory_weights, read_memory, rope, sigma,
+                              write_memory)
 from model import GPT, GPTConfig
 
 
@@ -34,7 +36,7 @@ def test_one_segment_with_empty_memory_is_gated_causal_attention():
     causal = F.scaled_dot_product_attention(rope(q, 0), rope(k, 0), v, is_causal=True)
     torch.testing.assert_close(y, (1 - torch.sigmoid(beta)).view(1, 2, 1, 1) * causal, rtol=1e-12, atol=1e-12)
     assert not M.any() and not z.any()
-    assert torch.equal(memory_read(q.abs(), M, z), torch.zeros_like(q))  # 0/0 reads as exactly 0
+    assert torch.equal(read_memory(q.abs(), M, z), torch.zeros_like(q))  # 0/0 reads as exactly 0
 
 
 @pytest.mark.parametrize('update', ['linear', 'delta'])
@@ -57,13 +59,13 @@ def test_updates_and_read_match_hand_computation():
     v = torch.tensor([[[[1., 2.], [3., 4.]]]])
     M0, z0 = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2)
     for update in ('linear', 'delta'):  # from an empty memory both rules write sigma(K)^T V
-        M1, z1 = memory_update(sk, v, M0, z0, update)
+        M1, z1 = write_memory(sk, v, M0, z0, update)
         assert torch.equal(M1, torch.tensor([[[[7., 10.], [5., 8.]]]])) and torch.equal(z1, torch.tensor([[[3., 3.]]]))
     sk2, v2 = torch.tensor([[[[1., 1.]]]]), torch.tensor([[[[1., 1.]]]])
-    assert torch.equal(memory_read(sk2, M1, z1), torch.tensor([[[[2., 3.]]]]))  # [12, 18] / 6
-    M2, z2 = memory_update(sk2, v2, M1, z1, 'linear')  # + [1 1]^T [1 1]
+    assert torch.equal(read_memory(sk2, M1, z1), torch.tensor([[[[2., 3.]]]]))  # [12, 18] / 6
+    M2, z2 = write_memory(sk2, v2, M1, z1, 'linear')  # + [1 1]^T [1 1]
     assert torch.equal(M2, torch.tensor([[[[8., 11.], [6., 9.]]]])) and torch.equal(z2, torch.tensor([[[4., 4.]]]))
-    M2, z2 = memory_update(sk2, v2, M1, z1, 'delta')  # + [1 1]^T ([1 1] - [2 3])
+    M2, z2 = write_memory(sk2, v2, M1, z1, 'delta')  # + [1 1]^T ([1 1] - [2 3])
     assert torch.equal(M2, torch.tensor([[[[6., 8.], [4., 6.]]]])) and torch.equal(z2, torch.tensor([[[4., 4.]]]))
 
 
@@ -77,9 +79,11 @@ def test_infini_attention_hand_case():
     assert torch.equal(M, torch.tensor([[[[7., 10.], [5., 8.]]]]))  # the partial segment 1 is not written
 
 
-@pytest.mark.parametrize('update', ['linear', 'delta'])
-def test_cache_in_any_chunks_equals_full_forward(update):
-    model = model64(memory_update=update)
+@pytest.mark.parametrize('options', [dict(memory_update='linear'), dict(memory_update='delta'),
+                                     dict(feature_scale=4.0, memory_boost=15.0), dict(memory_read='off'),
+                                     dict(memory_read='local')], ids=str)
+def test_cache_in_any_chunks_equals_full_forward(options):
+    model = model64(**options)
     idx = torch.randint(0, 23, (2, 37))  # past block_size=16, segments of 4, ends on a partial segment
     full, _ = model(idx, idx)
     for chunks in ((4,) * 9 + (1,), (7, 12, 1, 1, 16), (37,)):
@@ -134,3 +138,159 @@ def test_bad_config_is_a_one_line_error():
         GPT(tiny(memory_update='lin'))
     with pytest.raises(ValueError, match='segment_len'):
         GPT(tiny(segment_len=0))
+    with pytest.raises(ValueError, match='memory_read'):
+        GPT(tiny(memory_read='none'))
+    with pytest.raises(ValueError, match='feature_scale'):
+        GPT(tiny(feature_scale=0.0))
+    with pytest.raises(ValueError, match='memory_boost'):
+        GPT(tiny(memory_boost=-1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The options that are not in the paper: memory_read (the ablation), feature_scale, memory_boost.
+
+def per_segment_causal(q, k, v, segment_len):
+    """A_dot of every segment, by hand: causal attention inside each segment, RoPE from each segment's start."""
+    return torch.cat([F.scaled_dot_product_attention(rope(q[:, :, s:s + segment_len], 0),
+                                                     rope(k[:, :, s:s + segment_len], 0),
+                                                     v[:, :, s:s + segment_len], is_causal=True)
+                      for s in range(0, q.size(2), segment_len)], dim=2)
+
+
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+def test_memory_read_off_and_local_leave_only_the_local_attention(update):
+    q, k, v = qkv(T=11)  # segments of 4: the last two read a memory that is not empty
+    beta = torch.tensor([0.7, -0.4], dtype=torch.float64)
+    a_dot = per_segment_causal(q, k, v, 4)
+    _, M_on, z_on = infini_attention(q, k, v, beta, 4, update)
+    y_off, M, z = infini_attention(q, k, v, beta, 4, update, memory_read='off')
+    torch.testing.assert_close(y_off, (1 - torch.sigmoid(beta)).view(1, 2, 1, 1) * a_dot, rtol=1e-12, atol=1e-12)
+    y_local, _, _ = infini_attention(q, k, v, beta, 4, update, memory_read='local')
+    torch.testing.assert_close(y_local, a_dot, rtol=1e-12, atol=1e-12)
+    assert torch.equal(M, M_on) and torch.equal(z, z_on)  # the memory is still written: only its read is cut
+
+
+def test_memory_read_off_makes_the_model_blind_to_earlier_segments():
+    """With the read off, a token's logits depend on its own segment only: change the first segment, and the
+    second segment's logits do not move (they do with the read on)."""
+    idx = torch.randint(0, 23, (1, 8))
+    other = idx.clone()
+    other[0, :4] = (other[0, :4] + 1) % 23
+    for memory_read, same in (('on', False), ('off', True), ('local', True)):
+        model = model64(memory_read=memory_read)
+        (a, _), (b, _) = model(idx, idx), model(other, other)
+        assert torch.allclose(a[:, 4:], b[:, 4:], rtol=0, atol=1e-12) == same, memory_read
+
+
+def test_feature_scale_sharpens_sigma():
+    x = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    assert torch.equal(sigma(x), F.elu(x) + 1) and torch.equal(sigma(x, 4.0), F.elu(4 * x) + 1)
+    q, k, v = qkv(T=8)
+    beta = torch.zeros(2, dtype=torch.float64)
+    y, M, z = infini_attention(q, k, v, beta, 4, 'linear', feature_scale=4.0)
+    sq, sk = sigma(q[:, :, 4:], 4.0), sigma(k[:, :, :4], 4.0)  # segment 1 reads what segment 0 wrote
+    a_mem = (sq @ sk.transpose(-1, -2) @ v[:, :, :4]) / (sq @ sk.sum(-2).unsqueeze(-1))
+    torch.testing.assert_close(y[:, :, 4:], 0.5 * a_mem + 0.5 * per_segment_causal(q, k, v, 4)[:, :, 4:],
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z, sigma(k, 4.0).sum(-2), rtol=1e-12, atol=1e-12)
+
+
+def test_linear_read_is_the_memory_weights_average_of_stored_values():
+    q, k, v = qkv(T=12)
+    sk = sigma(k)
+    empty = torch.zeros(2, 2, 4, 4, dtype=torch.float64), torch.zeros(2, 2, 4, dtype=torch.float64)
+    M, z = write_memory(sk, v, *empty, 'linear')
+    w = memory_weights(sigma(q), sk)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 12, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(read_memory(sigma(q), M, z), w @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_repeats_count_a_write_that_many_times():
+    """memory_boost's write: under the linear rule, a segment written with repeats r is that segment written r
+    times (r = 3 here; one sequence of the batch gets 1, i.e. a plain write)."""
+    _, k, v = qkv(T=4)
+    sk = sigma(k)
+    M0, z0 = torch.zeros(2, 2, 4, 4, dtype=torch.float64), torch.zeros(2, 2, 4, dtype=torch.float64)
+    M, z = write_memory(sk, v, M0, z0, 'linear', torch.tensor([3.0, 1.0], dtype=torch.float64))
+    M3, z3 = M0, z0
+    for _ in range(3):
+        M3, z3 = write_memory(sk, v, M3, z3, 'linear')
+    M1, z1 = write_memory(sk, v, M0, z0, 'linear')
+    torch.testing.assert_close((M[0], z[0]), (M3[0], z3[0]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((M[1], z[1]), (M1[1], z1[1]), rtol=1e-12, atol=1e-12)
+
+
+def test_memory_boost_is_training_only_and_boosts_the_first_write():
+    idx = torch.randint(0, 23, (2, 12))
+    plain, boosted = model64(), model64(memory_boost=15.0)  # the same weights (model64 seeds them)
+    torch.testing.assert_close(boosted(idx, idx)[0], plain(idx, idx)[0], rtol=0, atol=0)  # eval: no boost
+    attn = boosted.transformer.h[0].attn
+    q, k, v = qkv(T=12)
+    attn.train()
+    torch.manual_seed(3)
+    y, M, z = attn.attend(q, k, v)
+    torch.manual_seed(3)  # the same draw, by hand: 1 + U(0, 15) per sequence, on the first segment's write
+    repeats = 1 + 15.0 * torch.rand(2, dtype=torch.float64)
+    y_ref, M_ref, z_ref = infini_attention(q, k, v, attn.beta, 4, 'delta', first_segment_repeats=repeats)
+    torch.testing.assert_close((y, M, z), (y_ref, M_ref, z_ref), rtol=1e-12, atol=1e-12)
+    assert (repeats > 1).all() and not torch.allclose(z, infini_attention(q, k, v, attn.beta, 4, 'delta')[2])
+
+
+@pytest.mark.skipif(attention_infini.kernels is None, reason='the fast path needs triton')
+@pytest.mark.parametrize('memory_read', ['on', 'off', 'local'])
+def test_fast_path_takes_feature_scale_and_memory_read(memory_read):
+    """The Triton path (its interpreter on a CPU) against the reference, with the options it supports."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g) for _ in range(3))
+    beta = torch.randn(2, generator=g)
+    y, M, z = attention_infini.fast_infini_attention(q, k, v, beta, 8, 'delta', block_t=8, feature_scale=4.0,
+                                                     memory_read=memory_read)
+    y_ref, M_ref, z_ref = infini_attention(*(t.double() for t in (q, k, v, beta)), 8, 'delta', feature_scale=4.0,
+                                           memory_read=memory_read)
+    for a, b in ((y, y_ref), (M, M_ref), (z, z_ref)):
+        assert (a.double() - b).norm() / b.norm() < 1e-5
+
+
+@pytest.mark.skipif(attention_infini.kernels is None, reason='the fast path needs triton')
+def test_module_takes_the_fast_path_with_its_options_and_the_reference_for_the_boost(monkeypatch):
+    """The module passes feature_scale to the fast path (same loss and cached logits as the
+    reference); training with memory_boost, which the kernel lacks, falls back to the reference."""
+    kernels = attention_infini.kernels
+    monkeypatch.setattr(kernels, 'infini_available', lambda q: True)  # the kernel in Triton's interpreter on a CPU
+    calls = []
+    memory = kernels.infini_memory
+    monkeypatch.setattr(kernels, 'infini_memory', lambda *a, **kw: calls.append(1) or memory(*a, **kw))
+    idx = torch.randint(0, 23, (2, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for use_kernels in (True, False):
+        torch.manual_seed(0)
+        model = GPT(tiny(feature_scale=4.0, use_kernels=use_kernels, n_embd=32))
+        _, loss = model(idx, idx)
+        with torch.no_grad():
+            cache = model.new_cache(2)
+            logits = [model(idx[:, :6], cache=cache)[0]] + [model(idx[:, [t]], cache=cache)[0] for t in range(6, 9)]
+        results.append((loss, torch.cat(logits, 1)))
+    assert calls
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+    calls.clear()
+    model = GPT(tiny(memory_boost=15.0, n_embd=32)).train()
+    model(idx, idx)
+    assert not calls
+
+
+def test_passkey_score_is_greedy_decoding():
+    """experiments/infini_passkey.py scores an answer with one teacher-forced forward: right exactly when greedy
+    decoding through the cache produces it. The model's own greedy output scores right, one changed token wrong."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'infini_passkey.py')
+    spec = importlib.util.spec_from_file_location('infini_passkey', path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    model = model64(vocab_size=257, memory_read='on').float()
+    prompts = torch.randint(0, 257, (2, 30))
+    greedy = model.generate(prompts, 5, top_k=1)[:, 30:].tolist()
+    wrong = [greedy[1][:2] + [(greedy[1][2] + 1) % 257] + greedy[1][3:]]
+    batch = [(p, a, 0, 0) for p, a in zip(prompts.tolist() + prompts[1:].tolist(), greedy + wrong)]
+    correct, losses = experiment.score(model, batch)
+    assert correct == [True, True, False] and len(losses) == 3

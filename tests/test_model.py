@@ -4,7 +4,11 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
-from model import ATTENTIONS, GPT, GPTConfig, cross_entropy
+from model import ATTENTION_POSITIONS, ATTENTIONS, GPT, GPTConfig, cross_entropy
+from positions import alibi_bias, alibi_slopes, rope
+
+# every (attention, positions) pair a model can be built with; infini's own RoPE is the same for both it takes
+PAIRS = [(a, p) for a in ATTENTIONS for p in ATTENTION_POSITIONS[a][0] if not (a == 'infini' and p == 'rope')]
 
 
 def tiny(attention, **kw):
@@ -18,10 +22,51 @@ def test_unknown_attention_is_a_clear_error():
         GPTConfig(attention='flash')
 
 
-@pytest.mark.parametrize('attention', ATTENTIONS)
-def test_forward_backward(attention):
+def test_positions_each_attention_cannot_take_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown positions 'sinusoidal'.*learned, rope, alibi"):
+        GPTConfig(positions='sinusoidal')
+    with pytest.raises(ValueError, match="attention='in' cannot take positions='rope': .*one cache.*alibi, learned"):
+        GPTConfig(attention='in', positions='rope')
+    with pytest.raises(ValueError, match="attention='infini' cannot take positions='alibi'"):
+        GPTConfig(attention='infini', positions='alibi')
+
+
+@pytest.mark.parametrize('positions', ['rope', 'alibi'])
+def test_no_position_table_without_learned_positions(positions):
+    model = GPT(tiny('causal', positions=positions))
+    assert model.transformer.wpe is None
+    assert 'transformer.wpe.weight' not in model.state_dict(), "ALiBi's slopes are a buffer, not saved either"
+    model.resize_block_size(64)  # nothing to tile: the model runs at any length up to the new block_size
+    model(torch.randint(0, 23, (1, 64)))
+
+
+def test_rope_depends_on_the_distance_only():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 1, 8, generator=g, dtype=torch.float64)
+    def score(i, j):
+        return (rope(q, torch.tensor([i])) * rope(k, torch.tensor([j]))).sum(-1)
+    torch.testing.assert_close(score(5, 2), score(105, 102))
+    assert not torch.allclose(score(5, 2), score(5, 3))
+    torch.testing.assert_close(rope(q, torch.tensor([0])), q)  # position 0 is not rotated
+    # per-row positions (a cache whose entries keep their own) rotate as the same positions given flat
+    pos = torch.tensor([[3, 7]])
+    torch.testing.assert_close(rope(k.expand(1, 3, 2, 8), pos), rope(k.expand(1, 3, 2, 8), pos[0]))
+
+
+def test_alibi_slopes_and_bias():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    torch.testing.assert_close(alibi_slopes(2), torch.tensor([2.0 ** -4, 2.0 ** -8]))
+    assert len(alibi_slopes(6)) == 6 and (alibi_slopes(6).diff() != 0).all()
+    bias = alibi_bias(torch.tensor([0.5]), torch.tensor([2, 3]), torch.tensor([0, 1, 2, 3]))
+    torch.testing.assert_close(bias[0], torch.tensor([[-1.0, -0.5, 0.0, 0.5], [-1.5, -1.0, -0.5, 0.0]]))
+    per_row = alibi_bias(torch.tensor([0.5]), torch.tensor([3]), torch.tensor([[0, 3], [2, 1]]))
+    torch.testing.assert_close(per_row[:, 0, 0], torch.tensor([[-1.5, 0.0], [-0.5, -1.0]]))
+
+
+@pytest.mark.parametrize('attention,positions', PAIRS)
+def test_forward_backward(attention, positions):
     torch.manual_seed(0)
-    model = GPT(tiny(attention))
+    model = GPT(tiny(attention, positions=positions))
     idx = torch.randint(0, 23, (2, 32))
     logits, loss = model(idx, idx)
     assert logits.shape == (2, 32, 23) and torch.isfinite(loss)
@@ -47,11 +92,11 @@ def test_loss_in_pieces_equals_one_call(monkeypatch):
         torch.testing.assert_close(cross_entropy(logits, targets, reduction='sum'), whole * (targets != -1).sum())
 
 
-@pytest.mark.parametrize('attention', ATTENTIONS)
-def test_cached_greedy_generation_equals_recomputation(attention):
+@pytest.mark.parametrize('attention,positions', PAIRS)
+def test_cached_greedy_generation_equals_recomputation(attention, positions):
     """generate() with the cache must pick exactly the tokens that re-running the full forward picks."""
     torch.manual_seed(0)
-    model = GPT(tiny(attention)).double().eval()
+    model = GPT(tiny(attention, positions=positions)).double().eval()
     prompt = torch.randint(0, 23, (2, 5))
     new = 45  # past block_size: cropped for fixed-context attentions, streamed for infini
     out = model.generate(prompt, new, top_k=1)
@@ -63,11 +108,11 @@ def test_cached_greedy_generation_equals_recomputation(attention):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize('attention', ATTENTIONS)
-def test_cached_logits_equal_full_forward(attention):
+@pytest.mark.parametrize('attention,positions', PAIRS)
+def test_cached_logits_equal_full_forward(attention, positions):
     """Prefill in two chunks, then decode token by token: every step's logits equal the full forward's."""
     torch.manual_seed(0)
-    model = GPT(tiny(attention)).double().eval()
+    model = GPT(tiny(attention, positions=positions)).double().eval()
     idx = torch.randint(0, 23, (2, 30))
     cache = model.new_cache(2)
     model(idx[:, :7], cache=cache)

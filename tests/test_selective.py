@@ -1,4 +1,10 @@
-"""Selective attention: the mechanism against the paper's definition, the cache, pruning and training."""
+"""Selective attention: the mechanism against the paper's definition, the cache, pruning and training; its
+synthetic tasks (data/varassign, data/parity) and their scoring (experiments/selective_synthetic.py)."""
+import importlib.util
+import os
+import pickle
+
+import numpy as np
 import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -11,7 +17,8 @@ from model import GPT, GPTConfig
 
 
 def tiny(**kw):
-    args = dict(block_size=32, vocab_size=23, n_layer=2, n_head=2, n_embd=16, attention='selective')
+    args = dict(block_size=32, vocab_size=23, n_layer=2, n_head=2, n_embd=16, attention='selective',
+                positions='learned')  # the tests that read x0 by hand add the table; others pass their own
     args.update(kw)
     return GPTConfig(**args)
 
@@ -143,7 +150,8 @@ def test_cache_equals_full_forward(chunks):
 
 @pytest.mark.parametrize('budget', [2, 3, 8, [3, 11], 40])
 def test_pruned_decoding_equals_parallel_simulation(budget):
-    """Token-by-token decoding with the evicting cache == one forward with attn.budget set (digest 2.3)."""
+    """Token-by-token decoding with the evicting cache == one forward with attn.budget set: the eviction schedule
+    replayed on the full F, layer by layer."""
     model = model_with_votes()
     idx = torch.randint(0, 23, (3, 32))
     budgets = budget if isinstance(budget, list) else [budget] * 2
@@ -165,6 +173,42 @@ def test_pruned_decoding_equals_parallel_simulation(budget):
         torch.testing.assert_close(torch.stack(logits, 1), simulated[:, prefill - 1:], rtol=1e-10, atol=1e-10)
     unpruned, _ = model(idx, idx)
     assert not torch.allclose(unpruned, simulated) or min(budgets) >= 32
+
+
+@pytest.mark.parametrize('positions,evict', [('rope', 'F'), ('alibi', 'F'), ('learned', 'window'),
+                                             ('rope', 'window'), ('alibi', 'window')])
+def test_pruned_decoding_equals_simulation_with_each_position_scheme_and_eviction(positions, evict):
+    """The same with rotary or ALiBi positions, evicting by F or the oldest: kept entries keep their original
+    positions (ALiBi's distance and RoPE's rotation), so the pruned cache still equals the simulation."""
+    model = model_with_votes(positions=positions)
+    idx = torch.randint(0, 23, (3, 32))
+    for block, b in zip(model.transformer.h, [3, 11]):
+        block.attn.budget, block.attn.evict = b, evict
+    simulated, _ = model(idx, idx)
+    cache = model.new_cache(3, budget=[3, 11], evict=evict)
+    logits = [model(idx[:, :12], cache=cache)[0][:, -1]]
+    for t in range(12, 32):
+        logits.append(model(idx[:, t:t + 1], cache=cache)[0][:, -1])
+    torch.testing.assert_close(torch.stack(logits, 1), simulated[:, 11:], rtol=1e-10, atol=1e-10)
+    if evict == 'window':  # the first token and the latest budget-1, whatever F says
+        assert sorted(cache.pos[0][0].tolist()) == [0, 30, 31]
+        assert sorted(cache.pos[1][0].tolist()) == [0] + list(range(22, 32))
+    for block in model.transformer.h:
+        block.attn.budget = None
+    assert not torch.allclose(model(idx, idx)[0], simulated)
+
+
+def test_window_eviction_differs_from_F_eviction():
+    """With real votes, evicting the most masked keeps other tokens than a sliding window of the same size."""
+    model = model_with_votes()
+    idx = torch.randint(0, 23, (2, 32))
+    held = {}
+    for evict in ('F', 'window'):
+        cache = model.new_cache(2, budget=6, evict=evict)
+        model(idx, cache=cache)
+        held[evict] = [sorted(p.tolist()) for p in cache.pos[1]]
+    assert held['window'] == [[0, 27, 28, 29, 30, 31]] * 2
+    assert held['F'] != held['window']
 
 
 @pytest.mark.parametrize('budget', [3, 8, [3, 11], None])
@@ -289,51 +333,118 @@ def test_bad_settings_are_clear_errors():
         SelectiveCache(tiny(), 1, 32, budget=[4, 4, 4])
     with pytest.raises(ValueError, match='int >= 2'):
         SelectiveCache(tiny(), 1, 32, budget=1)
+    with pytest.raises(ValueError, match="unknown evict 'lru', choose one of: F, window"):
+        SelectiveCache(tiny(), 1, 32, budget=4, evict='lru')
 
 
-def test_choose_budgets_is_greedy_and_stops_at_the_target(monkeypatch):
-    """bench.py's search: each round cuts the layer whose cut costs least, and stops before passing the target."""
-    import bench
-    weights = [1.0, 0.1]  # a made-up val loss: layer 0's budget matters ten times more than layer 1's
-    monkeypatch.setattr(bench, 'pruned_val_loss',
-                        lambda model, data, budgets, example_len=None: sum(w / b for w, b in zip(weights, budgets)))
-    model = GPT(tiny())
-    steps = bench.choose_budgets(model, None, target=0.2)
-    (first, _), (last, loss) = steps[0], steps[-1]
-    assert first == [32, 32] and loss <= 0.2
-    assert last[1] < last[0], "the cheap layer is cut further"
-    assert all(sum(b) < sum(a) for (a, _), (b, _) in zip(steps, steps[1:]))
-    cuts = [[max(2, min(b - 1, round(0.8 * b))) if l == i else b for l, b in enumerate(last)]
-            for i in range(2) if last[i] > 2]
-    assert all(sum(w / b for w, b in zip(weights, cut)) > 0.2 for cut in cuts), "stopped only when every cut fails"
-
-
-def test_budgets_mode_end_to_end(tmp_path, monkeypatch, capsys):
-    """python bench.py --mode=budgets on a tiny selective checkpoint: budgets, loss within target, KV memory."""
-    import csv
-    import pickle
-
-    import numpy as np
-
-    import bench
+def test_window_eviction_through_evaluate(tmp_path, capsys):
+    """evaluate.py --budgets --evict=window: the search runs with the sliding-window cache and says so."""
+    import evaluate
     data = tmp_path / 'tiny'
     data.mkdir()
     np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16).tofile(data / 'val.bin')
     with open(data / 'meta.pkl', 'wb') as f:
         pickle.dump(dict(vocab_size=257, tokenizer={'kind': 'byte'}, eot_token=256, dataset='tiny'), f)
-    model = model_with_votes(vocab_size=257).float()
-    args = {k: getattr(model.config, k) for k in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd',
-                                                  'attention')}
-    torch.save(dict(model_args=args, model=model.state_dict(), config=dict(dataset='tiny')), tmp_path / 'ckpt.pt')
-    flags = dict(mode='budgets', device='cpu', data_dir=str(data), ckpt=str(tmp_path / 'ckpt.pt'), target='+0.05',
-                 shrink=0.5, eval_windows=2, batch_size=2, out_dir=str(tmp_path / 'bench'))
-    for key in bench.FLAGS + ['device_type', 'ptdtype']:
-        monkeypatch.setattr(bench, key, flags.get(key, getattr(bench, key)))
-    bench.setup()
-    bench.bench_budgets()
-    out = capsys.readouterr().out
-    assert 'reached' in out and 'fewer KV entries' in out
-    with open(tmp_path / 'bench' / 'bench_budgets.csv') as f:
-        steps = list(csv.DictReader(f))
-    assert steps[0]['budgets'] == '32 32' and float(steps[-1]['val_loss']) <= float(steps[0]['val_loss']) + 0.05
-    assert int(steps[-1]['entries']) < 64
+    model = model_with_votes(vocab_size=257, positions='rope').float()
+    torch.save(dict(model_args=vars(model.config), model=model.state_dict(), config=dict(dataset='tiny'),
+                    tokenizer={'kind': 'byte'}), tmp_path / 'ckpt.pt')
+    flags = ['--device=cpu', f'--data_dir={data}', f'--ckpt={tmp_path / "ckpt.pt"}', '--loss=False',
+             '--budgets=True', '--target=+0.05', '--shrink=0.5', '--eval_windows=2', '--batch_size=2']
+    evaluate.main(flags + ['--evict=window', f'--out_dir={tmp_path}/window'])
+    assert 'eviction: window' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--evict is 'F'.* or 'window'"):
+        evaluate.main(flags + ['--evict=lru'])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The synthetic tasks: Variable Assignment, Parity, and the scoring of the experiment.
+
+def load_script(relpath, name):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+varassign = load_script('data/varassign/prepare.py', 'varassign_prepare')
+parity = load_script('data/parity/prepare.py', 'parity_prepare')
+synthetic = load_script('experiments/selective_synthetic.py', 'selective_synthetic')
+
+
+def test_varassign_answers_the_latest_assignment():
+    rng = np.random.default_rng(0)
+    for n_assign in (1, 5, 15):
+        prompt, answer = varassign.make_varassign(64, n_assign, 3, rng)
+        text = bytes(prompt).decode()
+        assert len(prompt) + len(answer) == 64 and len(answer) == 1
+        assert text.endswith('?') and text.count('=') == n_assign
+        latest = dict(a.split('=') for a in text[:-2].split())  # later assignments overwrite earlier ones
+        assert bytes(answer).decode() == latest[text[-2]]
+    with pytest.raises(ValueError, match='do not fit in 32 tokens'):
+        varassign.make_varassign(32, 8, 3, rng)
+
+
+def test_varassign_and_parity_sets_on_disk(tmp_path):
+    varassign.main(['--length=32', '--min_assign=2', '--max_assign=4', '--n_train=10', '--n_val=3',
+                    f'--out_dir={tmp_path / "va"}'])
+    parity.main(['--length=16', '--n_train=10', '--n_val=3', f'--out_dir={tmp_path / "pa"}'])
+    for name, length in (('va', 32), ('pa', 16)):
+        with open(tmp_path / name / 'meta.pkl', 'rb') as f:
+            meta = pickle.load(f)
+        assert meta['example_len'] == length and meta['answer_len'] == 1
+        val = np.fromfile(tmp_path / name / 'val.bin', dtype=np.uint16).reshape(3, length)
+        assert set(bytes(val[:, -1].astype(np.uint8)).decode()) <= set('0123456789')
+    examples = np.fromfile(tmp_path / 'pa' / 'train.bin', dtype=np.uint16).reshape(10, 16).astype(np.uint8)
+    for row in examples:
+        bits, answer = bytes(row).decode().strip().split('=')
+        assert int(answer) == bits.count('1') % 2
+    with pytest.raises(SystemExit, match='--min_assign=9 must be between 1 and --max_assign=7'):
+        varassign.main(['--length=32', '--min_assign=9', f'--out_dir={tmp_path / "bad"}'])
+
+
+def test_answer_accuracy_is_greedy_decoding():
+    """answer_accuracy's one forward scores an answer right exactly when greedy generation reproduces it."""
+    torch.manual_seed(0)
+    model = GPT(tiny()).double().eval()
+    examples = torch.randint(0, 23, (12, 20))
+    greedy = model.generate(examples[:, :-2], 2, top_k=1)
+    examples[:, -2:] = greedy[:, -2:]
+    examples[6:, -1] = (greedy[6:, -1] + 1) % 23  # half the answers are not what greedy decoding says
+    assert synthetic.answer_accuracy(model, examples, answer_len=2, batch_size=5) == 0.5
+
+
+def test_copy_accuracy_counts_the_repeats():
+    class Oracle(torch.nn.Module):
+        """Predicts every next token right, except the targets of positions 0..2."""
+        def forward(self, idx, targets):
+            logits = torch.nn.functional.one_hot(targets, 23).double()
+            logits[:, :3] = torch.roll(logits[:, :3], 1, dims=-1)
+            return logits, None
+    x = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 1, 2]])  # period 4: the repeats are tokens 4..9, all right
+    assert synthetic.copy_accuracy(Oracle(), x) == 1.0
+    x = torch.tensor([[1, 2, 1, 2, 1, 2, 1, 2, 1, 2]])  # period 2: tokens 2..9, token 2 and 3 predicted wrong
+    assert synthetic.copy_accuracy(Oracle(), x) == 6 / 8
+
+
+def test_unmasked_tokens_counts_F_below_one():
+    model = model_with_votes()
+    prompts = torch.randint(0, 23, (3, 24))
+    counts = synthetic.unmasked_tokens(model, prompts)
+    with torch.no_grad():
+        x = model.transformer.wte(prompts) + model.transformer.wpe(torch.arange(24))
+        for layer, block in enumerate(model.transformer.h):
+            q, k, _ = block.attn.c_attn(block.ln_1(x)).split(16, dim=2)
+            q, k = (t.view(3, 24, 2, 8).transpose(1, 2) for t in (q, k))
+            F = accumulated_masks(selection_matrix(causal_logits(q, k)[:, 0]))
+            assert counts[layer] == pytest.approx((F[:, -1] < 1).sum(-1).double().mean().item())
+            x = block(x, x)
+    assert min(counts) < 24, 'large votes mask something'
+    silence_selection(model)
+    assert synthetic.unmasked_tokens(model, prompts) == [24.0, 24.0]
+    assert synthetic.unmasked_tokens(GPT(tiny(attention='causal')), prompts) == [24.0, 24.0]
+
+
+def test_last_value_baseline():
+    examples = torch.tensor([list(b'  a=1 b=2 a?1'), list(b'  a=1 b=2 b?2'), list(b'  b=2 a=1 b?2')])
+    assert synthetic.last_value_accuracy(examples) == pytest.approx(1 / 3)

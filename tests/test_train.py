@@ -68,7 +68,7 @@ def test_eval_only_leaves_the_checkpoint(train_tiny, tmp_path, capsys):
 
 
 def test_fine_tune_at_a_longer_context(train_tiny, tmp_path):
-    train_tiny(tmp_path / 'short')
+    train_tiny(tmp_path / 'short', '--positions=learned')  # the learned table is what fine-tuning tiles
     train_tiny(tmp_path / 'long', f'--init_from={tmp_path / "short" / "ckpt.pt"}', '--block_size=32',
                '--max_iters=2', '--learning_rate=3e-4')
     long = load(tmp_path / 'long')

@@ -1,5 +1,6 @@
 """visualize.py: the maps reproduce the model, selective's marks are the cache's evictions, infini's memory share,
 the terminal's structure with and without colour, the pictures, one-line errors."""
+import dataclasses
 import importlib.util
 import os
 import re
@@ -25,7 +26,7 @@ def tiny_checkpoint(folder, attention, **options):
         for block in model.transformer.h:
             block.attn.beta.data = torch.tensor([-1.0, 2.0])
     os.makedirs(folder, exist_ok=True)
-    torch.save({'model_args': args, 'model': model.state_dict(), 'tokenizer': {'kind': 'byte'}},
+    torch.save({'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(), 'tokenizer': {'kind': 'byte'}},
                os.path.join(folder, 'ckpt.pt'))
     return model.eval()
 

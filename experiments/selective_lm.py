@@ -1,0 +1,113 @@
+"""
+Language modelling on the default data (byte-level Python stdlib) at the default CPU settings: the causal baseline,
+Selective Attention and InAttention, each with the position schemes it takes (docs/selective.md, docs/inattention.md).
+
+  python experiments/selective_lm.py                                          # every run, seed 1337
+  python experiments/selective_lm.py --runs=causal-rope,selective-rope --seeds=1337,1,2
+  python experiments/selective_lm.py --train=False --runs=all --seeds=1337,1,2   # tables of what is trained
+  python experiments/selective_lm.py --runs=causal-rope --seeds=1337 --lrs=1e-3,2e-3,4e-3   # a learning-rate sweep
+
+A run is <attention>-<positions>; it is `python train.py --attention=A --positions=P --seed=S` with train.py's
+defaults otherwise (on a CPU: 4 layers x 4 heads x 128 wide, block 256, batch 8, 1000 iterations, lr 2e-3).
+Runs are trained once (out_dir/<run>-s<seed>[-lr<lr>]/ckpt.pt is reused) and one at a time; set
+OMP_NUM_THREADS to the cores you give them. The val loss of a run is train.py's own estimate at each eval (the
+same 20 batches of 8 x 256 tokens for every run), read from its log. Tables (final val loss, mean and spread
+over seeds; the curve of seed means) are printed and written to out_dir/results.md.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configurator import configure, flags_of  # noqa: E402
+
+RUNS = ('causal-learned', 'causal-rope', 'causal-alibi', 'selective-learned', 'selective-rope', 'selective-alibi',
+        'in-learned', 'in-alibi')
+
+runs = 'all'                # comma-separated names from RUNS, or 'all'
+seeds = '1337'              # comma-separated
+lrs = ''                    # comma-separated learning rates; '' = train.py's default
+extra = ''                  # more train.py flags for every run, space-separated (e.g. '--max_iters=2000')
+out_dir = 'out-selective-lm'
+train = True                # False: only read the logs of runs already trained
+FLAGS = flags_of(globals())
+
+STEP = re.compile(r'step (\d+): train loss ([\d.]+), val loss ([\d.]+)')
+
+
+def run_dir(settings, run, seed, lr):
+    return os.path.join(settings.out_dir, f'{run}-s{seed}' + (f'-lr{lr}' if lr else ''))
+
+
+def train_run(settings, run, seed, lr):
+    """Train one run unless its checkpoint and log exist; return {step: val loss} read from its log."""
+    folder = run_dir(settings, run, seed, lr)
+    log = os.path.join(folder, 'train.log')
+    done = os.path.isfile(os.path.join(folder, 'ckpt.pt')) and os.path.isfile(log)
+    if not done and settings.train:
+        attention, positions = run.split('-')
+        os.makedirs(folder, exist_ok=True)
+        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--attention={attention}', f'--positions={positions}',
+               f'--seed={seed}', f'--out_dir={folder}'] + ([f'--learning_rate={lr}'] if lr else [])
+        cmd += settings.extra.split()
+        print(' '.join(cmd[1:]), flush=True)
+        with open(log + '.part', 'w') as f:
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
+                raise SystemExit(f'{run} seed {seed} failed: see {log}.part')
+        os.replace(log + '.part', log)
+    if not os.path.isfile(log):
+        return None
+    with open(log) as f:
+        return {int(m[1]): float(m[3]) for m in STEP.finditer(f.read())}
+
+
+def main(argv):
+    settings, _ = configure(argv, FLAGS, __doc__)
+    names = RUNS if settings.runs == 'all' else tuple(settings.runs.split(','))
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run {', '.join(unknown)}; choose from: {', '.join(RUNS)}")
+    seed_list = [int(s) for s in str(settings.seeds).split(',')]
+    lr_list = [x for x in str(settings.lrs).split(',') if x] or ['']
+    curves = {}
+    for seed in seed_list:  # all runs of one seed before the next: a stopped sweep still compares every run
+        for run in names:
+            for lr in lr_list:
+                curve = train_run(settings, run, seed, lr)
+                if curve:
+                    curves[run, lr, seed] = curve
+    lines = ['| run | lr | seeds | final val loss: mean | spread (min..max) | each seed |',
+             '|---|---|---:|---:|---|---|']
+    for run in names:
+        for lr in lr_list:
+            finals = [(s, curves[run, lr, s][max(curves[run, lr, s])]) for s in seed_list if (run, lr, s) in curves]
+            if not finals:
+                lines.append(f'| {run} | {lr or "default"} | 0 | not measured yet | | |')
+                continue
+            values = np.array([v for _, v in finals])
+            lines.append(f'| {run} | {lr or "default"} | {len(values)} | {values.mean():.3f} | '
+                         f'{values.min():.3f}..{values.max():.3f} | '
+                         + ', '.join(f'{s}: {v:.3f}' for s, v in finals) + ' |')
+    steps = sorted({step for c in curves.values() for step in c})
+    lines += ['', 'val loss by step (mean over the seeds run):', '',
+              '| run | lr | ' + ' | '.join(str(s) for s in steps) + ' |', '|---|---|' + '---:|' * len(steps)]
+    for run in names:
+        for lr in lr_list:
+            cs = [curves[run, lr, s] for s in seed_list if (run, lr, s) in curves]
+            if cs:
+                cells = [f'{np.mean([c[s] for c in cs if s in c]):.3f}' if any(s in c for c in cs) else ''
+                         for s in steps]
+                lines.append(f'| {run} | {lr or "default"} | ' + ' | '.join(cells) + ' |')
+    text = '\n'.join(lines)
+    print(text)
+    os.makedirs(settings.out_dir, exist_ok=True)
+    with open(os.path.join(settings.out_dir, 'results.md'), 'w') as f:
+        f.write(text + '\n')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
