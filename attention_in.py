@@ -10,7 +10,7 @@ with the usual causal mask. Per layer, per head (our equations for the abstract'
     v = ln_kv(x0) Wv + bv                  values:  the initial states
     y = softmax(q k^T / sqrt(d_head) + causal mask) v
 
-Choices where the paper's readable text is silent (README, "InAttention"):
+Choices where the paper's readable text is silent (docs/inattention.md):
   - the initial state is x0 = drop(wte[token] + wpe[pos]), the exact input of block 0 (the only depth-0 state);
   - K/V projections are per layer (c_attn has the same shape as the causal baseline's, so the parameter count
     is GPT-2's plus one LayerNorm per layer); the cache is n_embd numbers per token either way (see below);

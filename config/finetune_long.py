@@ -1,5 +1,6 @@
 # Context extension (InAttention's recipe): fine-tune a model trained at a short block_size at a longer one.
-# The learned position table is tiled to the new length, then a short fine-tune adapts it.
+# InAttention's default ALiBi needs no change for a longer context; a short fine-tune adapts the model to it.
+# (With --positions=learned, train.py first tiles the position table to the new length.)
 # python train.py --attention=in --out_dir=out-in         # 256 tokens of context on a CPU
 # python train.py config/finetune_long.py                   # -> out-in-long, 1024 tokens of context
 init_from = 'out-in/ckpt.pt'

@@ -67,7 +67,7 @@ RUNS = {  # name: (train.py flags, what it is)
                       'both changes, the first write counts up to 64 times (a 4k prompt holds 63 segments)'),
     'local': (['--attention=infini', '--memory_read=local'], 'control: infini trained with the memory read off '
               '(gate 0), local attention inside each segment only'),
-    'causal': (['--attention=causal'], 'control: causal attention over the whole 256-token context'),
+    'causal': (['--attention=causal', '--positions=learned'], 'control: causal attention over the whole 256-token context'),
 }
 DATA_LENGTH = 256  # the training examples' length
 

@@ -7,7 +7,7 @@ hidden at some depth in repeated filler text, and the example ends by asking for
   The grass is green. ... There and back again. The gr
   What is the pass key? The pass key is 12345
 
-make_passkey builds one example of any length (bench.py measures retrieval accuracy with it); this script
+make_passkey builds one example of any length (evaluate.py measures retrieval accuracy with it); this script
 writes train/val sets of examples of one length, byte-level, back to back, with example_len in meta.pkl so
 train.py samples windows that start at an example.
 
