@@ -86,6 +86,24 @@ def configure(argv, defaults, doc=''):
     return types.SimpleNamespace(**settings), given
 
 
+def encode_prompt(start, tok):
+    """The token ids of a --start flag: the text itself, or a file's text when it reads FILE:path."""
+    prompt = start
+    if start.startswith('FILE:'):
+        path = start[len('FILE:'):]
+        if not os.path.isfile(path):
+            raise SystemExit(f"--start=FILE:{path}: no such file")
+        with open(path, encoding='utf-8', errors='replace') as f:
+            prompt = f.read()
+    try:
+        ids = tok.encode(prompt)
+    except ValueError as e:  # a character the char-level vocabulary lacks
+        raise SystemExit(str(e)) from None
+    if not ids:
+        raise SystemExit("--start is empty: give at least one character to start from")
+    return ids
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Devices
 

@@ -24,7 +24,7 @@ The attention interface (every attention file implements it):
   Attention.streams                     True when the attention has no context limit (Infini-attention): it
                                         then brings its own positions and the model has no position table.
 
-Positions (GPTConfig.positions, helpers in positions.py): 'learned' adds GPT-2's table (wpe) to the initial
+Positions (GPTConfig.positions, functions in positions.py): 'learned' adds GPT-2's table (wpe) to the initial
 states; 'rope' rotates queries and keys by their position; 'alibi' adds a distance bias to the scores. Without
 'learned' there is no table. Each attention takes the schemes its cache allows (ATTENTION_POSITIONS, whose
 first entry is its default):

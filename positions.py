@@ -7,7 +7,7 @@ How a model knows where its tokens are: the position schemes GPTConfig.positions
   alibi    a distance bias on the scores (Press et al. 2022, "Train Short, Test Long", section 3): head h adds
            -m_h * (i - j) to the logit of query i and key j; keys and values stay untouched
 
-The helpers take absolute positions as tensors, so a cache that evicts entries can pass each kept entry's
+The functions take absolute positions as tensors, so a cache that evicts entries can pass each kept entry's
 original position and stay exact. Both the model and the attention files import this file; it imports none.
 """
 

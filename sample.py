@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-from configurator import autocast, configure, default_device, device_type_of, flags_of, load_model, resolve_dtype
+from configurator import (autocast, configure, default_device, device_type_of, encode_prompt, flags_of, load_model,
+                          resolve_dtype)
 from data.common import tokenizer_from_meta
 
 # -----------------------------------------------------------------------------------------------------------
@@ -60,19 +61,7 @@ def main(argv):
     tok = tokenizer_from_meta(checkpoint['tokenizer'])
     cache_options = parse_budget(cfg.budget, config)
 
-    prompt = cfg.start
-    if prompt.startswith('FILE:'):
-        path = prompt[len('FILE:'):]
-        if not os.path.isfile(path):
-            raise SystemExit(f"--start=FILE:{path}: no such file")
-        with open(path, encoding='utf-8', errors='replace') as f:
-            prompt = f.read()
-    try:
-        ids = tok.encode(prompt)
-    except ValueError as e:  # a character the char-level vocabulary lacks
-        raise SystemExit(str(e)) from None
-    if not ids:
-        raise SystemExit("--start is empty: give at least one character to start from")
+    ids = encode_prompt(cfg.start, tok)
     if len(ids) > config.block_size and not model.streams:
         print(f"the prompt has {len(ids)} tokens, more than block_size={config.block_size}: the model sees its "
               f"last {config.block_size}")

@@ -26,7 +26,7 @@ import torch
 from attention_infini import gated_output, infini_attention, local_attention
 from attention_selective import (EVICTIONS, accumulated_masks, causal_logits, eviction_schedule, selection_matrix,
                                  selective_attention)
-from configurator import configure, device_type_of, flags_of, load_checkpoint
+from configurator import configure, device_type_of, encode_prompt, flags_of, load_checkpoint
 from data.common import tokenizer_from_meta
 from model import GPT, GPTConfig
 from positions import alibi_bias, rope
@@ -386,18 +386,7 @@ def main(argv):
     if cfg.budget and cfg.budget < 2:
         raise SystemExit(f"--budget={cfg.budget}: a budget counts the first token and the current one, give >= 2")
 
-    prompt = cfg.start
-    if prompt.startswith('FILE:'):
-        if not os.path.isfile(prompt[5:]):
-            raise SystemExit(f"--start={prompt}: no such file")
-        with open(prompt[5:], encoding='utf-8', errors='replace') as f:
-            prompt = f.read()
-    try:
-        ids = tok.encode(prompt)
-    except ValueError as e:  # a character the char-level vocabulary lacks
-        raise SystemExit(str(e)) from None
-    if not ids:
-        raise SystemExit("--start is empty: give at least one character")
+    ids = encode_prompt(cfg.start, tok)
     idx = torch.tensor([ids], dtype=torch.long, device=cfg.device)
     if cfg.max_new_tokens > 0:
         idx = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
