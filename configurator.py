@@ -146,8 +146,8 @@ def load_checkpoint(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        reason = ('' if isinstance(checkpoint, dict) and {'model', 'model_args'} <= checkpoint.keys() else
-                  "no 'model' and 'model_args' in it")
+        reason = ('' if isinstance(checkpoint, dict) and {'model', 'model_args'} <= checkpoint.keys()
+                  and isinstance(checkpoint['model_args'], dict) else "no 'model' and 'model_args' in it")
     except PermissionError:
         raise SystemExit(f"cannot read {path}: permission denied") from None
     except Exception:  # torch's messages here (a paragraph on weights_only, a zip reader's, an IndexError) say little

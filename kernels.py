@@ -99,7 +99,10 @@ def works_here(name, q, trial):
             raise
         except Exception as e:
             TRIED[key] = False
-            card = torch.cuda.get_device_name(q.device) if q.is_cuda else str(q.device)
+            try:
+                card = torch.cuda.get_device_name(q.device) if q.is_cuda else str(q.device)
+            except Exception:  # after some CUDA errors every CUDA call raises: the warning still gets out
+                card = str(q.device)
             reason = (str(e).strip().splitlines() or [''])[0][:200]
             warnings.warn(f"the {name} Triton kernel does not run on {card} in {q.dtype} at head dim {q.size(-1)} "
                           f"({type(e).__name__}: {reason}); the PyTorch reference runs instead", stacklevel=2)
