@@ -146,7 +146,7 @@ class SelectiveAttention(nn.Module):
                              f"{', '.join(SELECTION_FNS)}")
         self.layer_idx = layer_idx
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.width = config.n_head * config.head_size  # n_embd unless head_size says otherwise
         self.n_layer = config.n_layer
         self.dropout = config.dropout
         self.selection_head = config.selection_head
@@ -157,17 +157,17 @@ class SelectiveAttention(nn.Module):
         self.budget = None  # set by a caller to evaluate pruning in parallel (eviction_schedule)
         self.evict = 'F'    # the eviction rule that simulation replays: 'F' or 'window'
         self.aux_loss = 0.0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * self.width, bias=config.bias)
+        self.c_proj = nn.Linear(self.width, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
             self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
     def qkv(self, x, start):
         """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at positions start.., rotated with rope."""
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).split(self.width, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
             positions = torch.arange(start, start + T, device=x.device)
             q, k = rope(q, positions), rope(k, positions)
@@ -195,7 +195,7 @@ class SelectiveAttention(nn.Module):
         else:  # a prefill under a budget, or several tokens after the cached ones: CHUNK at a time
             y = torch.cat([self.extend(cache, q[:, :, i:i + CHUNK], k[:, :, i:i + CHUNK], v[:, :, i:i + CHUNK],
                                        cache.length + i) for i in range(0, T, CHUNK)], dim=2)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.width)
         return self.resid_dropout(self.c_proj(y))
 
     def distance_bias(self, query_positions, key_positions):
@@ -308,7 +308,7 @@ class SelectiveCache:
         self.budget = list(budgets)
         self.slots = [max_len if b is None else min(b, max_len) for b in budgets]
         self.batch_size = batch_size
-        self.head_shape = (config.n_head, config.n_embd // config.n_head)
+        self.head_shape = (config.n_head, config.head_size)
         self.k, self.v, self.f, self.pos = ([None] * config.n_layer for _ in range(4))
         self.length = 0
 

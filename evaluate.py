@@ -267,7 +267,7 @@ def selective_budgets(run, settings):
     cache = model.new_cache(1, N, budget=chosen, evict=settings.evict)
     with torch.no_grad():
         model(torch.from_numpy(data[:N].astype(np.int64))[None].to(settings.device), cache=cache)
-    per_entry = 2 * model.config.n_embd * next(model.parameters()).element_size()
+    per_entry = 2 * model.config.n_head * model.config.head_size * next(model.parameters()).element_size()
     reached = 'reached' if loss <= goal else 'NOT reached: the unpruned selective model is already above it'
     lines = [f'checkpoint: {run.path} (block_size {N}, {L} layers) · val loss: {settings.eval_windows} windows '
              f'of {N} tokens · eviction: {settings.evict}', f'target val loss {goal:.4f} ({source}): {reached}', '']

@@ -70,6 +70,7 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    head_size: int = 0           # width of one head; 0 = n_embd // n_head. Wider attention: more heads of this size
     dropout: float = 0.0
     bias: bool = True
     attention: str = 'causal'    # one of ATTENTIONS
@@ -101,8 +102,12 @@ class GPTConfig:
         if self.positions not in allowed:
             raise ValueError(f"attention='{self.attention}' cannot take positions='{self.positions}': {why}; "
                              f"choose one of: {', '.join(allowed)}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not self.head_size and self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, or give --head_size")
+        self.head_size = self.head_size or self.n_embd // self.n_head
+        if self.head_size != self.n_embd // self.n_head and self.attention not in ('causal', 'selective'):
+            raise ValueError(f"head_size={self.head_size} differs from n_embd/n_head: only causal and selective "
+                             f"attention take a separate head size (in and infini tie their caches to n_embd)")
 
 
 def attention_classes(name):
@@ -138,19 +143,19 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.width = config.n_head * config.head_size  # n_embd unless head_size says otherwise
         self.dropout = config.dropout
         self.positions = config.positions
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * self.width, bias=config.bias)
+        self.c_proj = nn.Linear(self.width, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
             self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
     def forward(self, x, x0, cache=None):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).split(self.width, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         start = 0 if cache is None else cache.length
         positions = torch.arange(start, start + T, device=x.device)
         if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
@@ -168,16 +173,16 @@ class CausalSelfAttention(nn.Module):
         else:
             mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.width)
         return self.resid_dropout(self.c_proj(y))
 
 
 class KVCache:
-    """Keys and values of every layer for every token seen: 2 * n_layer * n_embd numbers per token."""
+    """Keys and values of every layer for every token seen: 2 * n_layer * n_head * head_size numbers per token."""
     last_token_only = False
 
     def __init__(self, config, batch_size, max_len):
-        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
         self.k = self.v = None  # allocated on first use, in the dtype the model computes in
         self.length = 0
 
@@ -329,7 +334,7 @@ class GPT(nn.Module):
         """Model flops utilization against peak_flops (default: H100 bf16 dense), PaLM appendix B."""
         N = self.get_num_params()
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.block_size
         # the attention term 12 L H Q T counts the context each query sees (PaLM's T); infini's softmax sees one
         # segment, and its memory's d x d products are left out
         seen = min(T, cfg.segment_len) if cfg.attention == 'infini' else T

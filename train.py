@@ -73,6 +73,7 @@ for _field in dataclasses.fields(GPTConfig):
     globals().setdefault(_field.name, _field.default)
 FLAGS = flags_of(globals())  # every setting above, with its default
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
+GPT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
 MACHINE_KEYS = ('out_dir', 'init_from', 'eval_only', 'device', 'dtype', 'compile')  # not restored on resume
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------------------------------------
@@ -173,18 +174,21 @@ def prepare_data(cfg, master_process):
 
 
 def model_args_from(checkpoint, cfg, given, fine_tune):
-    """The checkpoint's model arguments with the flags allowed to change: dropout and use_kernels always,
-    block_size when fine-tuning (context extension). A flag given that contradicts the checkpoint is an error."""
+    """The checkpoint's model arguments with the flags allowed to change: dropout and use_kernels always;
+    when fine-tuning, block_size (context extension) and Infini's feature_scale and memory_boost (a model
+    trained with the paper's memory, then taught a sharper one). A flag that contradicts the checkpoint otherwise
+    is an error."""
     args = {k: v for k, v in checkpoint['model_args'].items() if k in MODEL_KEYS}
-    changeable = ('dropout', 'use_kernels') + (('block_size',) if fine_tune else ())
+    changeable = ('dropout', 'use_kernels') + (('block_size', 'feature_scale', 'memory_boost') if fine_tune else ())
     for key in MODEL_KEYS:
         value = getattr(cfg, key)
-        if key not in given or key not in args or args[key] == value:
+        before = args.get(key, GPT_DEFAULTS[key])  # a field newer than the checkpoint: it was trained with the default
+        if key not in given or before == value:
             continue
         if key not in changeable:
             hint = (f"to change the context, fine-tune: --init_from={os.path.join(cfg.out_dir, 'ckpt.pt')} "
                     f"--block_size={value} --out_dir=NEW" if key == 'block_size' else "drop the flag")
-            raise SystemExit(f"--{key}={value} contradicts the checkpoint's {key}={args[key]!r}; {hint}")
+            raise SystemExit(f"--{key}={value} contradicts the checkpoint's {key}={before!r}; {hint}")
         args[key] = value
     return args
 

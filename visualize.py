@@ -74,11 +74,12 @@ def capture(model, idx):
 
 def qkv(attn, x, x0, attention):
     """The queries, keys and values (B, H, T, d) that the attention's forward makes from its inputs."""
-    q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
+    width = attn.c_attn.out_features // 3  # n_head * head_size
+    q, k, v = attn.c_attn(x).split(width, dim=2)
     if attention == 'in':  # keys and values from the initial states, through this layer's ln_kv
-        _, k, v = attn.c_attn(attn.ln_kv(x0)).split(attn.n_embd, dim=2)
-    B, T, C = x.size()
-    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        _, k, v = attn.c_attn(attn.ln_kv(x0)).split(width, dim=2)
+    B, T, _ = x.size()
+    q, k, v = (t.view(B, T, attn.n_head, -1).transpose(1, 2) for t in (q, k, v))
     if getattr(attn, 'positions', 'learned') == 'rope':  # rotated before the logits, as the module does
         q, k = rope(q, torch.arange(T, device=x.device)), rope(k, torch.arange(T, device=x.device))
     return q, k, v

@@ -7,6 +7,7 @@ and switched off, and measures how the memory's read weight spreads as prompts g
   python experiments/infini_passkey.py --runs=paper --seeds=1                   # the paper's mechanism
   python experiments/infini_passkey.py --runs=sharp_boost@9000 --seeds=1,2      # two changes, 9,000 iterations
   python experiments/infini_passkey.py --runs=local,causal --seeds=1            # the controls
+  python experiments/infini_passkey.py --runs=paper_then_sharp_boost63@3000 --seeds=1,2,3   # paper, then both
   python experiments/infini_passkey.py --train=False --runs=paper,sharp_boost@9000,causal --seeds=1,2   # tables
 
 docs/infini.md has the commands behind its numbers and reads them.
@@ -67,8 +68,18 @@ RUNS = {  # name: (train.py flags, what it is)
                       'both changes, the first write counts up to 64 times (a 4k prompt holds 63 segments)'),
     'local': (['--attention=infini', '--memory_read=local'], 'control: infini trained with the memory read off '
               '(gate 0), local attention inside each segment only'),
-    'causal': (['--attention=causal', '--positions=learned'], 'control: causal attention over the whole 256-token context'),
+    'causal': (['--attention=causal', '--positions=learned'],
+               'control: causal attention over the whole 256-token context'),
+    'paper_then_sharp_boost63': (['--feature_scale=4', '--memory_boost=63'],
+                                 "two stages: the paper's mechanism (the paper run, --max_iters iterations), then "
+                                 "fine-tuned with both changes (boost 63) for the run's own iterations"),
+    'paper_then_sharp': (['--feature_scale=4'], 'two stages, the second with sigma(x) = ELU(4x) + 1 alone'),
+    'paper_then_boost63': (['--memory_boost=63'], 'two stages, the second with the boost (63) alone'),
+    'paper_then_more': ([], 'two stages, the second with neither change: the control for the extra training'),
 }
+# runs that fine-tune another run's final checkpoint (train.py --init_from): retrieval is learned first, where the
+# paper's mechanism learns it fast, and the sharper, crowded memory is taught after
+BASE = {name: 'paper' for name in RUNS if name.startswith('paper_then_')}
 DATA_LENGTH = 256  # the training examples' length
 
 
@@ -95,14 +106,15 @@ def prepare_data(folder):
                         '--n_train=20000', '--n_val=200', f'--out_dir={folder}'], check=True, cwd=ROOT)
 
 
-def train_run(run_dir, flags, seed_, iters, data_dir):
+def train_run(run_dir, flags, seed_, iters, data_dir, base=None):
+    """Train (or resume) one run; base: the checkpoint a fine-tuning run starts from."""
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
     if finished(ckpt_path, iters):
         return
     os.makedirs(run_dir, exist_ok=True)
-    resume = ['--init_from=resume'] if os.path.isfile(ckpt_path) else []
+    start_from = ['--init_from=resume'] if os.path.isfile(ckpt_path) else [f'--init_from={base}'] if base else []
     cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={seed_}',
-           f'--max_iters={iters}', f'--out_dir={run_dir}', *resume]
+           f'--max_iters={iters}', f'--out_dir={run_dir}', *start_from]
     print(' '.join(cmd[1:]), flush=True)
     start = time.time()
     with open(os.path.join(run_dir, 'train.log'), 'a') as log:
@@ -266,10 +278,10 @@ def tables(results, length_list):
     for name, per_seed in results.items():
         for s, r in per_seed.items():
             for read in ['on', 'off', 'local'] + [f'off L{layer}' for layer in range(len(r.get('gates', [])))]:
-                if f'{read} {length_list[0]}' not in r['scores'] or not r['shares']:
+                if f'{read} {length_list[0]}' not in r['scores']:
                     continue
-                scores = [r['scores'][f'{read} {n}'] for n in length_list]
-                cells = [f"{c['accuracy']:.0%} / {c['digit_loss']:.2f}" for c in scores]
+                scores = [r['scores'].get(f'{read} {n}') for n in length_list]  # None: longer than causal's block
+                cells = [f"{c['accuracy']:.0%} / {c['digit_loss']:.2f}" if c else 'cannot' for c in scores]
                 lines.append(f'| {name}, s{s}, {read} | ' + ' | '.join(cells) + ' |')
 
     lines += ['', "Needle share: of a head's memory-read weight at the last prompt token, the share on the passkey "
@@ -321,7 +333,12 @@ def main(argv):
         prepare_data(data_dir)
         for name, iters in runs_:
             for s in seed_list:
-                train_run(folder(name, iters, s), RUNS[name][0], s, iters, data_dir)
+                base = None
+                if name in BASE:  # its base run first, at the default length
+                    base_dir = folder(BASE[name], settings.max_iters, s)
+                    train_run(base_dir, RUNS[BASE[name]][0], s, settings.max_iters, data_dir)
+                    base = os.path.join(base_dir, 'ckpt.pt')
+                train_run(folder(name, iters, s), RUNS[name][0], s, iters, data_dir, base)
     if not settings.evaluate:
         return
     results = {}

@@ -6,10 +6,12 @@ Selective Attention and InAttention, each with the position schemes it takes (do
   python experiments/selective_lm.py --runs=causal-rope,selective-rope --seeds=1337,1,2
   python experiments/selective_lm.py --train=False --runs=all --seeds=1337,1,2   # tables of what is trained
   python experiments/selective_lm.py --runs=causal-rope --seeds=1337 --lrs=1e-3,2e-3,4e-3   # a learning-rate sweep
+  python experiments/selective_lm.py --runs=causal-rope,selective-rope --extra=--max_iters=3000   # train longer
 
 A run is <attention>-<positions>; it is `python train.py --attention=A --positions=P --seed=S` with train.py's
 defaults otherwise (on a CPU: 4 layers x 4 heads x 128 wide, block 256, batch 8, 1000 iterations, lr 2e-3).
-Runs are trained once (out_dir/<run>-s<seed>[-lr<lr>]/ckpt.pt is reused) and one at a time; set
+causal2x-rope is causal with 8 heads of 32 (train.py --n_head=8 --head_size=32): twice the heads and attention weights.
+Runs are trained once (out_dir/<run>-s<seed>[-lr<lr>][-<extra>]/ckpt.pt is reused) and one at a time; set
 OMP_NUM_THREADS to the cores you give them. The val loss of a run is train.py's own estimate at each eval (the
 same 20 batches of 8 x 256 tokens for every run), read from its log. Tables (final val loss, mean and spread
 over seeds; the curve of seed means) are printed and written to out_dir/results.md.
@@ -26,7 +28,10 @@ sys.path.insert(0, ROOT)
 from configurator import configure, flags_of  # noqa: E402
 
 RUNS = ('causal-learned', 'causal-rope', 'causal-alibi', 'selective-learned', 'selective-rope', 'selective-alibi',
-        'in-learned', 'in-alibi')
+        'in-learned', 'in-alibi', 'causal2x-rope')
+# causal2x: the paper's "2x heads and attention parameters" baseline (its abstract): 8 heads of 32 in the 128-wide
+# model instead of 4, so the attention's weights double and the rest of the model stays as it is
+WIDE = ['--attention=causal', '--n_head=8', '--head_size=32']
 
 runs = 'all'                # comma-separated names from RUNS, or 'all'
 seeds = '1337'              # comma-separated
@@ -40,7 +45,9 @@ STEP = re.compile(r'step (\d+): train loss ([\d.]+), val loss ([\d.]+)')
 
 
 def run_dir(settings, run, seed, lr):
-    return os.path.join(settings.out_dir, f'{run}-s{seed}' + (f'-lr{lr}' if lr else ''))
+    """out_dir/<run>-s<seed>[-lr<lr>][-<extra flags>], e.g. causal-rope-s1-max_iters3000."""
+    extra = ''.join('-' + flag.lstrip('-').replace('=', '') for flag in settings.extra.split())
+    return os.path.join(settings.out_dir, f'{run}-s{seed}' + (f'-lr{lr}' if lr else '') + extra)
 
 
 def train_run(settings, run, seed, lr):
@@ -51,7 +58,8 @@ def train_run(settings, run, seed, lr):
     if not done and settings.train:
         attention, positions = run.split('-')
         os.makedirs(folder, exist_ok=True)
-        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--attention={attention}', f'--positions={positions}',
+        model = WIDE if attention == 'causal2x' else [f'--attention={attention}']
+        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *model, f'--positions={positions}',
                f'--seed={seed}', f'--out_dir={folder}'] + ([f'--learning_rate={lr}'] if lr else [])
         cmd += settings.extra.split()
         print(' '.join(cmd[1:]), flush=True)

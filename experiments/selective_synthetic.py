@@ -4,13 +4,16 @@ mask the old one, with Parity and Copy as controls. Selective against causal at 
 
   python experiments/selective_synthetic.py                                   # varassign, causal and selective
   python experiments/selective_synthetic.py --seeds=1337,1,2
+  python experiments/selective_synthetic.py --queries=0.5 --seeds=1337,1,2    # many questions per example
   python experiments/selective_synthetic.py --task=parity --stages=4,12,0
   python experiments/selective_synthetic.py --train=False                     # score what is trained
 
 Training follows a curriculum: one dataset per stage, from few assignments (or bits) to many, all of --length
 tokens; each stage fine-tunes the previous one's checkpoint (train.py --init_from) for --iters iterations, with the
-loss on the answer only (meta.pkl's answer_len). Copy has one stage (data/copy, loss on every token). Runs are
-trained once (out_dir/<task>/<model>-s<seed>/stage<i>/ckpt.pt is reused) and one at a time; set OMP_NUM_THREADS.
+loss on the answer only (meta.pkl's answer_len). With --queries, varassign examples also hold questions answered
+in place and the loss counts every token: many lookups per example instead of one. Copy has one stage (data/copy,
+loss on every token). Runs are trained once (out_dir/<task>[-queries<q>]/<model>-s<seed>/stage<i>/ckpt.pt is
+reused) and one at a time; set OMP_NUM_THREADS.
 
 What is measured on the last stage's val set (every example of it, the same for every model):
   accuracy   the share of answers greedy decoding gets exactly right (answer_accuracy); for copy, the share of
@@ -28,6 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import configure, flags_of, load_model  # noqa: E402
+from data.common import load_meta  # noqa: E402
 
 TASKS = ('varassign', 'parity', 'copy')
 
@@ -35,6 +39,7 @@ task = 'varassign'
 length = 64                 # tokens per example (prompt + answer)
 stages = '2,6,0'            # curriculum: the most assignments (bits) of each stage; 0 = as many as fit
 n_vars = 4                  # varassign: variable names
+queries = 0.0               # varassign: the share of items that are questions answered in place (loss on every token)
 models = 'causal,selective'
 positions = 'rope'
 seeds = '1337'
@@ -111,15 +116,21 @@ def unmasked_tokens(model, prompts, tau=1.0):
 # ---------------------------------------------------------------------------------------------------------
 # The runs.
 
+def task_dir(settings):
+    """out_dir/<task>, or out_dir/varassign-queries<q>: data and runs of another setting never mix."""
+    queries = f'-queries{settings.queries:g}' if settings.task == 'varassign' and settings.queries else ''
+    return os.path.join(settings.out_dir, settings.task + queries)
+
+
 def stage_data(settings, stage, most):
     """Prepare (once) the dataset of one curriculum stage; return its folder."""
-    folder = os.path.join(settings.out_dir, settings.task, 'data', f'stage{stage}')
+    folder = os.path.join(task_dir(settings), 'data', f'stage{stage}')
     if os.path.isfile(os.path.join(folder, 'meta.pkl')):
         return folder
     script = os.path.join(ROOT, 'data', settings.task, 'prepare.py')
     cmd = [sys.executable, script, f'--length={settings.length}', f'--out_dir={folder}']
     if settings.task == 'varassign':
-        cmd += [f'--max_assign={most}', f'--n_vars={settings.n_vars}']
+        cmd += [f'--max_assign={most}', f'--n_vars={settings.n_vars}', f'--queries={settings.queries}']
     elif settings.task == 'parity':
         cmd += [f'--max_bits={most}']
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
@@ -131,7 +142,7 @@ def train_run(settings, name, seed, folders):
     """Train one model through the curriculum's stages; return the last stage's checkpoint path (or None)."""
     previous = None
     for stage, data in enumerate(folders):
-        folder = os.path.join(settings.out_dir, settings.task, f'{name}-s{seed}', f'stage{stage}')
+        folder = os.path.join(task_dir(settings), f'{name}-s{seed}', f'stage{stage}')
         ckpt = os.path.join(folder, 'ckpt.pt')
         if not os.path.isfile(ckpt):
             if not settings.train:
@@ -157,15 +168,12 @@ def train_run(settings, name, seed, folders):
 def score(settings, ckpt, data):
     model, _ = load_model(ckpt, 'cpu')
     model.eval()
-    from data.common import load_meta
-    meta = load_meta(data)
-    L = meta['example_len']
+    L = load_meta(data)['example_len']
     examples = torch.from_numpy(np.fromfile(os.path.join(data, 'val.bin'), dtype=np.uint16).astype(np.int64))
     examples = examples.view(-1, L)
-    answer_len = meta.get('answer_len', 0)
-    if answer_len:
-        accuracy = answer_accuracy(model, examples, answer_len)
-        prompts = examples[:, :-answer_len]
+    if settings.task != 'copy':  # the final question's one-digit answer (the loss may have counted more)
+        accuracy = answer_accuracy(model, examples, 1)
+        prompts = examples[:, :-1]
     else:
         accuracy = copy_accuracy(model, examples)
         prompts = examples[:, :-1]
@@ -177,7 +185,7 @@ def main(argv):
     if settings.task not in TASKS:
         raise SystemExit(f"unknown --task '{settings.task}', choose one of: {', '.join(TASKS)}")
     if settings.task == 'copy':
-        folder = os.path.join(settings.out_dir, 'copy', 'data', 'stage0')
+        folder = os.path.join(task_dir(settings), 'data', 'stage0')
         if not os.path.isfile(os.path.join(folder, 'meta.pkl')):
             subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'copy', 'prepare.py'),
                             f'--length={settings.length}', f'--out_dir={folder}'], cwd=ROOT, check=True)
@@ -192,7 +200,8 @@ def main(argv):
             ckpt = train_run(settings, name, seed, folders)
             if ckpt:
                 results[name, seed] = score(settings, ckpt, folders[-1])
-    lines = [f'{settings.task}, {settings.length}-token examples, stages {settings.stages}, {settings.iters} '
+    queries = f', {settings.queries:g} of items questions in place' if '-queries' in task_dir(settings) else ''
+    lines = [f'{settings.task}{queries}, {settings.length}-token examples, stages {settings.stages}, {settings.iters} '
              f'iterations each; {settings.n_layer} layers x {settings.n_head} heads x {settings.n_embd}, '
              f'{settings.positions} positions', '',
              '| model | seeds | accuracy: mean | spread (min..max) | unmasked tokens per layer (of the prompt) |',
@@ -212,7 +221,7 @@ def main(argv):
                      f'{last_value_accuracy(torch.from_numpy(examples.astype(np.int64))):.1%} | | |')
     text = '\n'.join(lines)
     print(text)
-    with open(os.path.join(settings.out_dir, settings.task, 'results.md'), 'w') as f:
+    with open(os.path.join(task_dir(settings), 'results.md'), 'w') as f:
         f.write(text + '\n')
 
 

@@ -124,6 +124,28 @@ def test_cached_logits_equal_full_forward(attention, positions):
     assert cache.length == 30
 
 
+@pytest.mark.parametrize('attention', ['causal', 'selective'])
+def test_head_size_widens_the_attention_and_its_cache(attention):
+    """--head_size with more heads is the 'more heads and attention parameters' baseline: 4 heads of 8 in a
+    16-wide model double the attention's weights, the cache follows, and cached decoding stays exact."""
+    torch.manual_seed(0)
+    wide = GPT(tiny(attention, n_head=4, head_size=8)).double().eval()
+    narrow = GPT(tiny(attention))
+    attn_params = lambda m: sum(p.numel() for n, p in m.named_parameters() if '.attn.' in n and p.dim() == 2)
+    assert attn_params(wide) == 2 * attn_params(narrow)
+    idx = torch.randint(0, 23, (2, 20))
+    cache = wide.new_cache(2)
+    wide(idx[:, :12], cache=cache)
+    for t in range(12, 20):
+        logits, _ = wide(idx[:, t:t + 1], cache=cache)
+        torch.testing.assert_close(logits, wide(idx[:, :t + 1])[0], rtol=1e-9, atol=1e-9)
+    if attention == 'causal':
+        assert cache.nbytes() == 2 * 2 * 2 * (4 * 8) * 32 * 8  # k, v x 2 layers x batch 2 x 4 heads of 8 x 32 x fp64
+    for other in ('in', 'infini'):
+        with pytest.raises(ValueError, match='only causal and selective attention take a separate head size'):
+            tiny(other, head_size=4)
+
+
 def test_kv_cache_bytes():
     model = GPT(tiny('causal')).eval()
     cache = model.new_cache(1, max_len=32)

@@ -3,6 +3,7 @@ synthetic tasks (data/varassign, data/parity) and their scoring (experiments/sel
 import importlib.util
 import os
 import pickle
+import types
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def silence_selection(model):
     with torch.no_grad():
         for block in model.transformer.h:
             attn = block.attn
-            d = attn.n_embd // attn.n_head
+            d = attn.width // attn.n_head
             rows = slice(attn.selection_head * d, (attn.selection_head + 1) * d)
             attn.c_attn.weight[rows] = 0.0
             attn.c_attn.bias[rows] = 0.0
@@ -385,6 +386,30 @@ def test_varassign_answers_the_latest_assignment():
         varassign.make_varassign(32, 8, 3, rng)
 
 
+def test_varassign_questions_in_place_answer_the_latest_assignment(tmp_path):
+    """--queries: some items are questions answered in place, each right at its point in the stream, and the
+    loss then counts every token (answer_len 0 in meta.pkl)."""
+    rng = np.random.default_rng(0)
+    questions = 0
+    for _ in range(20):
+        prompt, answer = varassign.make_varassign(64, 15, 4, rng, queries=0.5)
+        assert len(prompt) + len(answer) == 64
+        latest = {}
+        for item in (bytes(prompt + answer).decode()).split():
+            name, sign, value = item
+            if sign == '=':
+                latest[name] = value
+            else:
+                assert value == latest[name], 'a question answers with the latest assignment'
+                questions += 1
+    assert 20 * 3 < questions < 20 * 12  # about half the 14 items after the first, plus the final question
+    varassign.main(['--length=32', '--queries=0.5', '--n_train=10', '--n_val=3', f'--out_dir={tmp_path}'])
+    with open(tmp_path / 'meta.pkl', 'rb') as f:
+        assert pickle.load(f)['answer_len'] == 0
+    with pytest.raises(SystemExit, match='--queries=1.0 must be a probability'):
+        varassign.main(['--queries=1', f'--out_dir={tmp_path / "bad"}'])
+
+
 def test_varassign_and_parity_sets_on_disk(tmp_path):
     varassign.main(['--length=32', '--min_assign=2', '--max_assign=4', '--n_train=10', '--n_val=3',
                     f'--out_dir={tmp_path / "va"}'])
@@ -448,3 +473,22 @@ def test_unmasked_tokens_counts_F_below_one():
 def test_last_value_baseline():
     examples = torch.tensor([list(b'  a=1 b=2 a?1'), list(b'  a=1 b=2 b?2'), list(b'  b=2 a=1 b?2')])
     assert synthetic.last_value_accuracy(examples) == pytest.approx(1 / 3)
+
+
+def test_lm_experiment_runs_the_wide_baseline_and_keeps_longer_runs_apart(tmp_path, monkeypatch):
+    """experiments/selective_lm.py: causal2x is causal with 8 heads of 32; extra train.py flags name the folder,
+    so a longer run never reuses a shorter one's checkpoint."""
+    lm = load_script('experiments/selective_lm.py', 'selective_lm')
+    commands = []
+    def fake_run(cmd, stdout, **kw):
+        commands.append(cmd)
+        stdout.write('step 1000: train loss 1.4000, val loss 1.5000\n')
+        folder = next(c[len('--out_dir='):] for c in cmd if c.startswith('--out_dir='))
+        open(os.path.join(folder, 'ckpt.pt'), 'w').close()
+        return types.SimpleNamespace(returncode=0)
+    monkeypatch.setattr(lm.subprocess, 'run', fake_run)
+    lm.main([f'--out_dir={tmp_path}', '--runs=causal2x-rope', '--seeds=3', '--extra=--max_iters=3000'])
+    cmd = commands[0]
+    assert {'--attention=causal', '--n_head=8', '--head_size=32', '--positions=rope', '--max_iters=3000'} <= set(cmd)
+    assert f'--out_dir={tmp_path}/causal2x-rope-s3-max_iters3000' in cmd
+    assert '| causal2x-rope | default | 1 | 1.500 |' in (tmp_path / 'results.md').read_text()

@@ -77,6 +77,22 @@ def test_fine_tune_at_a_longer_context(train_tiny, tmp_path):
     assert long['config']['learning_rate'] == 3e-4 and long['model_args']['n_layer'] == 1
 
 
+def test_fine_tune_infini_with_a_sharper_memory(train_tiny, tmp_path):
+    """experiments/infini_passkey.py's two-stage runs: the paper's memory first, then fine-tuned with the sharper
+    feature map and the boost, even from a checkpoint older than those fields. A resumed run may not change them."""
+    train_tiny(tmp_path / 'paper', '--attention=infini')
+    old = load(tmp_path / 'paper')
+    for key in ('feature_scale', 'memory_boost'):  # as saved before the fields existed: trained with the defaults
+        del old['model_args'][key]
+    torch.save(old, tmp_path / 'paper' / 'ckpt.pt')
+    train_tiny(tmp_path / 'sharp', f'--init_from={tmp_path / "paper" / "ckpt.pt"}', '--feature_scale=4',
+               '--memory_boost=63', '--max_iters=2')
+    args = load(tmp_path / 'sharp')['model_args']
+    assert args['feature_scale'] == 4 and args['memory_boost'] == 63 and args['attention'] == 'infini'
+    message = error_of(train_tiny, tmp_path / 'paper', '--init_from=resume', '--feature_scale=4', '--max_iters=5')
+    assert "--feature_scale=4.0 contradicts the checkpoint's feature_scale=1.0" in message
+
+
 def test_flags_that_contradict_the_checkpoint(train_tiny, tmp_path):
     train_tiny(tmp_path / 'a')
     ckpt = str(tmp_path / 'a' / 'ckpt.pt')
