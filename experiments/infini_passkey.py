@@ -77,8 +77,8 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_boost63': (['--memory_boost=63'], 'two stages, the second with the boost (63) alone'),
     'paper_then_more': ([], 'two stages, the second with neither change: the control for the extra training'),
 }
-# runs that fine-tune another run's final checkpoint (train.py --init_from): retrieval is learned first, where the
-# paper's mechanism learns it fast, and the sharper, crowded memory is taught after
+# runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
+# which is fast, and the sharper, crowded memory is taught after (docs/infini.md, "Two stages")
 BASE = {name: 'paper' for name in RUNS if name.startswith('paper_then_')}
 DATA_LENGTH = 256  # the training examples' length
 

@@ -173,10 +173,9 @@ def score(settings, ckpt, data):
     examples = examples.view(-1, L)
     if settings.task != 'copy':  # the final question's one-digit answer (the loss may have counted more)
         accuracy = answer_accuracy(model, examples, 1)
-        prompts = examples[:, :-1]
     else:
         accuracy = copy_accuracy(model, examples)
-        prompts = examples[:, :-1]
+    prompts = examples[:, :-1]
     return accuracy, unmasked_tokens(model, prompts), prompts.size(1)
 
 
