@@ -4,22 +4,26 @@ mask the old one, with Parity and Copy as controls. Selective against causal at 
 
   python experiments/selective_synthetic.py                                   # varassign, causal and selective
   python experiments/selective_synthetic.py --seeds=1337,1,2
-  python experiments/selective_synthetic.py --queries=0.5 --seeds=1337,1,2    # many questions per example
-  python experiments/selective_synthetic.py --task=parity --stages=4,12,0
+  python experiments/selective_synthetic.py --task=parity
+  python experiments/selective_synthetic.py --task=copy
   python experiments/selective_synthetic.py --train=False                     # score what is trained
 
-Training follows a curriculum: one dataset per stage, from few assignments (or bits) to many, all of --length
-tokens; each stage fine-tunes the previous one's checkpoint (train.py --init_from) for --iters iterations, with the
-loss on the answer only (meta.pkl's answer_len). With --queries, varassign examples also hold questions answered
-in place and the loss counts every token: many lookups per example instead of one. Copy has one stage (data/copy,
-loss on every token). Runs are trained once (out_dir/<task>[-queries<q>]/<model>-s<seed>/stage<i>/ckpt.pt is
-reused) and one at a time; set OMP_NUM_THREADS.
+Training follows a curriculum from short examples to long: one dataset per stage, of the stage's length in tokens
+(--stages), each example holding from 2 up to as many assignments (or bits) as fit. Each stage fine-tunes the
+previous one's checkpoint (train.py --init_from) for --iters iterations, with the loss on the answer only
+(meta.pkl's answer_len) and --batch_tokens tokens per batch. Short examples first: with 2 or 3 assignments the
+answer is one of few digits, so the lookup has a strong signal. Copy has one stage at the last length (data/copy,
+loss on every token), trained as many iterations as the whole curriculum. Runs are trained once and one at a
+time (out_dir/<task>/<model>-s<seed>[-<flags not at their default>]/stage<i>/ckpt.pt is reused); set
+OMP_NUM_THREADS.
 
-What is measured on the last stage's val set (every example of it, the same for every model):
-  accuracy   the share of answers greedy decoding gets exactly right (answer_accuracy); for copy, the share of
-             letters of the repeats predicted right (copy_accuracy)
-  unmasked   selective only: per layer, how many of the prompt's tokens the question token still sees, a token
-             counting as masked once its F reaches 1 (unmasked_tokens; the auxiliary memory loss's count with tau = 1)
+What is measured, on every example of a val set (the same for every model):
+  accuracy   each stage's checkpoint on its own stage's val set: the share of answers greedy decoding gets
+             exactly right (answer_accuracy); for copy, the share of letters of the repeats predicted right
+             (copy_accuracy)
+  unmasked   the last stage, selective only: per layer, how many of the prompt's tokens the question token still
+             sees, a token counting as masked once its F reaches 1 (unmasked_tokens; the auxiliary memory loss's
+             count with tau = 1)
 """
 import os
 import subprocess
@@ -36,23 +40,22 @@ from data.common import load_meta  # noqa: E402
 TASKS = ('varassign', 'parity', 'copy')
 
 task = 'varassign'
-length = 64                 # tokens per example (prompt + answer)
-stages = '2,6,0'            # curriculum: the most assignments (bits) of each stage; 0 = as many as fit
-n_vars = 4                  # varassign: variable names
-queries = 0.0               # varassign: the share of items that are questions answered in place (loss on every token)
+stages = '16,32,64'         # curriculum: the example length (tokens, prompt + answer) of each stage
+n_vars = 8                  # varassign: variable names
 models = 'causal,selective'
 positions = 'rope'
 seeds = '1337'
-iters = 2000                # training iterations per stage
+iters = 4000                # training iterations per stage
 n_layer = 3
 n_head = 4
 n_embd = 64
-batch_size = 32
+batch_tokens = 2048         # tokens per batch: 128 examples of 16 tokens, 32 of 64
 learning_rate = 3e-3
 extra = ''                  # more train.py flags for every run, space-separated
 out_dir = 'out-selective-synthetic'
 train = True                # False: only score the runs already trained
 FLAGS = flags_of(globals())
+TRAINING = ('stages', 'iters', 'n_layer', 'n_head', 'n_embd', 'batch_tokens', 'learning_rate', 'positions')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,55 +120,72 @@ def unmasked_tokens(model, prompts, tau=1.0):
 # The runs.
 
 def task_dir(settings):
-    """out_dir/<task>, or out_dir/varassign-queries<q>: data and runs of another setting never mix."""
-    queries = f'-queries{settings.queries:g}' if settings.task == 'varassign' and settings.queries else ''
-    return os.path.join(settings.out_dir, settings.task + queries)
+    """out_dir/<task>, or out_dir/varassign-vars<n> for other than 8 names: other settings never mix."""
+    suffix = f'-vars{settings.n_vars}' if settings.task == 'varassign' and settings.n_vars != 8 else ''
+    return os.path.join(settings.out_dir, settings.task + suffix)
 
 
-def stage_data(settings, stage, most):
-    """Prepare (once) the dataset of one curriculum stage; return its folder."""
-    folder = os.path.join(task_dir(settings), 'data', f'stage{stage}')
+def changed(settings):
+    """'-<flag><value>' for each training flag not at its default, e.g. '-stages16-iters12000': a run (and its
+    results file) with other settings never reuses another's."""
+    flags = ''.join(f'-{k}{getattr(settings, k)}' for k in TRAINING if getattr(settings, k) != FLAGS[k])
+    flags += ''.join('-' + flag.lstrip('-').replace('=', '') for flag in settings.extra.split())
+    return flags.replace(',', '_')
+
+
+def run_dir(settings, name, seed):
+    """task_dir/<model>-s<seed>[-<training flags not at their default>], e.g. causal-s1-stages16-iters12000."""
+    return os.path.join(task_dir(settings), f'{name}-s{seed}' + changed(settings))
+
+
+def stage_data(settings, stage, length):
+    """Prepare (once) the dataset of one curriculum stage, examples of `length` tokens; return its folder."""
+    folder = os.path.join(task_dir(settings), 'data', f'stage{stage}-len{length}')
     if os.path.isfile(os.path.join(folder, 'meta.pkl')):
         return folder
     script = os.path.join(ROOT, 'data', settings.task, 'prepare.py')
-    cmd = [sys.executable, script, f'--length={settings.length}', f'--out_dir={folder}']
+    cmd = [sys.executable, script, f'--length={length}', f'--out_dir={folder}']
     if settings.task == 'varassign':
-        cmd += [f'--max_assign={most}', f'--n_vars={settings.n_vars}', f'--queries={settings.queries}']
+        cmd += ['--min_assign=2', f'--n_vars={settings.n_vars}', '--n_train=200000']
     elif settings.task == 'parity':
-        cmd += [f'--max_bits={most}']
+        cmd += ['--min_bits=2']
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         raise SystemExit(f'preparing {folder} failed (see above)')
     return folder
 
 
-def train_run(settings, name, seed, folders):
-    """Train one model through the curriculum's stages; return the last stage's checkpoint path (or None)."""
-    previous = None
+def train_run(settings, name, seed, folders, iters):
+    """Train one model through the curriculum's stages; return the checkpoint paths of the stages trained."""
+    previous, ckpts = None, []
     for stage, data in enumerate(folders):
-        folder = os.path.join(task_dir(settings), f'{name}-s{seed}', f'stage{stage}')
-        ckpt = os.path.join(folder, 'ckpt.pt')
-        if not os.path.isfile(ckpt):
+        folder = os.path.join(run_dir(settings, name, seed), f'stage{stage}')
+        ckpt, log = os.path.join(folder, 'ckpt.pt'), os.path.join(folder, 'train.log')
+        if not (os.path.isfile(ckpt) and os.path.isfile(log)):  # the log is renamed into place when a stage ends
             if not settings.train:
-                return None
+                return ckpts
+            length = load_meta(data)['example_len']
             cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--data_dir={data}', f'--out_dir={folder}',
                    f'--attention={name}', f'--positions={settings.positions}', f'--seed={seed}',
-                   f'--block_size={settings.length}', f'--max_iters={settings.iters}',
-                   f'--eval_interval={max(1, settings.iters // 4)}', '--eval_iters=10', '--warmup_iters=50',
-                   f'--learning_rate={settings.learning_rate}', f'--batch_size={settings.batch_size}',
-                   '--weight_decay=0']
+                   f'--block_size={length}', f'--max_iters={iters}',
+                   f'--eval_interval={max(1, iters // 8)}', '--eval_iters=10', '--warmup_iters=50',
+                   f'--learning_rate={settings.learning_rate}',
+                   f'--batch_size={max(1, settings.batch_tokens // length)}', '--weight_decay=0']
             cmd += ([f'--n_layer={settings.n_layer}', f'--n_head={settings.n_head}', f'--n_embd={settings.n_embd}']
                     if previous is None else [f'--init_from={previous}'])
             cmd += settings.extra.split()
             print(' '.join(cmd[1:]), flush=True)
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, 'train.log'), 'w') as f:
+            with open(log + '.part', 'w') as f:
                 if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
-                    raise SystemExit(f'{name} seed {seed} stage {stage} failed: see {folder}/train.log')
+                    raise SystemExit(f'{name} seed {seed} stage {stage} failed: see {log}.part')
+            os.replace(log + '.part', log)
         previous = ckpt
-    return previous
+        ckpts.append(ckpt)
+    return ckpts
 
 
 def score(settings, ckpt, data):
+    """(accuracy, unmasked tokens per layer, prompt length) of one checkpoint on its stage's val set."""
     model, _ = load_model(ckpt, 'cpu')
     model.eval()
     L = load_meta(data)['example_len']
@@ -183,44 +203,49 @@ def main(argv):
     settings, _ = configure(argv, FLAGS, __doc__)
     if settings.task not in TASKS:
         raise SystemExit(f"unknown --task '{settings.task}', choose one of: {', '.join(TASKS)}")
-    if settings.task == 'copy':
-        folder = os.path.join(task_dir(settings), 'data', 'stage0')
-        if not os.path.isfile(os.path.join(folder, 'meta.pkl')):
-            subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'copy', 'prepare.py'),
-                            f'--length={settings.length}', f'--out_dir={folder}'], cwd=ROOT, check=True)
-        folders = [folder]
+    try:
+        lengths = [int(n) for n in str(settings.stages).split(',')]
+    except ValueError:
+        raise SystemExit(f"--stages='{settings.stages}' must be example lengths, e.g. 16,32,64") from None
+    iters = settings.iters
+    if settings.task == 'copy':  # one stage at the last length, as many iterations as the whole curriculum
+        folders, iters = [stage_data(settings, 0, lengths[-1])], settings.iters * len(lengths)
     else:
-        folders = [stage_data(settings, i, int(most)) for i, most in enumerate(str(settings.stages).split(','))]
+        folders = [stage_data(settings, i, n) for i, n in enumerate(lengths)]
     names = settings.models.split(',')
     seed_list = [int(s) for s in str(settings.seeds).split(',')]
     results = {}
     for seed in seed_list:
         for name in names:
-            ckpt = train_run(settings, name, seed, folders)
-            if ckpt:
-                results[name, seed] = score(settings, ckpt, folders[-1])
-    queries = f', {settings.queries:g} of items questions in place' if '-queries' in task_dir(settings) else ''
-    lines = [f'{settings.task}{queries}, {settings.length}-token examples, stages {settings.stages}, {settings.iters} '
-             f'iterations each; {settings.n_layer} layers x {settings.n_head} heads x {settings.n_embd}, '
-             f'{settings.positions} positions', '',
-             '| model | seeds | accuracy: mean | spread (min..max) | unmasked tokens per layer (of the prompt) |',
-             '|---|---:|---:|---|---|']
+            # each stage's checkpoint on its own stage's val set: how far along the curriculum the lookup holds
+            ckpts = train_run(settings, name, seed, folders, iters)
+            results[name, seed] = [score(settings, c, d) for c, d in zip(ckpts, folders)]
+    about = f', {settings.n_vars} variable names' if settings.task == 'varassign' else ''
+    shown = [load_meta(d)['example_len'] for d in folders]
+    lines = [f'{settings.task}{about}, stages of {",".join(map(str, shown))} tokens per example, {iters} iterations '
+             f'each; {settings.n_layer} layers x {settings.n_head} heads x {settings.n_embd}, {settings.positions} '
+             'positions. Accuracy: mean over seeds (min..max), each stage on its own val set.', '',
+             '| model | seeds | ' + ' | '.join(f'accuracy at {n}' for n in shown)
+             + ' | unmasked tokens per layer, last stage (of the prompt) |',
+             '|---|---:|' + '---:|' * len(shown) + '---|']
     for name in names:
-        got = [results[name, s] for s in seed_list if (name, s) in results]
-        if not got:
-            lines.append(f'| {name} | 0 | not measured yet | | |')
-            continue
-        acc = np.array([a for a, _, _ in got])
-        unmasked = np.mean([u for _, u, _ in got], axis=0)
-        lines.append(f'| {name} | {len(got)} | {acc.mean():.1%} | {acc.min():.1%}..{acc.max():.1%} | '
-                     + ', '.join(f'{u:.1f}' for u in unmasked) + f' (of {got[0][2]}) |')
+        got = [results[name, s] for s in seed_list if results.get((name, s))]
+        row = f'| {name} | {len(got)} |'
+        for stage in range(len(shown)):
+            acc = np.array([r[stage][0] for r in got if len(r) > stage])
+            row += f' {acc.mean():.1%} ({acc.min():.0%}..{acc.max():.0%}) |' if len(acc) else ' not measured yet |'
+        last = [r[-1] for r in got if len(r) == len(shown)]
+        unmasked = ', '.join(f'{u:.1f}' for u in np.mean([u for _, u, _ in last], axis=0)) if last else ''
+        lines.append(row + (f' {unmasked} (of {last[0][2]}) |' if last else ' |'))
     if settings.task == 'varassign':
-        examples = np.fromfile(os.path.join(folders[-1], 'val.bin'), dtype=np.uint16).reshape(-1, settings.length)
-        lines.append(f'| copy the last digit assigned (no lookup) | | '
-                     f'{last_value_accuracy(torch.from_numpy(examples.astype(np.int64))):.1%} | | |')
+        row = '| copy the last digit assigned (no lookup) | |'
+        for data, n in zip(folders, shown):
+            examples = np.fromfile(os.path.join(data, 'val.bin'), dtype=np.uint16).reshape(-1, n)
+            row += f' {last_value_accuracy(torch.from_numpy(examples.astype(np.int64))):.1%} |'
+        lines.append(row + ' |')
     text = '\n'.join(lines)
     print(text)
-    with open(os.path.join(task_dir(settings), 'results.md'), 'w') as f:
+    with open(os.path.join(task_dir(settings), f'results{changed(settings)}.md'), 'w') as f:
         f.write(text + '\n')
 
 

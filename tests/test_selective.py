@@ -3,6 +3,7 @@ synthetic tasks (data/varassign, data/parity) and their scoring (experiments/sel
 import importlib.util
 import os
 import pickle
+import subprocess
 import types
 
 import numpy as np
@@ -386,30 +387,6 @@ def test_varassign_answers_the_latest_assignment():
         varassign.make_varassign(32, 8, 3, rng)
 
 
-def test_varassign_questions_in_place_answer_the_latest_assignment(tmp_path):
-    """--queries: some items are questions answered in place, each right at its point in the stream, and the
-    loss then counts every token (answer_len 0 in meta.pkl)."""
-    rng = np.random.default_rng(0)
-    questions = 0
-    for _ in range(20):
-        prompt, answer = varassign.make_varassign(64, 15, 4, rng, queries=0.5)
-        assert len(prompt) + len(answer) == 64
-        latest = {}
-        for item in (bytes(prompt + answer).decode()).split():
-            name, sign, value = item
-            if sign == '=':
-                latest[name] = value
-            else:
-                assert value == latest[name], 'a question answers with the latest assignment'
-                questions += 1
-    assert 20 * 3 < questions < 20 * 12  # about half the 14 items after the first, plus the final question
-    varassign.main(['--length=32', '--queries=0.5', '--n_train=10', '--n_val=3', f'--out_dir={tmp_path}'])
-    with open(tmp_path / 'meta.pkl', 'rb') as f:
-        assert pickle.load(f)['answer_len'] == 0
-    with pytest.raises(SystemExit, match='--queries=1.0 must be a probability'):
-        varassign.main(['--queries=1', f'--out_dir={tmp_path / "bad"}'])
-
-
 def test_varassign_and_parity_sets_on_disk(tmp_path):
     varassign.main(['--length=32', '--min_assign=2', '--max_assign=4', '--n_train=10', '--n_val=3',
                     f'--out_dir={tmp_path / "va"}'])
@@ -475,9 +452,39 @@ def test_last_value_baseline():
     assert synthetic.last_value_accuracy(examples) == pytest.approx(1 / 3)
 
 
+def test_synthetic_experiment_runs_a_curriculum_of_lengths(tmp_path, monkeypatch):
+    """experiments/selective_synthetic.py: one stage per example length, each fine-tuning the previous one's
+    checkpoint with the same tokens per batch; every stage is scored on its own val set; copy gets one stage at
+    the last length, as many iterations as the whole curriculum."""
+    real_run, commands = synthetic.subprocess.run, []
+    def fake_run(cmd, stdout=None, **kw):
+        if cmd[1].endswith('prepare.py'):  # prepare the data for real, small
+            return real_run(cmd + ['--n_train=20', '--n_val=4'], stdout=subprocess.DEVNULL, **kw)
+        commands.append(cmd)
+        folder = next(c[len('--out_dir='):] for c in cmd if c.startswith('--out_dir='))
+        open(os.path.join(folder, 'ckpt.pt'), 'w').close()
+        return types.SimpleNamespace(returncode=0)
+    monkeypatch.setattr(synthetic.subprocess, 'run', fake_run)
+    monkeypatch.setattr(synthetic, 'score', lambda settings, ckpt, data: (0.5, [3.0], 15))
+    synthetic.main([f'--out_dir={tmp_path}', '--stages=16,32', '--models=selective', '--iters=10'])
+    first, second = commands
+    assert {'--block_size=16', '--batch_size=128', '--max_iters=10', '--n_layer=3'} <= set(first)
+    assert {'--block_size=32', '--batch_size=64',
+            f'--init_from={tmp_path}/varassign/selective-s1337-stages16_32-iters10/stage0/ckpt.pt'} <= set(second)
+    results = (tmp_path / 'varassign' / 'results-stages16_32-iters10.md').read_text()
+    assert '| selective | 1 | 50.0% (50%..50%) | 50.0% (50%..50%) | 3.0 (of 15) |' in results
+    assert '| copy the last digit assigned (no lookup) | |' in results
+    commands.clear()
+    synthetic.main([f'--out_dir={tmp_path}', '--task=copy', '--stages=16,32', '--models=causal', '--iters=10'])
+    assert len(commands) == 1 and {'--block_size=32', '--max_iters=20'} <= set(commands[0])
+    commands.clear()  # other settings train other runs, in folders named by the flags that differ
+    synthetic.main([f'--out_dir={tmp_path}', '--stages=16', '--models=selective', '--iters=20', '--extra=--dropout=0.1'])
+    assert f'--out_dir={tmp_path}/varassign/selective-s1337-stages16-iters20-dropout0.1/stage0' in commands[0]
+
+
 def test_lm_experiment_runs_the_wide_baseline_and_keeps_longer_runs_apart(tmp_path, monkeypatch):
-    """experiments/selective_lm.py: causal2x is causal with 8 heads of 32; extra train.py flags name the folder,
-    so a longer run never reuses a shorter one's checkpoint."""
+    """experiments/selective_lm.py: causal2x is causal with 8 heads of 32, causal4x with 16; extra train.py flags
+    name the folder, so a longer run never reuses a shorter one's checkpoint."""
     lm = load_script('experiments/selective_lm.py', 'selective_lm')
     commands = []
     def fake_run(cmd, stdout, **kw):
@@ -487,8 +494,9 @@ def test_lm_experiment_runs_the_wide_baseline_and_keeps_longer_runs_apart(tmp_pa
         open(os.path.join(folder, 'ckpt.pt'), 'w').close()
         return types.SimpleNamespace(returncode=0)
     monkeypatch.setattr(lm.subprocess, 'run', fake_run)
-    lm.main([f'--out_dir={tmp_path}', '--runs=causal2x-rope', '--seeds=3', '--extra=--max_iters=3000'])
+    lm.main([f'--out_dir={tmp_path}', '--runs=causal2x-rope,causal4x-rope', '--seeds=3', '--extra=--max_iters=3000'])
     cmd = commands[0]
     assert {'--attention=causal', '--n_head=8', '--head_size=32', '--positions=rope', '--max_iters=3000'} <= set(cmd)
+    assert {'--attention=causal', '--n_head=16', '--head_size=32'} <= set(commands[1])
     assert f'--out_dir={tmp_path}/causal2x-rope-s3-max_iters3000' in cmd
     assert '| causal2x-rope | default | 1 | 1.500 |' in (tmp_path / 'results.md').read_text()

@@ -10,7 +10,7 @@ is drawn between min_assign and max_assign, each assigns a random digit to one o
 asks for a variable that was assigned (uniformly among them); the answer is its last digit. A model that copies the
 last digit it saw is right only when the asked variable happened to be the last one assigned. This script writes
 train/val sets, byte-level, back to back, with example_len and answer_len = 1 in meta.pkl: train.py then counts
-the loss of the answer only. A curriculum is several of these sets, from few assignments to many, trained one
+the loss of the answer only. A curriculum is several of these sets, from short examples to long, trained one
 after the other with train.py --init_from (experiments/selective_synthetic.py).
 
   python data/varassign/prepare.py --length=128 --min_assign=1 --max_assign=8 --out_dir=data/varassign/easy
@@ -36,24 +36,18 @@ def max_assignments(length):
     return (length - QUESTION_LEN - 1) // ASSIGNMENT_LEN
 
 
-def make_varassign(length, n_assign, n_vars, rng, queries=0.0):
-    """One example of exactly `length` byte ids: (prompt_ids, answer_ids), the answer being one digit.
-    queries > 0: each of the n_assign items after the first is, with that probability, a question answered in
-    place ('a?7 ', as long as an assignment), so one example teaches many lookups when the loss counts every token."""
+def make_varassign(length, n_assign, n_vars, rng):
+    """One example of exactly `length` byte ids: (prompt_ids, answer_ids), the answer being one digit."""
     if not 1 <= n_vars <= len(VARIABLES):
         raise ValueError(f'n_vars={n_vars} must be between 1 and {len(VARIABLES)}')
     if not 1 <= n_assign <= max_assignments(length):
         raise ValueError(f'{n_assign} assignments do not fit in {length} tokens (at most {max_assignments(length)})')
     names = rng.integers(0, n_vars, size=n_assign)
     values = rng.integers(0, 10, size=n_assign)
-    asks = rng.random(n_assign) < queries if queries else np.zeros(n_assign, dtype=bool)
     latest, text = {}, ''
-    for name, value, ask in zip(names.tolist(), values.tolist(), asks):
-        if ask and name in latest:  # a question about a variable already assigned, with its answer
-            text += f'{VARIABLES[name]}?{latest[name]} '
-        else:
-            latest[name] = value  # the latest assignment wins
-            text += f'{VARIABLES[name]}={value} '
+    for name, value in zip(names.tolist(), values.tolist()):
+        latest[name] = value  # the latest assignment wins
+        text += f'{VARIABLES[name]}={value} '
     asked = rng.choice(np.unique(list(latest)))
     answer = str(latest[asked])
     prompt = PAD * (length - len(text) - QUESTION_LEN - 1) + text + VARIABLES[asked] + '?'
@@ -61,11 +55,11 @@ def make_varassign(length, n_assign, n_vars, rng, queries=0.0):
     return tok.encode(prompt), tok.encode(answer)
 
 
-def make_set(n, length, min_assign, max_assign, n_vars, rng, queries=0.0):
+def make_set(n, length, min_assign, max_assign, n_vars, rng):
     """n examples with a uniform number of assignments in [min_assign, max_assign], back to back, as one array."""
     examples = []
     for n_assign in rng.integers(min_assign, max_assign + 1, size=n):
-        prompt, answer = make_varassign(length, int(n_assign), n_vars, rng, queries)
+        prompt, answer = make_varassign(length, int(n_assign), n_vars, rng)
         examples.append(prompt + answer)
     return np.array(examples, dtype=np.int64).reshape(-1)
 
@@ -77,8 +71,6 @@ def main(argv=None):
     parser.add_argument('--min_assign', type=int, default=1)
     parser.add_argument('--max_assign', type=int, default=0, help='0 = as many as fit')
     parser.add_argument('--n_vars', type=int, default=4, help='how many variable names (letters) are used')
-    parser.add_argument('--queries', type=float, default=0.0,
-                        help='probability that an item is a question answered in place; > 0 counts every token')
     parser.add_argument('--n_train', type=int, default=50000)
     parser.add_argument('--n_val', type=int, default=1000)
     parser.add_argument('--seed', type=int, default=1337)
@@ -87,19 +79,16 @@ def main(argv=None):
     max_assign = args.max_assign or max_assignments(args.length)
     if args.n_train < 1 or args.n_val < 1:
         raise SystemExit('--n_train and --n_val must be at least 1')
-    if not 0 <= args.queries < 1:
-        raise SystemExit(f'--queries={args.queries} must be a probability in [0, 1)')
     if not 1 <= args.min_assign <= max_assign:
         raise SystemExit(f'--min_assign={args.min_assign} must be between 1 and --max_assign={max_assign}')
     rng = np.random.default_rng(args.seed)
     try:
-        train_ids = make_set(args.n_train, args.length, args.min_assign, max_assign, args.n_vars, rng, args.queries)
-        val_ids = make_set(args.n_val, args.length, args.min_assign, max_assign, args.n_vars, rng, args.queries)
+        train_ids = make_set(args.n_train, args.length, args.min_assign, max_assign, args.n_vars, rng)
+        val_ids = make_set(args.n_val, args.length, args.min_assign, max_assign, args.n_vars, rng)
     except ValueError as e:
         raise SystemExit(f'--length={args.length}: {e}') from None
-    # answer_len = 1: train.py counts the loss of the final answer only; with questions in place, of every token
-    write_dataset(args.out_dir, train_ids, val_ids, ByteTokenizer(), 'varassign', example_len=args.length,
-                  answer_len=0 if args.queries else 1)
+    # answer_len = 1: train.py counts the loss of the answer only
+    write_dataset(args.out_dir, train_ids, val_ids, ByteTokenizer(), 'varassign', example_len=args.length, answer_len=1)
 
 
 if __name__ == '__main__':
