@@ -73,7 +73,6 @@ for _field in dataclasses.fields(GPTConfig):
     globals().setdefault(_field.name, _field.default)
 FLAGS = flags_of(globals())  # every setting above, with its default
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
-GPT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
 MACHINE_KEYS = ('out_dir', 'init_from', 'eval_only', 'device', 'dtype', 'compile')  # not restored on resume
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------------------------------------
@@ -180,9 +179,11 @@ def model_args_from(checkpoint, cfg, given, fine_tune):
     is an error."""
     args = {k: v for k, v in checkpoint['model_args'].items() if k in MODEL_KEYS}
     changeable = ('dropout', 'use_kernels') + (('block_size', 'feature_scale', 'memory_boost') if fine_tune else ())
+    # the model as it was built: a field newer than the checkpoint at its default, derived ones (head_size) filled in
+    saved = GPTConfig(**args)
     for key in MODEL_KEYS:
         value = getattr(cfg, key)
-        before = args.get(key, GPT_DEFAULTS[key])  # a field newer than the checkpoint: it was trained with the default
+        before = getattr(saved, key)
         if key not in given or before == value:
             continue
         if key not in changeable:

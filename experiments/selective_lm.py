@@ -11,7 +11,7 @@ Selective Attention and InAttention, each with the position schemes it takes (do
 A run is <attention>-<positions>; it is `python train.py --attention=A --positions=P --seed=S` with train.py's
 defaults otherwise (on a CPU: 4 layers x 4 heads x 128 wide, block 256, batch 8, 1000 iterations, lr 2e-3).
 causal2x-rope is causal with 8 heads of 32 (train.py --n_head=8 --head_size=32): twice the heads and attention weights;
-causal4x-rope has 16 heads of 32, four times.
+causal4x-rope has 16 heads of 32, four times; causal6l-rope has 6 layers instead of 4 (1.5x the whole model).
 Runs are trained once (out_dir/<run>-s<seed>[-lr<lr>][-<extra>]/ckpt.pt is reused) and one at a time; set
 OMP_NUM_THREADS to the cores you give them. The val loss of a run is train.py's own estimate at each eval (the
 same 20 batches of 8 x 256 tokens for every run), read from its log. Tables (final val loss, mean and spread
@@ -29,12 +29,14 @@ sys.path.insert(0, ROOT)
 from configurator import configure, flags_of  # noqa: E402
 
 RUNS = ('causal-learned', 'causal-rope', 'causal-alibi', 'selective-learned', 'selective-rope', 'selective-alibi',
-        'in-learned', 'in-alibi', 'causal2x-rope', 'causal4x-rope')
+        'in-learned', 'in-alibi', 'causal2x-rope', 'causal4x-rope', 'causal6l-rope')
 # causal2x: the paper's "2x heads and attention parameters" baseline (its abstract): 8 heads of 32 in the 128-wide
 # model instead of 4, so the attention's weights double and the rest of the model stays as it is. causal4x: 16 heads
-# of 32, four times the attention's weights, to find the causal size that selective matches.
-WIDE = {'causal2x': ['--attention=causal', '--n_head=8', '--head_size=32'],
-        'causal4x': ['--attention=causal', '--n_head=16', '--head_size=32']}
+# of 32, four times the attention's weights, to find the causal size that selective matches. causal6l: deeper
+# instead of wider, 6 layers of 4 heads (the MLPs grow too).
+BIGGER = {'causal2x': ['--attention=causal', '--n_head=8', '--head_size=32'],
+          'causal4x': ['--attention=causal', '--n_head=16', '--head_size=32'],
+          'causal6l': ['--attention=causal', '--n_layer=6']}
 
 runs = 'all'                # comma-separated names from RUNS, or 'all'
 seeds = '1337'              # comma-separated
@@ -61,7 +63,7 @@ def train_run(settings, run, seed, lr):
     if not done and settings.train:
         attention, positions = run.split('-')
         os.makedirs(folder, exist_ok=True)
-        model = WIDE.get(attention, [f'--attention={attention}'])
+        model = BIGGER.get(attention, [f'--attention={attention}'])
         cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *model, f'--positions={positions}',
                f'--seed={seed}', f'--out_dir={folder}'] + ([f'--learning_rate={lr}'] if lr else [])
         cmd += settings.extra.split()

@@ -26,6 +26,7 @@ What is measured, on every example of a val set (the same for every model):
              count with tau = 1)
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ TASKS = ('varassign', 'parity', 'copy')
 task = 'varassign'
 stages = '16,32,64'         # curriculum: the example length (tokens, prompt + answer) of each stage
 n_vars = 8                  # varassign: variable names
-models = 'causal,selective'
+models = 'causal,selective'  # attention names; causal<k>x is causal with k times the heads, each as wide
 positions = 'rope'
 seeds = '1337'
 iters = 4000                # training iterations per stage
@@ -154,6 +155,16 @@ def stage_data(settings, stage, length):
     return folder
 
 
+def model_flags(settings, name):
+    """train.py flags of a model name: an attention name, or causal<k>x, causal with k times the heads at the same
+    head width (k times the attention's weights), the paper's "2x heads" baseline (its abstract)."""
+    wide = re.fullmatch(r'causal(\d+)x', name)
+    if wide:
+        return ['--attention=causal', f'--n_head={int(wide[1]) * settings.n_head}',
+                f'--head_size={settings.n_embd // settings.n_head}']
+    return [f'--attention={name}', f'--n_head={settings.n_head}']
+
+
 def train_run(settings, name, seed, folders, iters):
     """Train one model through the curriculum's stages; return the checkpoint paths of the stages trained."""
     previous, ckpts = None, []
@@ -165,12 +176,12 @@ def train_run(settings, name, seed, folders, iters):
                 return ckpts
             length = load_meta(data)['example_len']
             cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--data_dir={data}', f'--out_dir={folder}',
-                   f'--attention={name}', f'--positions={settings.positions}', f'--seed={seed}',
+                   f'--positions={settings.positions}', f'--seed={seed}',
                    f'--block_size={length}', f'--max_iters={iters}',
                    f'--eval_interval={max(1, iters // 8)}', '--eval_iters=10', '--warmup_iters=50',
                    f'--learning_rate={settings.learning_rate}',
                    f'--batch_size={max(1, settings.batch_tokens // length)}', '--weight_decay=0']
-            cmd += ([f'--n_layer={settings.n_layer}', f'--n_head={settings.n_head}', f'--n_embd={settings.n_embd}']
+            cmd += ([*model_flags(settings, name), f'--n_layer={settings.n_layer}', f'--n_embd={settings.n_embd}']
                     if previous is None else [f'--init_from={previous}'])
             cmd += settings.extra.split()
             print(' '.join(cmd[1:]), flush=True)

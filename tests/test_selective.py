@@ -455,7 +455,7 @@ def test_last_value_baseline():
 def test_synthetic_experiment_runs_a_curriculum_of_lengths(tmp_path, monkeypatch):
     """experiments/selective_synthetic.py: one stage per example length, each fine-tuning the previous one's
     checkpoint with the same tokens per batch; every stage is scored on its own val set; copy gets one stage at
-    the last length, as many iterations as the whole curriculum."""
+    the last length, as many iterations as the whole curriculum; causal2x is causal with twice the heads."""
     real_run, commands = synthetic.subprocess.run, []
     def fake_run(cmd, stdout=None, **kw):
         if cmd[1].endswith('prepare.py'):  # prepare the data for real, small
@@ -477,14 +477,19 @@ def test_synthetic_experiment_runs_a_curriculum_of_lengths(tmp_path, monkeypatch
     commands.clear()
     synthetic.main([f'--out_dir={tmp_path}', '--task=copy', '--stages=16,32', '--models=causal', '--iters=10'])
     assert len(commands) == 1 and {'--block_size=32', '--max_iters=20'} <= set(commands[0])
+    commands.clear()  # causal2x: twice the heads, each as wide as causal's (64 / 4 = 16)
+    synthetic.main([f'--out_dir={tmp_path}', '--stages=16,32', '--models=causal2x', '--iters=10'])
+    assert {'--attention=causal', '--n_head=8', '--head_size=16', '--n_embd=64'} <= set(commands[0])
+    assert not any(c.startswith(('--n_head', '--attention')) for c in commands[1])  # the checkpoint's shape
+    assert '| causal2x | 1 |' in (tmp_path / 'varassign' / 'results-stages16_32-iters10.md').read_text()
     commands.clear()  # other settings train other runs, in folders named by the flags that differ
     synthetic.main([f'--out_dir={tmp_path}', '--stages=16', '--models=selective', '--iters=20', '--extra=--dropout=0.1'])
     assert f'--out_dir={tmp_path}/varassign/selective-s1337-stages16-iters20-dropout0.1/stage0' in commands[0]
 
 
 def test_lm_experiment_runs_the_wide_baseline_and_keeps_longer_runs_apart(tmp_path, monkeypatch):
-    """experiments/selective_lm.py: causal2x is causal with 8 heads of 32, causal4x with 16; extra train.py flags
-    name the folder, so a longer run never reuses a shorter one's checkpoint."""
+    """experiments/selective_lm.py: causal2x is causal with 8 heads of 32, causal4x with 16, causal6l has 6 layers;
+    extra train.py flags name the folder, so a longer run never reuses a shorter one's checkpoint."""
     lm = load_script('experiments/selective_lm.py', 'selective_lm')
     commands = []
     def fake_run(cmd, stdout, **kw):
@@ -494,9 +499,11 @@ def test_lm_experiment_runs_the_wide_baseline_and_keeps_longer_runs_apart(tmp_pa
         open(os.path.join(folder, 'ckpt.pt'), 'w').close()
         return types.SimpleNamespace(returncode=0)
     monkeypatch.setattr(lm.subprocess, 'run', fake_run)
-    lm.main([f'--out_dir={tmp_path}', '--runs=causal2x-rope,causal4x-rope', '--seeds=3', '--extra=--max_iters=3000'])
+    lm.main([f'--out_dir={tmp_path}', '--runs=causal2x-rope,causal4x-rope,causal6l-rope', '--seeds=3',
+             '--extra=--max_iters=3000'])
     cmd = commands[0]
     assert {'--attention=causal', '--n_head=8', '--head_size=32', '--positions=rope', '--max_iters=3000'} <= set(cmd)
     assert {'--attention=causal', '--n_head=16', '--head_size=32'} <= set(commands[1])
+    assert {'--attention=causal', '--n_layer=6'} <= set(commands[2])
     assert f'--out_dir={tmp_path}/causal2x-rope-s3-max_iters3000' in cmd
     assert '| causal2x-rope | default | 1 | 1.500 |' in (tmp_path / 'results.md').read_text()

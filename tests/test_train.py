@@ -93,6 +93,18 @@ def test_fine_tune_infini_with_a_sharper_memory(train_tiny, tmp_path):
     assert "--feature_scale=4.0 contradicts the checkpoint's feature_scale=1.0" in message
 
 
+def test_a_flag_equal_to_what_the_checkpoint_derived_is_no_contradiction(train_tiny, tmp_path):
+    """--head_size equal to n_embd / n_head agrees with a checkpoint saved before the field existed."""
+    train_tiny(tmp_path / 'a')
+    old = load(tmp_path / 'a')
+    del old['model_args']['head_size']
+    torch.save(old, tmp_path / 'a' / 'ckpt.pt')
+    width = old['model_args']['n_embd'] // old['model_args']['n_head']
+    train_tiny(tmp_path / 'a', '--init_from=resume', '--max_iters=5', f'--head_size={width}')
+    message = error_of(train_tiny, tmp_path / 'a', '--init_from=resume', '--max_iters=6', f'--head_size={2 * width}')
+    assert f"--head_size={2 * width} contradicts the checkpoint's head_size={width}" in message
+
+
 def test_flags_that_contradict_the_checkpoint(train_tiny, tmp_path):
     train_tiny(tmp_path / 'a')
     ckpt = str(tmp_path / 'a' / 'ckpt.pt')
