@@ -1,5 +1,6 @@
 """bench.py: the README's CPU command end to end, the OOM and slow-case paths, flag errors, and the kernels mode."""
 import csv
+import importlib.util
 import os
 import re
 import subprocess
@@ -42,9 +43,7 @@ def test_cpu_command_prints_tables_and_writes_csv(tmp_path):
     for r in rows:
         assert r['inference'] == 'ok' and r['training'] == 'ok', r
         assert float(r['decode_tok_s']) > 0 and float(r['train_tok_s']) > 0 and float(r['infer_bytes']) > 0
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec('matplotlib') is None:
         assert 'matplotlib is not installed: no plot' in out
     per_token = {(r['attention'], r['context']): float(r['cache_bytes_per_token']) for r in rows}
     # InAttention's one cache of initial states is 2L = 4 times smaller than causal's K and V in every layer
