@@ -55,10 +55,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-try:
-    import kernels
-except ImportError:  # kernels.py needs triton; without it the reference below runs everywhere
-    kernels = None
+import kernels
+from positions import causal_mask
 
 UPDATES = ('linear', 'delta')
 MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, the gate forced to 0 (module docstring)
@@ -136,7 +134,7 @@ def local_attention(q, k, v, q_start, dropout_p):
     q, k = rope(q, q_start), rope(k, 0)
     if tq == tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    mask = None if tq == 1 else torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)  # last tq of tk
+    mask = None if tq == 1 else causal_mask(tq, tk, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -218,7 +216,23 @@ def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=
 # The module.
 
 class InfiniAttention(nn.Module):
+    # what the model and the scripts ask (model.py's docstring)
+    position_schemes = ('rope', 'learned')
+    refused_because = ("Infini-attention always brings its own positions, RoPE inside each segment with a "
+                       "position-free memory; 'rope' and 'learned' both leave it so")
+    own_head_size = False  # the memory is d x d per head of n_embd / n_head
     streams = True  # no context limit: the GPT has no position table and never crops
+    cache_options = ()
+    maps_note = ' (local, in segments)'
+
+    @staticmethod
+    def new_cache(config, batch_size, max_len=None):
+        return InfiniCache(config, batch_size, max_len)
+
+    @staticmethod
+    def keys_per_query(config):
+        """A query's softmax sees its segment; the memory's d x d products are left out of the count."""
+        return min(config.block_size, config.segment_len)
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -252,30 +266,66 @@ class InfiniAttention(nn.Module):
         self.beta = nn.Parameter(torch.zeros(config.n_head))
         self.beta.lr_mult = config.gate_lr_mult
 
-    def forward(self, x, x0, cache=None):
+    def qkv(self, x):
+        """Queries, keys and values (B, H, T, d), un-rotated: RoPE is applied inside each segment."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x, x0, cache=None, memory_read=None):
+        """memory_read: this call's read ('on', 'off', 'local', or one per layer) instead of the config's."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x)
+        read = self.read_of(memory_read)
         if cache is None:
-            y, _, _ = self.attend(q, k, v)
+            y, _, _ = self.attend(q, k, v, read=read)
         else:
             k, v, M, z = cache.read(self.layer_idx, k, v)  # the cached partial segment, then the new tokens
-            y, M, z = self.attend(q, k, v, M, z)
+            y, M, z = self.attend(q, k, v, M, z, read)
             cache.write(self.layer_idx, k, v, M, z)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q, k, v, M=None, z=None):
+    def read_of(self, memory_read):
+        """This layer's memory read: the config's, or a call's (one for every layer, or a list of one per layer)."""
+        if memory_read is None:
+            return self.memory_read
+        read = memory_read if isinstance(memory_read, str) else memory_read[self.layer_idx]
+        if read not in MEMORY_READS:
+            raise ValueError(f"unknown memory_read '{read}', choose one of: {', '.join(MEMORY_READS)}")
+        return read
+
+    def attend(self, q, k, v, M=None, z=None, read='on'):
         dropout_p = self.dropout if self.training else 0.0
         repeats = None
         if self.training and self.memory_boost > 0 and M is None:  # a training sequence: boost its first write
             repeats = 1 + self.memory_boost * torch.rand(q.size(0), device=q.device, dtype=memory_dtype(q))
         if (self.use_kernels and dropout_p == 0.0 and repeats is None
-                and getattr(kernels, 'infini_available', None) is not None and kernels.infini_available(q)):
+                and kernels.infini_available(q)):
             return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z,
-                                         feature_scale=self.feature_scale, memory_read=self.memory_read)
+                                         feature_scale=self.feature_scale, memory_read=read)
         return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p,
-                                self.feature_scale, self.memory_read, repeats)
+                                self.feature_scale, read, repeats)
+
+    def maps(self, x, x0):
+        """The local softmax weights of each segment (eq. 2), the gates, and the share of each token's output read
+        from memory. The reference at gate 1 (beta = +inf) returns A_mem alone (eq. 3), at gate 0 A_dot alone
+        (eq. 2); the output mixes them linearly (eq. 6), so the share of each in it can be measured."""
+        q, k, v = self.qkv(x)
+        def part(logit):
+            return infini_attention(q, k, v, torch.full_like(self.beta, logit), self.segment_len, self.update,
+                                    feature_scale=self.feature_scale)[0]
+        a_mem, a_dot = part(float('inf')), part(float('-inf'))
+        mem = gated_output(a_mem, torch.zeros_like(a_dot), self.beta, self.memory_read)
+        loc = gated_output(torch.zeros_like(a_mem), a_dot, self.beta, self.memory_read)
+        share = mem.norm(dim=-1) / (mem.norm(dim=-1) + loc.norm(dim=-1)).clamp_min(1e-12)
+        T, N = q.size(-2), self.segment_len
+        att = torch.zeros(*q.shape[:2], T, T, dtype=v.dtype, device=v.device)
+        for s in range(0, T, N):  # softmax(...) @ I is the softmax itself: the weights of each segment
+            e = min(s + N, T)
+            eye = torch.eye(e - s, dtype=v.dtype, device=v.device).expand(*v.shape[:2], e - s, e - s)
+            att[..., s:e, s:e] = local_attention(q[..., s:e, :], k[..., s:e, :], eye, 0, 0.0)
+        return dict(att=att, y=mem + loc, gate=torch.sigmoid(self.beta.float())[None], memory_share=share)
 
     def extra_log(self):
         """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory."""

@@ -27,10 +27,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from configurator import autocast, configure, device_type_of, flags_of, resolve_dtype
+from configurator import autocast, configure, device_type_of, flags_of, parse_ints, resolve_dtype
 from model import ATTENTIONS, GPT, GPTConfig
 from report import (FORMATS, cell, context_list, fmt_context, fmt_ratio, free_memory, guarded, header_lines,
-                    markdown_table, parse_ints, write_csv, write_report)
+                    markdown_table, write_csv, write_report)
 
 # -----------------------------------------------------------------------------------------------------------
 mode = 'speed'             # speed | kernels
@@ -68,13 +68,15 @@ def attention_list(settings):
 
 
 def cache_options(name, settings):
-    """Inference-time cache settings: selective's pruning budget, InAttention's decode path."""
-    if name == 'in' and not settings.absorb:
-        return {'absorb': False}
-    if not settings.budget or name != 'selective':
-        return {}
-    b = parse_ints('budget', settings.budget, '256 or 16,8,8,4')
-    return {'budget': b[0] if len(b) == 1 else b}
+    """The inference options this attention takes (its cache_options) of the flags: selective's pruning budget,
+    InAttention's decode path."""
+    takes, options = ATTENTIONS[name].cache_options, {}
+    if 'absorb' in takes and not settings.absorb:
+        options['absorb'] = False
+    if 'budget' in takes and settings.budget:
+        b = parse_ints('budget', settings.budget, '256 or 16,8,8,4')
+        options['budget'] = b[0] if len(b) == 1 else b
+    return options
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -273,10 +275,11 @@ def bench_speed(settings):
     write_report(settings, 'bench_speed.md', speed_report(results, messages, names, Ts, settings))
     rows = []
     for name in names:
+        takes = ATTENTIONS[name].cache_options  # the columns of the options this attention takes
         for T in Ts:
             rows.append(dict(attention=name, context=T, batch_size=settings.batch_size, device=settings.device,
-                             dtype=settings.dtype, budget=settings.budget if name == 'selective' else '',
-                             absorb=settings.absorb if name == 'in' else ''))
+                             dtype=settings.dtype, **{key: getattr(settings, key) if key in takes else ''
+                                                      for key in ('budget', 'absorb')}))
             for phase in ('inference', 'training'):
                 result = results[name, phase, T]
                 rows[-1][phase] = 'ok' if isinstance(result, dict) else result
@@ -387,11 +390,8 @@ def measure_kernel(fn, available, shape, settings):
 
 
 def bench_kernels(settings):
-    try:
-        import kernels
-    except ImportError:
-        kernels = None
-    if kernels is None or kernels.triton is None or settings.device_type != 'cuda':
+    import kernels  # imports without triton too: kernels.triton is then None
+    if kernels.triton is None or settings.device_type != 'cuda':
         return write_report(settings, 'bench_kernels.md', header_lines(settings) + [
             '--mode=kernels times the Triton kernels of kernels.py, which need CUDA and triton: skipped here.'])
     H, D = settings.n_head, settings.n_embd // settings.n_head
@@ -475,7 +475,7 @@ def setup(argv):
     if settings.n_embd % settings.n_head:
         raise SystemExit(f'n_embd={settings.n_embd} must be divisible by n_head={settings.n_head}')
     attention_list(settings)
-    cache_options('selective', settings)  # a bad --budget fails now, not when the first selective case runs
+    parse_ints('budget', settings.budget, '256 or 16,8,8,4')  # a bad --budget fails now, not at its first case
     torch.manual_seed(settings.seed)
     if settings.vram_gb > 0 and settings.device_type != 'cuda':
         print('--vram_gb caps CUDA memory: ignored on the CPU')

@@ -86,6 +86,35 @@ def configure(argv, defaults, doc=''):
     return types.SimpleNamespace(**settings), given
 
 
+def parse_ints(flag, text, example='1024,4k,1M'):
+    """A flag's comma-separated ints, k and M suffixes allowed: '128,1k,1M' -> [128, 1024, 1048576]."""
+    scale = {'k': 2 ** 10, 'm': 2 ** 20}
+    try:
+        return [int(n[:-1]) * scale[n[-1].lower()] if n[-1].lower() in scale else int(n)
+                for n in text.replace(' ', '').split(',') if n]
+    except ValueError:
+        raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None
+
+
+def inference_options(model, budget, evict='F'):
+    """The attention options of the --budget and --evict flags, {} when both are at their defaults ('', 'F'):
+    budget an int or one per layer. The model's cache checks them: a one-line error for an attention that takes no
+    budget, a budget below 2 or an unknown eviction rule."""
+    options = {}
+    if budget:
+        values = parse_ints('budget', budget, '32 or 8,16,16,8 (one per layer)')
+        options['budget'] = values[0] if len(values) == 1 else values
+    if budget or evict != 'F':
+        options['evict'] = evict
+    try:
+        model.new_cache(1, **options)  # allocates nothing: a cache checks its options when it is made
+    except ValueError as e:
+        flags = ' '.join(f'--{key}={value}' for key, value in (('budget', budget), ('evict', evict))
+                         if key in options and (key != 'evict' or value != 'F'))
+        raise SystemExit(f"{flags}: {e}") from None
+    return options
+
+
 def encode_prompt(start, tok):
     """The token ids of a --start flag: the text itself, or a file's text when it reads FILE:path."""
     prompt = start

@@ -95,8 +95,9 @@ def fit_context(run, T, extend):
 # val loss by context
 
 @torch.no_grad()
-def val_loss(model, data, T, settings, example_len=None):
+def val_loss(model, data, T, settings, example_len=None, **options):
     """Mean next-token loss over eval_windows windows of T tokens, the same seeded windows for every model.
+    options go to every forward (selective's budget and evict: a pruned cache simulated in parallel).
 
     When the dataset is made of fixed-length examples (passkey), windows start on example boundaries and, as in
     train.py, the first token of an example is no target: nothing before it predicts it."""
@@ -114,7 +115,7 @@ def val_loss(model, data, T, settings, example_len=None):
         if targets is not None:
             y = y.masked_fill(~targets, -1)  # ignored by the loss (out of place: y may share x's storage)
         with autocast(settings.device_type, settings.dtype):
-            logits, _ = model(x, y)
+            logits, _ = model(x, y, **options)
         # the language-model loss alone: GPT's loss would add an attention's auxiliary training loss
         total += cross_entropy(logits.float(), y, reduction='sum').item()
         n += (y != -1).sum().item()
@@ -213,19 +214,13 @@ def depth_list(text):
 
 # -----------------------------------------------------------------------------------------------------------
 # Selective Attention's KV budgets: the smallest per-layer budgets that keep val loss under a target, chosen
-# greedily on validation data. The pruning is simulated in one parallel forward (attn.budget): within a layer, F
-# depends only on that layer's queries and keys, so which tokens the evicting cache holds at each step can be
-# replayed from the full F. tests/test_selective.py checks that it equals token-by-token decoding.
+# greedily on validation data. The pruning is simulated in one parallel forward (the forward's budget option):
+# within a layer, F depends only on that layer's queries and keys, so which tokens the evicting cache holds at
+# each step can be replayed from the full F. tests/test_selective.py checks that it equals token-by-token decoding.
 
 def pruned_val_loss(model, data, budgets, settings, example_len=None):
     """val_loss at block_size with layer l's cache pruned to budgets[l] entries."""
-    for block, budget in zip(model.transformer.h, budgets):
-        block.attn.budget, block.attn.evict = budget, settings.evict
-    try:
-        return val_loss(model, data, model.config.block_size, settings, example_len)
-    finally:
-        for block in model.transformer.h:
-            block.attn.budget = None
+    return val_loss(model, data, model.config.block_size, settings, example_len, budget=budgets, evict=settings.evict)
 
 
 def choose_budgets(full, loss_of, target, shrink=0.8, progress=None):
@@ -251,9 +246,9 @@ def choose_budgets(full, loss_of, target, shrink=0.8, progress=None):
 def selective_budgets(run, settings):
     """The budget search on one selective checkpoint, and its KV memory: (markdown lines, CSV rows)."""
     model, data, example_len = run.model, run.data, run.example_len
-    if model.config.attention != 'selective':
-        raise SystemExit(f"--budgets prunes Selective Attention's cache; {run.path} is "
-                         f"'{model.config.attention}': give a checkpoint trained with --attention=selective")
+    if 'budget' not in model.attention.cache_options:
+        raise SystemExit(f"--budgets prunes a cache to a budget; {run.path}'s attention '{model.config.attention}' "
+                         f"takes none: give a checkpoint trained with --attention=selective")
     N, L = model.config.block_size, model.config.n_layer
     full = pruned_val_loss(model, data, [N] * L, settings, example_len)
     goal, source, reference = budget_target(settings, full, data, N, example_len)

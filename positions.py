@@ -59,3 +59,9 @@ def alibi_bias(slopes, query_positions, key_positions):
         return -slopes[:, None, None] * distance.to(slopes.dtype)
     distance = query_positions[None, :, None] - key_positions[:, None, :]  # (B, Tq, Tk)
     return -slopes[None, :, None, None] * distance[:, None].to(slopes.dtype)
+
+
+def causal_mask(t_q, t_k, device):
+    """Which keys each query sees (t_q, t_k), boolean: the last t_q of t_k positions see themselves and every
+    earlier position, never a later one."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from configurator import (autocast, configure, default_device, device_type_of, encode_prompt, flags_of, load_model,
-                          resolve_dtype)
+from configurator import (autocast, configure, default_device, device_type_of, encode_prompt, flags_of,
+                          inference_options, load_model, resolve_dtype)
 from data.common import tokenizer_from_meta
 
 # -----------------------------------------------------------------------------------------------------------
@@ -25,23 +25,10 @@ top_k = 200             # keep only the top_k most likely tokens; 0 = all
 seed = 1337
 device = default_device()
 dtype = ''              # '' = bfloat16 on CUDA where supported, else float16; float32 elsewhere
-budget = ''             # selective only: KV entries each layer keeps, an int or one per layer ('8,16,...'); '' = all
+budget = ''             # selective only: KV entries each layer keeps, an int or one per layer ('8,16'); '' = all
+evict = 'F'             # selective with a budget: evict the most masked entry ('F') or the oldest ('window')
 FLAGS = flags_of(globals())
 # -----------------------------------------------------------------------------------------------------------
-
-
-def parse_budget(text, config):
-    """The cache options for --budget: {} when off, else {'budget': an int or a list of one int per layer}."""
-    if not text:
-        return {}
-    if config.attention != 'selective':
-        raise SystemExit(f"--budget prunes Selective Attention's cache; this checkpoint's attention is "
-                         f"'{config.attention}': drop --budget")
-    try:
-        values = [int(v) for v in text.split(',')]
-    except ValueError:
-        raise SystemExit(f"--budget={text}: give an int, or a comma list of {config.n_layer} ints (one per layer)")
-    return {'budget': values[0] if len(values) == 1 else values}
 
 
 def main(argv):
@@ -59,7 +46,7 @@ def main(argv):
     model, checkpoint = load_model(path, cfg.device)
     config = model.config
     tok = tokenizer_from_meta(checkpoint['tokenizer'])
-    cache_options = parse_budget(cfg.budget, config)
+    cache_options = inference_options(model, cfg.budget, cfg.evict)
 
     ids = encode_prompt(cfg.start, tok)
     if len(ids) > config.block_size and not model.streams:

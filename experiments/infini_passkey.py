@@ -144,17 +144,17 @@ def examples(length, depth_list, trials, seed_):
 
 
 @torch.no_grad()
-def score(model, batch):
+def score(model, batch, **options):
     """Accuracy and digit loss of a batch of same-length examples, in one forward over prompt + answer.
 
     Greedy decoding gets all 5 digits right exactly when each digit is the most likely token given the prompt and
     the right digits before it (by induction over the digits), so one teacher-forced forward decides it. The
-    streaming cache gives the same logits as this forward (tests/test_infini.py)."""
+    streaming cache gives the same logits as this forward (tests/test_infini.py). options go to the forward."""
     ids = torch.tensor([p + a for p, a, _, _ in batch])
     n_answer = len(batch[0][1])
     x, y = ids[:, :-1], ids[:, 1:].clone()
     y[:, :-n_answer] = -1  # only the digits are targets
-    logits, _ = model(x, y)
+    logits, _ = model(x, y, **options)
     digits = logits[:, -n_answer:]
     correct = (digits.argmax(-1) == y[:, -n_answer:]).all(-1)
     losses = cross_entropy(digits, y[:, -n_answer:], reduction='none').view(len(batch), n_answer).mean(-1)
@@ -216,13 +216,13 @@ def evaluate_checkpoint(ckpt_path, settings):
         for read in reads:
             if not model.streams and length - 1 > model.config.block_size:  # an example is `length` tokens
                 continue  # a fixed-context model cannot read the prompt (cropped, the needle is often gone)
-            for layer, block in enumerate(model.transformer.h):
-                if infini:
-                    block.attn.memory_read = {'on': trained_read, f'off L{layer}': 'off'}.get(
-                        read, read if read in ('off', 'local') else 'on')
+            options = {}  # the memory read of each layer, passed to this forward (attention_infini.py)
+            if infini:
+                options['memory_read'] = [{'on': trained_read, f'off L{layer}': 'off'}.get(
+                    read, read if read in ('off', 'local') else 'on') for layer in range(model.config.n_layer)]
             correct, losses = [], []
             for i in range(0, len(cases), settings.batch_size):
-                c, l_ = score(model, cases[i:i + settings.batch_size])
+                c, l_ = score(model, cases[i:i + settings.batch_size], **options)
                 correct += c
                 losses += l_
             result['scores'][f'{read} {length}'] = dict(accuracy=float(np.mean(correct)),
@@ -230,8 +230,6 @@ def evaluate_checkpoint(ckpt_path, settings):
             print(f'  {os.path.dirname(ckpt_path)}: memory_read={read} length={length} '
                   f'accuracy={np.mean(correct):.0%} digit loss={np.mean(losses):.2f}', flush=True)
         if trained_read == 'on':
-            for block in model.transformer.h:
-                block.attn.memory_read = 'on'
             shares, stored = [], 0
             for i in range(0, len(cases), settings.batch_size):
                 s, stored = needle_shares(model, cases[i:i + settings.batch_size])

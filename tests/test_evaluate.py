@@ -162,5 +162,5 @@ def test_bad_flags_are_one_line_errors(args, message):
 def test_budgets_refuse_a_checkpoint_that_is_not_selective(tmp_path):
     data = tiny_dataset(tmp_path / 'tiny', 500)
     path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'causal', 32)
-    with pytest.raises(SystemExit, match="--budgets prunes Selective Attention's cache; .* is 'causal'"):
+    with pytest.raises(SystemExit, match="--budgets prunes a cache to a budget; .* attention 'causal' takes none"):
         evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--budgets=True'])

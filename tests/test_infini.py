@@ -1,4 +1,6 @@
 """Infini-attention: the memory against hand computations, segments in one call against streaming, the cache."""
+import importlib.util
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -236,7 +238,7 @@ def test_memory_boost_is_training_only_and_boosts_the_first_write():
     assert (repeats > 1).all() and not torch.allclose(z, infini_attention(q, k, v, attn.beta, 4, 'delta')[2])
 
 
-@pytest.mark.skipif(attention_infini.kernels is None, reason='the fast path needs triton')
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='the fast path needs triton')
 @pytest.mark.parametrize('memory_read', ['on', 'off', 'local'])
 def test_fast_path_takes_feature_scale_and_memory_read(memory_read):
     """The Triton path (its interpreter on a CPU) against the reference, with the options it supports."""
@@ -251,7 +253,7 @@ def test_fast_path_takes_feature_scale_and_memory_read(memory_read):
         assert (a.double() - b).norm() / b.norm() < 1e-5
 
 
-@pytest.mark.skipif(attention_infini.kernels is None, reason='the fast path needs triton')
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='the fast path needs triton')
 def test_module_takes_the_fast_path_with_its_options_and_the_reference_for_the_boost(monkeypatch):
     """The module passes feature_scale to the fast path (same loss and cached logits as the
     reference); training with memory_boost, which the kernel lacks, falls back to the reference."""

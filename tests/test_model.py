@@ -4,11 +4,11 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
-from model import ATTENTION_POSITIONS, ATTENTIONS, GPT, GPTConfig, cross_entropy
+from model import ATTENTIONS, GPT, GPTConfig, cross_entropy
 from positions import alibi_bias, alibi_slopes, rope
 
 # every (attention, positions) pair a model can be built with; infini's own RoPE is the same for both it takes
-PAIRS = [(a, p) for a in ATTENTIONS for p in ATTENTION_POSITIONS[a][0] if not (a == 'infini' and p == 'rope')]
+PAIRS = [(a, p) for a, cls in ATTENTIONS.items() for p in cls.position_schemes if not (a == 'infini' and p == 'rope')]
 
 
 def tiny(attention, **kw):
@@ -142,7 +142,7 @@ def test_head_size_widens_the_attention_and_its_cache(attention):
     if attention == 'causal':
         assert cache.nbytes() == 2 * 2 * 2 * (4 * 8) * 32 * 8  # k, v x 2 layers x batch 2 x 4 heads of 8 x 32 x fp64
     for other in ('in', 'infini'):
-        with pytest.raises(ValueError, match='only causal and selective attention take a separate head size'):
+        with pytest.raises(ValueError, match="ties its head size to n_embd; these take a separate one: causal, selective"):
             tiny(other, head_size=4)
 
 
