@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from configurator import autocast, configure, device_type_of, flags_of, resolve_dtype
 from model import ATTENTIONS, GPT, GPTConfig
-from report import (FORMATS, cell, context_list, fmt_context, fmt_ratio, free_memory, guarded, header_lines,
-                    markdown_table, parse_ints, write_csv, write_report)
+from report import (FORMATS, GrowingTable, cell, check_out_dir, context_list, fmt_context, fmt_ratio, free_memory,
+                    guarded, header_lines, markdown_table, parse_ints, write_report)
 
 # -----------------------------------------------------------------------------------------------------------
 mode = 'speed'             # speed | kernels
@@ -51,7 +51,7 @@ batches = ''               # kernels mode: batch sizes to time, comma-separated 
 decode_tokens = 64         # N tokens decoded one at a time after the prefill
 warmup = 1
 repeats = 3                # a timing is the median of this many runs
-case_seconds = 0.0         # > 0: a case slower than this (all its runs) skips the longer contexts of its series
+case_seconds = 0.0         # > 0: a case (all its runs) is stopped after this long, and its longer contexts skipped
 vram_gb = 0.0              # > 0: cap this process's CUDA memory at that many GiB (a smaller GPU)
 out_dir = 'bench_out'      # where the CSV, the markdown tables and the PNG go
 seed = 1337
@@ -89,25 +89,28 @@ def peak_bytes(settings):
     return torch.cuda.max_memory_allocated() if settings.device_type == 'cuda' else None
 
 
-def run_series(label, Ts, measure, settings, messages, bar):
-    """measure(T) at each context, shortest first, guarded: {T: its result, or a status}. After an OOM or a case
-    slower than --case_seconds the longer contexts are not run ('-'): they would fail or take longer still.
-    messages[label, status] keeps the first message of each failure."""
+def run_series(label, Ts, measure, settings, messages, bar, record=None):
+    """measure(T) at each context, shortest first, guarded: {T: its result, or a status}. A case running longer
+    than --case_seconds is stopped ('slow'); after it, or after an OOM, the longer contexts are not run ('-'):
+    they would fail or take longer still. messages[label, status] keeps the first message of each failure.
+    record(T, result or status, seconds, message) is called as each case finishes, to write its row at once."""
     out, stopped = {}, False
     for T in Ts:
         bar.set_postfix_str(f'{label} {fmt_context(T)}')
+        t0 = time.perf_counter()
         if stopped:
-            out[T] = '-'
+            result, status, message = None, '-', ''
         else:
-            t0 = time.perf_counter()
-            result, status, message = guarded(lambda: measure(T), settings)
-            out[T], seconds = result if status is None else status, time.perf_counter() - t0
-            if status not in (None, '-'):
-                messages.setdefault((label, status), f'{fmt_context(T)}: {message}')
-            stopped = status == 'OOM' or 0 < settings.case_seconds < seconds
-            if status is None and stopped:
-                messages[label, 'slow'] = (f'{fmt_context(T)} took {seconds:.3g} s (--case_seconds='
-                                           f'{settings.case_seconds:g}): longer contexts not run')
+            result, status, message = guarded(lambda: measure(T), settings, settings.case_seconds)
+        out[T], seconds = result if status is None else status, time.perf_counter() - t0
+        if status not in (None, '-'):
+            messages.setdefault((label, status), f'{fmt_context(T)}: {message}')
+        if status == 'slow':
+            messages[label, 'slow'] = (f'{fmt_context(T)} stopped after --case_seconds='
+                                       f'{settings.case_seconds:g}: longer contexts not run')
+        stopped = stopped or status in ('OOM', 'slow')
+        if record:
+            record(T, out[T], seconds, message)
         bar.update()
     return out
 
@@ -193,8 +196,14 @@ def measure_training(model, T, settings):
                 train_tok_s=B * T / statistics.median(r[0] for r in runs))
 
 
-def run_speed(names, Ts, settings):
-    """Every (attention, phase) series over the contexts: {(name, phase, T): metrics or a status}, and messages."""
+SPEED_COLUMNS = ['attention', 'phase', 'context', 'status', 'seconds', 'infer_bytes', 'prefill_tok_s', 'decode_tok_s',
+                 'cache_bytes_per_token', 'train_bytes', 'train_tok_s', 'batch_size', 'device', 'dtype', 'budget',
+                 'absorb', 'message']
+
+
+def run_speed(names, Ts, settings, table=None):
+    """Every (attention, phase) series over the contexts: {(name, phase, T): metrics or a status}, and messages.
+    Each finished case is a row of table (a GrowingTable with SPEED_COLUMNS) at once."""
     results, messages = {}, {}
     N = settings.decode_tokens
     bar = tqdm(total=2 * len(names) * len(Ts), desc='bench', dynamic_ncols=True)
@@ -211,11 +220,17 @@ def run_speed(names, Ts, settings):
                     return measure_inference(model.eval(), T, cache_options(name, settings), settings)
                 return measure_training(model.train(), T, settings)
 
+            def record(T, result, seconds, message):
+                if table is not None:
+                    table.add(dict(speed_row(name, phase, T, result, settings), seconds=seconds, message=message))
+
             if model is None:  # the model did not build: no context runs
                 series = {T: status if T == Ts[0] else '-' for T in Ts}
+                for T in Ts:
+                    record(T, series[T], 0.0, message if T == Ts[0] else '')
                 bar.update(len(Ts))
             else:
-                series = run_series(f'{name} {phase}', Ts, measure, settings, messages, bar)
+                series = run_series(f'{name} {phase}', Ts, measure, settings, messages, bar, record)
             results.update({(name, phase, T): result for T, result in series.items()})
             model = None  # free it before the next model is built
             free_memory(settings)
@@ -248,7 +263,7 @@ def speed_report(results, messages, names, Ts, settings):
                       'no CUDA: inference = weights + cache, training = weights + grads + tensors saved for backward')
         + (f', {capped}' if capped else ''),
         'cells: value (ratio to causal at the same context) · OOM: out of memory, longer contexts not run (-) · n/a: '
-        'context not possible' + (f' · -: also after a case over {settings.case_seconds:g} s'
+        'context not possible' + (f' · slow: stopped after {settings.case_seconds:g} s, longer contexts not run (-)'
                                   if settings.case_seconds else ''), '']
     for title, phase, key, unit in SPEED_SECTIONS:
         rows = [[fmt_context(T)] + [cell(results[name, phase, T], key, results.get(('causal', phase, T))
@@ -265,24 +280,23 @@ def speed_report(results, messages, names, Ts, settings):
     return lines + ([''] + failures if failures else [])
 
 
+def speed_row(name, phase, T, result, settings):
+    """One case as a row of bench_speed.csv: its status ('ok' or why not) and its phase's metrics."""
+    row = dict(attention=name, phase=phase, context=T, status='ok' if isinstance(result, dict) else result,
+               batch_size=settings.batch_size, device=settings.device, dtype=settings.dtype,
+               budget=settings.budget if name == 'selective' else '', absorb=settings.absorb if name == 'in' else '')
+    if isinstance(result, dict):
+        row.update(result)
+    return row
+
+
 def bench_speed(settings):
     names = attention_list(settings)
     Ts = context_list(settings, '1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1M' if settings.device_type == 'cuda'
                       else '128,256,512,1k')
-    results, messages = run_speed(names, Ts, settings)
-    write_report(settings, 'bench_speed.md', speed_report(results, messages, names, Ts, settings))
-    rows = []
-    for name in names:
-        for T in Ts:
-            rows.append(dict(attention=name, context=T, batch_size=settings.batch_size, device=settings.device,
-                             dtype=settings.dtype, budget=settings.budget if name == 'selective' else '',
-                             absorb=settings.absorb if name == 'in' else ''))
-            for phase in ('inference', 'training'):
-                result = results[name, phase, T]
-                rows[-1][phase] = 'ok' if isinstance(result, dict) else result
-                rows[-1].update({key: result[key] if isinstance(result, dict) else None
-                                 for _, section_phase, key, _ in SPEED_SECTIONS if section_phase == phase})
-    write_csv(os.path.join(settings.out_dir, 'bench_speed.csv'), rows)
+    table = GrowingTable(settings, 'bench_speed', SPEED_COLUMNS)
+    results, messages = run_speed(names, Ts, settings, table)
+    table.finish(speed_report(results, messages, names, Ts, settings))
     plot_speed(os.path.join(settings.out_dir, 'bench_speed.png'), results, names, Ts, settings)
     print(f'wrote {settings.out_dir}/bench_speed.csv and bench_speed.md')
 
@@ -398,6 +412,8 @@ def bench_kernels(settings):
     Ts = context_list(settings, '1k,4k,16k,64k')
     Bs = sorted(set(parse_ints('batches', settings.batches or str(settings.batch_size), '1,8')))
     cases = kernel_cases(kernels, settings)
+    table = GrowingTable(settings, 'bench_kernels', ['case', 'context', 'batch_size', 'heads', 'head_dim', 'dtype',
+                                                     'status', 'seconds', 'fwd', 'fwdbwd', 'bytes', 'message'])
     results, messages = {}, {}  # (case, B, T) -> dict(fwd=, fwdbwd=, bytes=) or a status
     bar = tqdm(total=len(cases) * len(Bs) * len(Ts), desc='kernels', dynamic_ncols=True)
     for name, fn, available in cases:
@@ -405,21 +421,22 @@ def bench_kernels(settings):
             def measure(T):
                 return measure_kernel(fn, available, (B, H, T, D), settings)
 
-            series = run_series(f'{name} at batch {B}', Ts, measure, settings, messages, bar)
+            def record(T, result, seconds, message):
+                table.add(dict(case=name, context=T, batch_size=B, heads=H, head_dim=D, dtype=settings.dtype,
+                               status='ok' if isinstance(result, dict) else result, seconds=seconds,
+                               message=message, **(result if isinstance(result, dict) else {})))
+
+            series = run_series(f'{name} at batch {B}', Ts, measure, settings, messages, bar, record)
             results.update({(name, B, T): result for T, result in series.items()})
     bar.close()
     names, shapes = [case[0] for case in cases], [(B, T) for B in Bs for T in Ts]
     lines = header_lines(settings) + [
         f'H={H} D={D} {settings.dtype}, causal; median of {settings.repeats} after {settings.warmup} warm-up; rows: '
-        f'batch x context; cells: value (ratio to SDPA); OOM: out of memory, longer contexts not run (-)', '']
+        f'batch x context; cells: value (ratio to SDPA); OOM: out of memory, longer contexts not run (-)'
+        + (f'; slow: stopped after {settings.case_seconds:g} s' if settings.case_seconds else ''), '']
     lines += kernel_tables(results, names, shapes, H, D)
     failures = [f'{label} {status}: {text}' for (label, status), text in messages.items() if status != 'OOM']
-    write_report(settings, 'bench_kernels.md', lines + failures)
-    write_csv(os.path.join(settings.out_dir, 'bench_kernels.csv'), [
-        dict(case=name, context=T, batch_size=B, heads=H, head_dim=D, dtype=settings.dtype,
-             status='ok' if isinstance(r, dict) else r,
-             **{key: r[key] if isinstance(r, dict) else None for key in ('fwd', 'fwdbwd', 'bytes')})
-        for name in names for B, T in shapes for r in [results[name, B, T]]])
+    table.finish(lines + failures)
 
 
 def kernel_tables(results, names, shapes, H, D):
@@ -476,6 +493,9 @@ def setup(argv):
         raise SystemExit(f'n_embd={settings.n_embd} must be divisible by n_head={settings.n_head}')
     attention_list(settings)
     cache_options('selective', settings)  # a bad --budget fails now, not when the first selective case runs
+    if settings.case_seconds < 0:
+        raise SystemExit(f'--case_seconds is a time limit in seconds (0: none), not {settings.case_seconds:g}')
+    check_out_dir(settings.out_dir)  # a bad --out_dir fails now, not after the measuring
     torch.manual_seed(settings.seed)
     if settings.vram_gb > 0 and settings.device_type != 'cuda':
         print('--vram_gb caps CUDA memory: ignored on the CPU')
