@@ -5,11 +5,14 @@ How long a context can each attention run on my GPU, and at what speed? One comm
     python bench.py --vram_gb=8            # the same within 8 GiB, to emulate a gaming GPU on a larger card
     python bench.py --device=cpu --n_layer=2 --n_head=2 --n_embd=64 --contexts=128,256
     python bench.py --mode=kernels --batches=1,8    # the Triton kernels against their references and SDPA
+    python bench.py --mode=check --n_embd=256 --n_head=4    # do the kernels agree and the models train, here?
 
 --mode=speed (the default) runs, at each context, inference (prefill T tokens, then decode N one at a time with
 the attention's cache) and training (one forward + backward at batch B): peak memory, tokens/s, cache bytes per
 token. Random weights and random tokens: speed and memory do not depend on what the model knows.
 --mode=kernels times each Triton kernel of kernels.py against its PyTorch reference and against SDPA (CUDA).
+--mode=check answers first whether everything works here: each kernel against its reference in bf16, fp16 and
+fp32, then one compiled training step of each attention (a row each; exits non-zero when one fails).
 
 Memory: on CUDA, torch.cuda.max_memory_allocated after a reset (weights, cache, activations: everything). A CPU
 has no allocator to ask, so there inference counts weights + cache, and training weights + gradients + the
@@ -33,7 +36,7 @@ from report import (FORMATS, GrowingTable, cell, check_out_dir, context_list, fm
                     guarded, header_lines, markdown_table, parse_ints, write_report)
 
 # -----------------------------------------------------------------------------------------------------------
-mode = 'speed'             # speed | kernels
+mode = 'speed'             # speed | kernels | check
 device = ''                # '' = cuda if available, else cpu
 dtype = ''                 # '' = bfloat16 on CUDA (float16 where bf16 is missing), float32 on the CPU
 attentions = ','.join(ATTENTIONS)
@@ -471,13 +474,128 @@ def kernel_tables(results, names, shapes, H, D):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# --mode=check: the first question on a new GPU, answered in seconds. Does each kernel compile here and agree with
+# its PyTorch reference in every dtype, and does one compiled mixed-precision training step of each attention run?
+
+CHECK_SHAPE = (2, 4, 300, 64)  # B, H, T, D: several blocks, a ragged last one, the model's head size
+# relative error ||out - ref|| / ||ref|| against fp64 on the same inputs, as tests/test_kernels.py allows on a GPU
+# (fp32 multiplies in TF32 there; selective's fp32 gradients move a few votes across the ReLU's kink)
+CHECK_TOLERANCE = {'float32': (5e-3, 3e-2), 'float16': (1e-2, 1e-2), 'bfloat16': (5e-2, 5e-2)}  # (output, grads)
+
+
+def relative_error(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def check_kernel(name, dtype, settings, shape=CHECK_SHAPE):
+    """One kernel in one dtype against its reference in fp64: the worst relative error of the output and of the
+    gradients. Raises ValueError (n/a) where the kernel does not run."""
+    import kernels
+    from attention_infini import fast_infini_attention, infini_attention
+    from attention_selective import selective_attention
+    g = torch.Generator().manual_seed(settings.seed)
+    q, k, v, beta = (torch.randn(*size, generator=g) for size in [shape] * 3 + [shape[1:2]])
+    q, k, v = (t.to(settings.device, getattr(torch, dtype)) for t in (q, k, v))
+    available = kernels.selective_available if name == 'selective' else kernels.infini_available
+    if kernels.triton is None or not available(q):
+        raise ValueError(f'the {name} kernel does not run here (it needs CUDA and triton)')
+    ours = [t.clone().requires_grad_() for t in (q, k, v, beta.to(settings.device))]
+    ref = [t.detach().double().requires_grad_() for t in ours]
+    if name == 'selective':
+        out, expected = kernels.selective_attention(*ours[:3], 1), selective_attention(*ref[:3], 1)
+    else:
+        out = fast_infini_attention(*ours, settings.segment_len)[0]
+        expected = infini_attention(*ref, settings.segment_len)[0]
+    grad = torch.randn(expected.shape, generator=g).to(settings.device, torch.float64)
+    out.backward(grad.to(out.dtype))
+    expected.backward(grad)
+    grads = [relative_error(a.grad, b.grad) for a, b in zip(ours, ref) if b.grad is not None]
+    return dict(out_error=relative_error(out, expected), grad_error=max(grads))
+
+
+def check_training_step(name, settings):
+    """Two training steps of a small model of this attention, compiled on CUDA, in the bench dtype under autocast
+    as train.py trains: the first step's seconds (compiling) and the second's, and the loss."""
+    config = GPTConfig(block_size=512, vocab_size=settings.vocab_size, n_layer=2, n_head=settings.n_head,
+                       n_embd=settings.n_embd, attention=name, segment_len=settings.segment_len,
+                       use_kernels=settings.use_kernels)
+    with torch.device(settings.device):
+        model = GPT(config)
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), settings.device_type)
+    step_fn = torch.compile(model) if settings.device_type == 'cuda' else model
+    data = torch.randint(settings.vocab_size, (4, config.block_size + 1), device=settings.device)
+    seconds = []
+    for _ in range(2):
+        sync(settings)
+        t0 = time.perf_counter()
+        with autocast(settings.device_type, settings.dtype):
+            _, loss = step_fn(data[:, :-1], data[:, 1:].contiguous())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(settings)
+        seconds.append(time.perf_counter() - t0)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f'the loss is {loss.item()}')
+    return dict(first_step_s=seconds[0], step_s=seconds[1], loss=loss.item(),
+                compiled=settings.device_type == 'cuda')
+
+
+def bench_check(settings):
+    """Every kernel in every dtype, then a training step of every attention: a row each, written as it finishes.
+    A kernel whose error passes its tolerance reads 'MISMATCH'."""
+    columns = ['case', 'dtype', 'status', 'seconds', 'out_error', 'grad_error', 'tolerance', 'first_step_s', 'step_s',
+               'loss', 'compiled', 'message']
+    table = GrowingTable(settings, 'bench_check', columns,
+                         title='Kernels against their references, then a training step of each attention')
+    names = attention_list(settings)
+    cases = [(f'{kernel} kernel', dtype) for kernel in ('selective', 'infini') for dtype in CHECK_TOLERANCE]
+    cases += [(f'{name} training step', settings.dtype) for name in names]
+    rows = []
+    for case, dtype in tqdm(cases, desc='check', dynamic_ncols=True):
+        kind = case.split()[0]
+        t0 = time.perf_counter()
+        if case.endswith('kernel'):
+            result, status, message = guarded(lambda: check_kernel(kind, dtype, settings), settings,
+                                              settings.case_seconds)
+        else:
+            result, status, message = guarded(lambda: check_training_step(kind, settings), settings,
+                                              settings.case_seconds)
+        row = dict(case=case, dtype=dtype, status=status or 'ok', seconds=time.perf_counter() - t0, message=message,
+                   **(result or {}))
+        if result and 'out_error' in result:
+            out_tol, grad_tol = CHECK_TOLERANCE[dtype]
+            row['tolerance'] = f'{out_tol:g} / {grad_tol:g}'
+            if result['out_error'] > out_tol or result['grad_error'] > grad_tol:
+                row['status'] = 'MISMATCH'
+        table.add(row)
+        rows.append(row)
+    failed = sum(row['status'] not in ('ok', 'n/a') for row in rows)
+
+    def number(row, key, fmt):
+        return format(row[key], fmt) if isinstance(row.get(key), float) else ''
+    grid = [[row['case'], row['dtype'], row['status'], number(row, 'out_error', '.2g'),
+             number(row, 'grad_error', '.2g'), row.get('tolerance', ''), number(row, 'first_step_s', '.3g'),
+             number(row, 'step_s', '.3g'), number(row, 'loss', '.4g'), row['message']] for row in rows]
+    table.finish(header_lines(settings) + [
+        f'kernels: B, H, T, D = {CHECK_SHAPE}, relative error to fp64 (output / worst gradient); training: 2 layers, '
+        f'n_head={settings.n_head}, n_embd={settings.n_embd}, 4 x 512 tokens, {settings.dtype} autocast, '
+        f'{"compiled" if settings.device_type == "cuda" else "not compiled (CPU)"}', ''] + markdown_table(
+        'Does it work here?', ['case', 'dtype', 'status', 'output error', 'gradient error', 'tolerance',
+                               'first step s', 'step s', 'loss', 'message'], grid) + [
+        f'{len(rows) - failed} of {len(rows)} cases ok or n/a'])
+    if failed:
+        raise SystemExit(f'{failed} of {len(cases)} checks failed: see {table.md_path}')
+
+
+# -----------------------------------------------------------------------------------------------------------
 
 def setup(argv):
     """The flags as a settings object, checked, with the device-dependent defaults resolved and the GPU set up."""
     settings, _ = configure(argv, FLAGS, __doc__)
-    if settings.mode not in ('speed', 'kernels'):
-        raise SystemExit(f"--mode is speed or kernels, not '{settings.mode}' (checkpoints: python evaluate.py; the "
-                         f"compiler's report: python kernels.py --report)")
+    if settings.mode not in ('speed', 'kernels', 'check'):
+        raise SystemExit(f"--mode is speed, kernels or check, not '{settings.mode}' (checkpoints: python evaluate.py; "
+                         f"the compiler's report: python kernels.py --report)")
     settings.device = settings.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     settings.device_type = device_type_of(settings.device)
     if settings.device_type != 'cuda' and settings.device != 'cpu':
@@ -513,4 +631,4 @@ def setup(argv):
 
 if __name__ == '__main__':
     settings = setup(sys.argv[1:])
-    bench_speed(settings) if settings.mode == 'speed' else bench_kernels(settings)
+    {'speed': bench_speed, 'kernels': bench_kernels, 'check': bench_check}[settings.mode](settings)

@@ -178,7 +178,7 @@ def test_vram_cap_records_oom_on_cuda(tmp_path):
     (['--contexts=1x'], '--contexts is a comma-separated list'),
     (['--attentions=causal,flash'], "unknown 'flash'"),
     (['n_layer=2'], "no config file 'n_layer=2'"),
-    (['--mode=quality'], "--mode is speed or kernels, not 'quality' (checkpoints: python evaluate.py"),
+    (['--mode=quality'], "--mode is speed, kernels or check, not 'quality' (checkpoints: python evaluate.py"),
     (['--device=tpu'], "--device is cuda, cuda:N or cpu, not 'tpu'"),
     (['--n_embd=10', '--n_head=3'], 'n_embd=10 must be divisible by n_head=3'),
     (['--case_seconds=-1'], '--case_seconds is a time limit in seconds (0: none), not -1'),
@@ -277,3 +277,40 @@ def test_a_kernel_that_does_not_take_the_input_is_na(tmp_path, monkeypatch):
         series = bench.run_series('selective kernel', [16, 32], measure, settings, messages, bar)
     assert series == {16: 'n/a', 32: 'n/a'} and calls == [16, 32]
     assert 'does not take this shape' in messages['selective kernel', 'n/a']
+
+
+def test_check_mode_on_the_cpu(tmp_path):
+    """--mode=check: the kernels are n/a without CUDA, a training step of every attention runs, a row each."""
+    result = run_script(sys.executable, 'bench.py', '--mode=check', '--device=cpu', '--n_head=2', '--n_embd=32',
+                        '--vocab_size=257', f'--out_dir={tmp_path}')
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {(r['case'], r['dtype']): r for r in read_csv(tmp_path / 'bench_check.csv')}
+    assert len(rows) == 2 * 3 + len(ATTENTIONS)
+    kernel_rows = [rows[f'{k} kernel', d] for k in ('selective', 'infini') for d in bench.CHECK_TOLERANCE]
+    assert all(r['status'] == 'n/a' for r in kernel_rows)
+    for name in ATTENTIONS:
+        row = rows[f'{name} training step', 'float32']
+        assert row['status'] == 'ok' and 5.0 < float(row['loss']) < 6.0 and row['compiled'] == 'False', row
+    assert '### Does it work here?' in (tmp_path / 'bench_check.md').read_text()
+
+
+@pytest.mark.parametrize('name', ['selective', 'infini'])
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])  # the interpreter's bf16 dot is wrong: a GPU checks bf16
+def test_check_kernel_agrees_with_its_reference(monkeypatch, name, dtype):
+    """check_kernel's errors on a small shape: natively on a GPU, in Triton's interpreter without one."""
+    kernels = pytest.importorskip('kernels')
+    if not kernels.triton:
+        pytest.skip('needs triton')
+    settings = bench.setup([f'--device={"cuda" if torch.cuda.is_available() else "cpu"}', '--segment_len=16'])
+    monkeypatch.setattr(kernels, f'{name}_available', lambda q: True)
+    errors = bench.check_kernel(name, dtype, settings, shape=(1, 2, 37, 16))
+    assert errors['out_error'] < bench.CHECK_TOLERANCE[dtype][0]
+    assert errors['grad_error'] < bench.CHECK_TOLERANCE[dtype][1]
+
+
+def test_check_mode_fails_on_a_mismatch(tmp_path, monkeypatch):
+    settings = bench.setup(TINY + ['--mode=check', '--attentions=causal', f'--out_dir={tmp_path}'])
+    monkeypatch.setattr(bench, 'check_kernel', lambda name, dtype, settings: dict(out_error=0.5, grad_error=0.0))
+    with pytest.raises(SystemExit, match='6 of 7 checks failed'):
+        bench.bench_check(settings)
+    assert [r['status'] for r in read_csv(tmp_path / 'bench_check.csv')] == ['MISMATCH'] * 6 + ['ok']
