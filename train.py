@@ -97,18 +97,18 @@ def check_settings(cfg):
         raise SystemExit("--max_iters, --warmup_iters and --lr_decay_iters must be >= 0")
 
 
-def get_batch(cfg, split, rng, device):
-    """cfg.batch_size windows of cfg.block_size tokens and their next tokens, drawn with rng (a numpy Generator).
-    Targets of -1 are ignored by the loss."""
+def get_batch(data_dir, split, batch_size, block_size, rng, device, example_len=0, answer_len=0):
+    """batch_size windows of block_size tokens of data_dir/split.bin and their next tokens, drawn with rng (a numpy
+    Generator). Targets of -1 are ignored by the loss. example_len, answer_len: the dataset's (meta.pkl), 0 = none."""
     # recreate the memmap every batch to avoid a memory leak, as nanoGPT does
-    data = np.memmap(os.path.join(cfg.data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    B, T = cfg.batch_size, cfg.block_size
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    B, T = batch_size, block_size
     y = torch.full((B, T), -1, dtype=torch.int64)
-    if cfg.example_len:  # examples back to back (passkey): windows start at an example, targets stay inside it
-        starts = rng.integers(0, len(data) // cfg.example_len, size=B) * cfg.example_len
-        last = min(T, cfg.example_len - 1)  # targets at positions 0..last-1
+    if example_len:  # examples back to back (passkey): windows start at an example, targets stay inside it
+        starts = rng.integers(0, len(data) // example_len, size=B) * example_len
+        last = min(T, example_len - 1)  # targets at positions 0..last-1
         # answer_len: only the targets of the example's last answer_len tokens count (the answer of a task)
-        first = cfg.example_len - 1 - cfg.answer_len if cfg.answer_len else 0
+        first = example_len - 1 - answer_len if answer_len else 0
     else:
         starts = rng.integers(0, len(data) - T, size=B)
         first, last = 0, T
@@ -134,14 +134,16 @@ def get_lr(cfg, it):
 
 
 @torch.no_grad()
-def estimate_loss(cfg, model, ctx, device):
-    """Mean loss over eval_iters batches of each split; the same batches at every eval, so evals compare."""
+def estimate_loss(cfg, model, ctx, device, examples):
+    """Mean loss over eval_iters batches of each split; the same batches at every eval, so evals compare.
+    examples: the dataset's example_len and answer_len, as get_batch takes them."""
     out = {}
     model.eval()
     for split_id, split in enumerate(('train', 'val')):
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
-            X, Y = get_batch(cfg, split, np.random.default_rng([cfg.seed, 1, split_id, k]), device)
+            X, Y = get_batch(cfg.data_dir, split, cfg.batch_size, cfg.block_size,
+                             np.random.default_rng([cfg.seed, 1, split_id, k]), device, **examples)
             with ctx:
                 _, loss = model(X, Y)
             losses[k] = loss.item()
@@ -284,13 +286,14 @@ def main(argv):
     model = build_model(cfg, checkpoint, given)
     if cfg.vocab_size < meta['vocab_size']:
         raise SystemExit(f"--vocab_size={cfg.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
-    cfg.example_len, cfg.answer_len = meta.get('example_len', 0), meta.get('answer_len', 0)
-    if cfg.example_len and cfg.block_size > cfg.example_len:
-        raise SystemExit(f"--block_size={cfg.block_size} is longer than the {cfg.example_len}-token examples of "
-                         f"{cfg.data_dir}; use --block_size={cfg.example_len} or prepare longer examples")
-    if cfg.answer_len and cfg.block_size < cfg.example_len:
-        raise SystemExit(f"{cfg.data_dir} scores only the answer at the end of each {cfg.example_len}-token example: "
-                         f"use --block_size={cfg.example_len}")
+    examples = dict(example_len=meta.get('example_len', 0), answer_len=meta.get('answer_len', 0))
+    example_len = examples['example_len']
+    if example_len and cfg.block_size > example_len:
+        raise SystemExit(f"--block_size={cfg.block_size} is longer than the {example_len}-token examples of "
+                         f"{cfg.data_dir}; use --block_size={example_len} or prepare longer examples")
+    if examples['answer_len'] and cfg.block_size < example_len:
+        raise SystemExit(f"{cfg.data_dir} scores only the answer at the end of each {example_len}-token example: "
+                         f"use --block_size={example_len}")
     for split in ('train', 'val'):
         n = os.path.getsize(os.path.join(cfg.data_dir, f'{split}.bin')) // 2
         if n <= cfg.block_size:
@@ -331,7 +334,7 @@ def main(argv):
     t0, timed_iters = time.time(), 0
     while True:
         if master_process and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only):
-            losses = estimate_loss(cfg, model, ctx, run_device)
+            losses = estimate_loss(cfg, model, ctx, run_device, examples)
             extra = extra_log(raw_model)
             tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                        + (f", {extra}" if extra else ''))
@@ -350,8 +353,8 @@ def main(argv):
             group['lr'] = lr * group['lr_mult']
         for micro_step in range(accum_steps):
             # batches depend only on (seed, iter_num, rank, micro_step): a resumed run draws what this one would
-            X, Y = get_batch(cfg, 'train', np.random.default_rng([cfg.seed, 0, iter_num, rank, micro_step]),
-                             run_device)
+            X, Y = get_batch(cfg.data_dir, 'train', cfg.batch_size, cfg.block_size,
+                             np.random.default_rng([cfg.seed, 0, iter_num, rank, micro_step]), run_device, **examples)
             if ddp:  # sync gradients on the last micro step only
                 train_model.require_backward_grad_sync = micro_step == accum_steps - 1
             with ctx:
