@@ -56,7 +56,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import kernels
-from positions import causal_mask
+from positions import causal_mask, rope, rope_angles
 
 UPDATES = ('linear', 'delta')
 MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, the gate forced to 0 (module docstring)
@@ -117,21 +117,15 @@ def gated_output(a_mem, a_dot, beta, memory_read='on'):
     return gate * a_mem + (1 - gate) * a_dot
 
 
-def rope(x, start):
-    """Rotate x (B, H, n, d) by RoPE at positions start..start+n-1 (rotate-half form, base 10000)."""
-    n, d = x.size(-2), x.size(-1)
-    dtype = memory_dtype(x)
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
-    angles = torch.arange(start, start + n, device=x.device, dtype=dtype)[:, None] * inv_freq
-    cos, sin = (f(angles).repeat(1, 2).to(x.dtype) for f in (torch.cos, torch.sin))
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def segment_positions(start, n, like):
+    """The positions start..start+n-1 inside a segment: RoPE turns queries and keys by these (positions.rope)."""
+    return torch.arange(start, start + n, device=like.device)
 
 
 def local_attention(q, k, v, q_start, dropout_p):
     """A_dot of one segment: q are the segment's positions q_start.. (of k's 0..n-1), RoPE inside the segment."""
     tq, tk = q.size(-2), k.size(-2)
-    q, k = rope(q, q_start), rope(k, 0)
+    q, k = rope(q, segment_positions(q_start, tq, q)), rope(k, segment_positions(0, tk, k))
     if tq == tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     mask = None if tq == 1 else causal_mask(tq, tk, q.device)
@@ -194,8 +188,9 @@ def segment_attention(q, k, v, segment_len):
     n_segments = -(-T // segment_len)
     offset, tail = T - q.size(2), n_segments * segment_len - T
     fold = lambda x: x.reshape(B, H * n_segments, segment_len, D)  # noqa: E731
-    q = rope(fold(F.pad(q, (0, 0, offset, tail))), 0)
-    k = rope(fold(F.pad(k, (0, 0, 0, tail))), 0)
+    angles = rope_angles(segment_positions(0, segment_len, k), D, memory_dtype(k))  # once for every segment
+    q = rope(fold(F.pad(q, (0, 0, offset, tail))), angles=angles)
+    k = rope(fold(F.pad(k, (0, 0, 0, tail))), angles=angles)
     y = causal_sdpa(q, k, fold(F.pad(v, (0, 0, 0, tail))))
     return y.reshape(B, H, n_segments * segment_len, D)[:, :, offset:T]  # fp32 SDPA gives a (B, N, H, D) layout
 

@@ -176,14 +176,15 @@ class SelectiveAttention(nn.Module):
         if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
             self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
-    def qkv(self, x, start):
-        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at positions start.., rotated with rope."""
+    def qkv(self, x, start, rotary=None):
+        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at positions start.., rotated with rope
+        (by rotary, their angles, when the model computed them already)."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(self.width, dim=2)
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
             positions = torch.arange(start, start + T, device=x.device)
-            q, k = rope(q, positions), rope(k, positions)
+            q, k = rope(q, positions, rotary), rope(k, positions, rotary)
         return q, k, v
 
     def selection_masks(self, x):
@@ -192,11 +193,11 @@ class SelectiveAttention(nn.Module):
         q, k, _ = self.qkv(x, 0)
         return self.head_masks(q, k)[1]
 
-    def forward(self, x, x0, cache=None, budget=None, evict='F'):
+    def forward(self, x, x0, cache=None, budget=None, evict='F', rotary=None):
         """budget, evict: without a cache, simulate a cache pruned to budget entries (an int, or one per layer) that
         evicts by evict, in one parallel forward (eviction_schedule). A cache has its own (SelectiveCache)."""
         B, T, C = x.size()
-        q, k, v = self.qkv(x, 0 if cache is None else cache.length)
+        q, k, v = self.qkv(x, 0 if cache is None else cache.length, rotary)
         self.aux_loss = 0.0
         if cache is None:
             y = self.attend(q, k, v, self.layer_budget(budget), evict=check_evict(evict))

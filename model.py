@@ -15,6 +15,8 @@ The attention interface (every attention file implements it):
                                             of the cache and returns x's outputs (prefill and one-step decode).
                                         options: settings of this one call (selective's simulated budget),
                                             passed through GPT.forward(idx, targets, cache, **options).
+                                        rotary: with positions='rope', the cos and sin of the tokens' positions
+                                            (positions.rope_angles), computed once per forward for every layer.
   Attention.aux_loss                    optional: an extra training loss term set by forward (selective's
                                         memory loss); GPT adds it to the language-model loss.
 
@@ -55,7 +57,7 @@ from torch.nn import functional as F
 from attention_in import InAttention
 from attention_infini import InfiniAttention
 from attention_selective import SelectiveAttention
-from positions import POSITIONS, alibi_bias, alibi_slopes, causal_mask, rope
+from positions import POSITIONS, alibi_bias, alibi_slopes, causal_mask, rope, rope_angles
 
 ATTENTIONS = {}  # name -> attention class, filled by register_attention below the classes
 # what every attention declares (the module docstring says what each means)
@@ -166,20 +168,21 @@ class CausalSelfAttention(nn.Module):
         if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
             self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
-    def qkv(self, x, positions):
-        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at these positions (T,)."""
+    def qkv(self, x, positions, rotary=None):
+        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at these positions (T,); rotary: their
+        rope angles if the model computed them already."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(self.width, dim=2)
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
-            q, k = rope(q, positions), rope(k, positions)
+            q, k = rope(q, positions, rotary), rope(k, positions, rotary)
         return q, k, v
 
-    def forward(self, x, x0, cache=None):
+    def forward(self, x, x0, cache=None, rotary=None):
         B, T, _ = x.size()
         start = 0 if cache is None else cache.length
         positions = torch.arange(start, start + T, device=x.device)
-        q, k, v = self.qkv(x, positions)
+        q, k, v = self.qkv(x, positions, rotary)
         dropout_p = self.dropout if self.training else 0.0
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)
@@ -341,6 +344,10 @@ class GPT(nn.Module):
             x0 = x0 + self.transformer.wpe(pos)
         x0 = self.transformer.drop(x0)
         x = x0
+        if self.config.positions == 'rope' and not self.streams:  # the rotation of each position, for every layer
+            pos = torch.arange(start, start + t, device=idx.device)
+            options = {**options, 'rotary': rope_angles(pos, self.config.head_size,
+                                                        torch.promote_types(x0.dtype, torch.float32))}
         if cache is not None and targets is None and cache.last_token_only:
             x = x[:, -1:]  # InAttention: keys and values come from x0 alone, so only the last token runs
         for block in self.transformer.h:

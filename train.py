@@ -23,8 +23,8 @@ from torch.distributed import barrier, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import (autocast, configure, default_device, device_type_of, flags_of, load_checkpoint,
-                          resolve_dtype, save_checkpoint)
+from configurator import (ROPE_LAYOUT, autocast, configure, default_device, device_type_of, flags_of,
+                          load_checkpoint, resolve_dtype, save_checkpoint)
 from data.common import load_meta
 from model import GPT, GPTConfig
 
@@ -212,6 +212,9 @@ def load_run(cfg, given):
                          f"the run to resume")
     checkpoint = load_checkpoint(path)
     missing = {'optimizer', 'iter_num', 'best_val_loss', 'config'} - checkpoint.keys()
+    if checkpoint.get('converted'):
+        raise SystemExit(f"{path} was written with an older rope layout: its weights load converted, its optimizer "
+                         f"state does not; fine-tune from its weights instead: --init_from={path} --out_dir=NEW")
     if missing:
         raise SystemExit(f"{path} has no {', '.join(sorted(missing))} to resume a run with; fine-tune from its "
                          f"weights instead: --init_from={path} --out_dir=NEW")
@@ -343,7 +346,8 @@ def main(argv):
                 save_checkpoint({'model_args': dataclasses.asdict(raw_model.config), 'model': raw_model.state_dict(),
                                  'optimizer': optimizer.state_dict(), 'iter_num': iter_num,
                                  'best_val_loss': best_val_loss, 'config': {k: getattr(cfg, k) for k in FLAGS},
-                                 'tokenizer': meta['tokenizer']}, os.path.join(cfg.out_dir, 'ckpt.pt'))
+                                 'tokenizer': meta['tokenizer'], 'rope_layout': ROPE_LAYOUT},
+                                os.path.join(cfg.out_dir, 'ckpt.pt'))
             t0, timed_iters = time.time(), 0  # tokens/s counts training only
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break

@@ -42,7 +42,7 @@ def make_checkpoint(path, attention, block_size, model=None):
     state = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}  # as torch.compile saves them
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(dict(model_args=dataclasses.asdict(model.config), model=state, config=dict(dataset='tiny'),
-                    tokenizer={'kind': 'byte'}), path)
+                    tokenizer={'kind': 'byte'}, rope_layout='half'), path)
     return path
 
 

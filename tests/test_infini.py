@@ -6,9 +6,10 @@ import torch
 from torch.nn import functional as F
 
 import attention_infini
-from attention_infini import (gate_values, infini_attention, memory_weights, read_memory, rope, sigma,
+from attention_infini import (gate_values, infini_attention, memory_weights, read_memory, sigma,
                               write_memory)
 from model import GPT, GPTConfig
+from positions import rope
 
 
 def tiny(**kw):
@@ -35,7 +36,7 @@ def test_one_segment_with_empty_memory_is_gated_causal_attention():
     q, k, v = qkv()
     beta = torch.tensor([0.3, -1.2], dtype=torch.float64)
     y, M, z = infini_attention(q, k, v, beta, segment_len=16)  # 8 tokens: one partial segment, nothing written
-    causal = F.scaled_dot_product_attention(rope(q, 0), rope(k, 0), v, is_causal=True)
+    causal = F.scaled_dot_product_attention(rope(q, torch.arange(q.size(-2))), rope(k, torch.arange(k.size(-2))), v, is_causal=True)
     torch.testing.assert_close(y, (1 - torch.sigmoid(beta)).view(1, 2, 1, 1) * causal, rtol=1e-12, atol=1e-12)
     assert not M.any() and not z.any()
     assert torch.equal(read_memory(q.abs(), M, z), torch.zeros_like(q))  # 0/0 reads as exactly 0
@@ -153,8 +154,10 @@ def test_bad_config_is_a_one_line_error():
 
 def per_segment_causal(q, k, v, segment_len):
     """A_dot of every segment, by hand: causal attention inside each segment, RoPE from each segment's start."""
-    return torch.cat([F.scaled_dot_product_attention(rope(q[:, :, s:s + segment_len], 0),
-                                                     rope(k[:, :, s:s + segment_len], 0),
+    def at(x, s, n):  # the positions inside the segment starting at s
+        return torch.arange(min(n, x.size(2) - s))
+    return torch.cat([F.scaled_dot_product_attention(rope(q[:, :, s:s + segment_len], at(q, s, segment_len)),
+                                                     rope(k[:, :, s:s + segment_len], at(k, s, segment_len)),
                                                      v[:, :, s:s + segment_len], is_causal=True)
                       for s in range(0, q.size(2), segment_len)], dim=2)
 

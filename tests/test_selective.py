@@ -339,7 +339,7 @@ def test_window_eviction_through_evaluate(tmp_path, capsys):
         pickle.dump(dict(vocab_size=257, tokenizer={'kind': 'byte'}, eot_token=256, dataset='tiny'), f)
     model = model_with_votes(vocab_size=257, positions='rope').float()
     torch.save(dict(model_args=vars(model.config), model=model.state_dict(), config=dict(dataset='tiny'),
-                    tokenizer={'kind': 'byte'}), tmp_path / 'ckpt.pt')
+                    tokenizer={'kind': 'byte'}, rope_layout='half'), tmp_path / 'ckpt.pt')
     flags = ['--device=cpu', f'--data_dir={data}', f'--ckpt={tmp_path / "ckpt.pt"}', '--loss=False',
              '--budgets=True', '--target=+0.05', '--shrink=0.5', '--eval_windows=2', '--batch_size=2']
     evaluate.main(flags + ['--evict=window', f'--out_dir={tmp_path}/window'])
