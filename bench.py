@@ -30,7 +30,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from configurator import autocast, configure, device_type_of, flags_of, parse_ints, resolve_dtype
+from configurator import configure, flags_of, parse_ints
+from devices import autocast, device_type_of, resolve_dtype
 from model import ATTENTIONS, GPT, GPTConfig
 from report import (FORMATS, GrowingTable, cell, check_out_dir, context_list, fmt_context, fmt_ratio, free_memory,
                     guarded, header_lines, markdown_table, write_report)

@@ -1,5 +1,6 @@
 """
-What the scripts share: --key=value flags, the device and its dtype, and checkpoints.
+The scripts' flags: --key=value, as in nanoGPT's configurator. It imports neither torch nor the model, so reading
+a flag is quick; devices.py and checkpoints.py hold what the scripts share besides.
 
 Flags work as in nanoGPT's configurator: every plain global at the top of a script (a bool, int, float or str)
 is a flag, its value the default. `configure(argv, flags_of(globals()))` applies files of flags (python files of
@@ -8,11 +9,6 @@ assignments, given without --) and then --key=value flags, keeping each flag's t
 
 import os
 import types
-from contextlib import nullcontext
-
-import torch
-
-from model import GPT, GPTConfig
 
 
 def flags_of(namespace):
@@ -113,127 +109,3 @@ def inference_options(model, budget, evict='F'):
                          if key in options and (key != 'evict' or value != 'F'))
         raise SystemExit(f"{flags}: {e}") from None
     return options
-
-
-def encode_prompt(start, tok):
-    """The token ids of a --start flag: the text itself, or a file's text when it reads FILE:path."""
-    prompt = start
-    if start.startswith('FILE:'):
-        path = start[len('FILE:'):]
-        if not os.path.isfile(path):
-            raise SystemExit(f"--start=FILE:{path}: no such file")
-        with open(path, encoding='utf-8', errors='replace') as f:
-            prompt = f.read()
-    try:
-        ids = tok.encode(prompt)
-    except ValueError as e:  # a character the char-level vocabulary lacks
-        raise SystemExit(str(e)) from None
-    if not ids:
-        raise SystemExit("--start is empty: give at least one character to start from")
-    return ids
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Devices
-
-def default_device():
-    return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-
-
-def device_type_of(device):
-    """'cuda', 'mps' or 'cpu' for a --device flag; a one-line error for a CUDA device torch cannot see."""
-    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
-    return device_type
-
-
-def resolve_dtype(dtype, device_type):
-    """The --dtype flag's name, '' meaning: bfloat16 on CUDA where the GPU has it natively, else float16 there;
-    float32 elsewhere."""
-    if not dtype:
-        if device_type != 'cuda':
-            return 'float32'
-        return 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"--dtype={dtype}: use float32, bfloat16 or float16")
-    return dtype
-
-
-def autocast(device_type, dtype):
-    """Mixed precision for a dtype name: none in float32."""
-    return nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-def load_checkpoint(path):
-    """A checkpoint dict (its tensors on the CPU, whatever device wrote them), or a one-line error saying why it
-    cannot be read."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        reason = ('' if isinstance(checkpoint, dict) and {'model', 'model_args'} <= checkpoint.keys()
-                  and isinstance(checkpoint['model_args'], dict) else "no 'model' and 'model_args' in it")
-    except PermissionError:
-        raise SystemExit(f"cannot read {path}: permission denied") from None
-    except Exception:  # torch's messages here (a paragraph on weights_only, a zip reader's, an IndexError) say little
-        reason = 'not a complete torch.save file of tensors and plain values'
-    if reason:
-        raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from another "
-                         f"program: train again or point at another file")
-    # checkpoints written before GPTConfig had a positions field all used GPT-2's learned table
-    checkpoint['model_args'].setdefault('positions', 'learned')
-    # a compiled model's state_dict names its weights _orig_mod.*
-    checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
-    if checkpoint.get('rope_layout') != ROPE_LAYOUT:
-        to_rotate_half(checkpoint)
-    return checkpoint
-
-
-ROPE_LAYOUT = 'half'  # positions.rope pairs dims i and i + D/2; train.py marks its checkpoints with it
-
-
-def to_rotate_half(checkpoint):
-    """Checkpoints written before the rotate-half layout rotated the dims (2i, 2i+1) of a head together. Moving
-    those query and key rows of c_attn to (i, i + D/2) gives the same model in today's layout, exactly: every
-    score q.k is a sum over the same pairs. Infini always had today's layout, and the other schemes no rotation."""
-    args = checkpoint['model_args']
-    if args.get('positions') != 'rope' or args.get('attention') == 'infini':
-        checkpoint['rope_layout'] = ROPE_LAYOUT
-        return
-    n_head, head_size = args['n_head'], args.get('head_size') or args['n_embd'] // args['n_head']
-    width = n_head * head_size
-    within = torch.cat((torch.arange(0, head_size, 2), torch.arange(1, head_size, 2)))  # new dim j <- old within[j]
-    heads = (torch.arange(2 * n_head)[:, None] * head_size + within).flatten()  # the q and k rows of every head
-    order = torch.cat((heads, torch.arange(2 * width, 3 * width)))  # the values stay
-    for key, tensor in checkpoint['model'].items():
-        if key.endswith('attn.c_attn.weight') or key.endswith('attn.c_attn.bias'):
-            checkpoint['model'][key] = tensor[order]
-    checkpoint['rope_layout'] = ROPE_LAYOUT
-    checkpoint['converted'] = True  # its optimizer state is not: train.py refuses to resume it
-
-
-def load_model(path, device='cpu', **overrides):
-    """The eval-mode GPT of a checkpoint on device, and the checkpoint dict. overrides change model settings that
-    do not touch the weights (use_kernels, dropout)."""
-    checkpoint = load_checkpoint(path)
-    try:
-        model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, ValueError, RuntimeError) as e:  # settings or weights from another version of model.py
-        raise SystemExit(f"cannot build the model of {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-    return model.to(device).eval(), checkpoint
-
-
-def save_checkpoint(checkpoint, path):
-    """Write to a temp file in the same folder, fsync, then rename over path: the rename is atomic, so a run
-    killed mid-write leaves the previous checkpoint whole."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

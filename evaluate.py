@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import autocast, configure, default_device, device_type_of, flags_of, load_model, resolve_dtype
+from checkpoints import load_model
+from configurator import configure, flags_of
+from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import cross_entropy
 from report import (GrowingTable, check_out_dir, context_list, fmt_bytes, fmt_context, guarded, header_lines,
                     markdown_table)

@@ -11,9 +11,10 @@ import sys
 
 import torch
 
-from configurator import (autocast, configure, default_device, device_type_of, encode_prompt, flags_of,
-                          inference_options, load_model, resolve_dtype)
-from data.common import tokenizer_from_meta
+from checkpoints import load_model
+from configurator import configure, flags_of, inference_options
+from data.common import encode_prompt, tokenizer_from_meta
+from devices import autocast, default_device, device_type_of, resolve_dtype
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out'         # the run whose ckpt.pt to sample from

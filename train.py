@@ -23,9 +23,10 @@ from torch.distributed import barrier, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import (ROPE_LAYOUT, autocast, configure, default_device, device_type_of, flags_of,
-                          load_checkpoint, resolve_dtype, save_checkpoint)
+from checkpoints import ROPE_LAYOUT, load_checkpoint, save_checkpoint
+from configurator import configure, flags_of
 from data.common import load_meta
+from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------------------------------------

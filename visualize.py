@@ -24,8 +24,10 @@ import sys
 
 import torch
 
-from configurator import configure, device_type_of, encode_prompt, flags_of, inference_options, load_checkpoint
-from data.common import tokenizer_from_meta
+from checkpoints import load_checkpoint
+from configurator import configure, flags_of, inference_options
+from data.common import encode_prompt, tokenizer_from_meta
+from devices import device_type_of
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from attention_infini import gate_values, memory_weights, sigma  # noqa: E402
-from configurator import configure, flags_of, load_checkpoint, load_model  # noqa: E402
+from checkpoints import load_checkpoint, load_model  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
 from data.passkey.prepare import NEEDLE, make_passkey  # noqa: E402
 from model import cross_entropy  # noqa: E402

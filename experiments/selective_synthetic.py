@@ -35,7 +35,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import configure, flags_of, load_model  # noqa: E402
+from checkpoints import load_model  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
 from data.common import load_meta  # noqa: E402
 
 TASKS = ('varassign', 'parity', 'copy')

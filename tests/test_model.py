@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
-from configurator import load_checkpoint
+from checkpoints import load_checkpoint
 from model import ATTENTIONS, GPT, GPTConfig, cross_entropy
 from positions import alibi_bias, alibi_slopes, rope, rope_angles
 

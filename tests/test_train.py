@@ -161,12 +161,12 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(train_tiny, tmp_pat
     train_tiny(tmp_path)
     before = load(tmp_path)
     script = (
-        "import os, signal, torch, configurator\n"
+        "import os, signal, torch, checkpoints\n"
         "def dying_save(obj, f):\n"
         "    f.write(b'the first half of a checkpoint'); f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = dying_save\n"
-        f"configurator.save_checkpoint({{'model': {{}}}}, {str(tmp_path / 'ckpt.pt')!r})\n")
+        f"checkpoints.save_checkpoint({{'model': {{}}}}, {str(tmp_path / 'ckpt.pt')!r})\n")
     out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == -9, out.stderr
     after = load(tmp_path)
