@@ -31,14 +31,14 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from configurator import configure, flags_of, parse_ints
-from devices import autocast, device_type_of, resolve_dtype
+from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import ATTENTIONS, GPT, GPTConfig
 from report import (FORMATS, GrowingTable, cell, check_out_dir, context_list, fmt_context, fmt_ratio, free_memory,
                     guarded, header_lines, markdown_table, write_report)
 
 # -----------------------------------------------------------------------------------------------------------
 mode = 'speed'             # speed | kernels | check
-device = ''                # '' = cuda if available, else cpu
+device = ''                # '' = cuda if available, else cpu (devices.default_device; MPS has no memory counters)
 dtype = ''                 # '' = bfloat16 on CUDA (float16 where bf16 is missing), float32 on the CPU
 attentions = ','.join(ATTENTIONS)
 contexts = ''              # comma-separated, k/M suffixes allowed (1k = 1024); '' = the mode's default list
@@ -597,7 +597,7 @@ def setup(argv):
     if settings.mode not in ('speed', 'kernels', 'check'):
         raise SystemExit(f"--mode is speed, kernels or check, not '{settings.mode}' (checkpoints: python evaluate.py; "
                          f"the compiler's report: python kernels.py --report)")
-    settings.device = settings.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    settings.device = settings.device or default_device().replace('mps', 'cpu')  # it measures CUDA or the CPU
     settings.device_type = device_type_of(settings.device)
     if settings.device_type != 'cuda' and settings.device != 'cpu':
         raise SystemExit(f"--device is cuda, cuda:N or cpu, not '{settings.device}'")

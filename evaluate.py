@@ -4,13 +4,14 @@ How good are trained checkpoints at each context? Each evaluation is one functio
     python evaluate.py --ckpt=out/ckpt.pt                                    # val loss at 1/2, 1, 2, 4 x block_size
     python evaluate.py --ckpt=out-in/ckpt.pt,out/ckpt.pt --contexts=256,512,1k    # a column per checkpoint
     python evaluate.py --ckpt=out-passkey-infini/ckpt.pt --contexts=256,1k,4k,16k  # + passkey accuracy table
-    python evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --budgets=True    # selective's KV budgets
+    python evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --search_budgets=True    # selective's KV budgets
 
-  --loss     val loss at each context: the mean next-token loss over the same seeded windows of val.bin for
-             every checkpoint. Past block_size a fixed-context model is n/a (--extend=True tiles its positions).
-  --passkey  passkey retrieval accuracy by length and depth, greedy decoding (on by itself for checkpoints
-             trained on data/passkey).
-  --budgets  Selective Attention: the smallest per-layer KV-cache budgets that keep val loss under --target.
+  --loss            val loss at each context: the mean next-token loss over the same seeded windows of val.bin
+                    for every checkpoint. Past block_size a fixed-context model is n/a (--extend=True tiles its
+                    positions).
+  --passkey         passkey retrieval accuracy by length and depth, greedy decoding (on by itself for
+                    checkpoints trained on data/passkey).
+  --search_budgets  Selective Attention: the smallest per-layer KV-cache budgets that keep val loss under --target.
 
 Each evaluation prints a markdown table and writes it, with a CSV of its numbers, to out_dir/<name>.md and .csv.
 Both grow as the cases finish, so a stopped run keeps what it measured. A case that runs out of memory is OOM, a
@@ -33,7 +34,7 @@ from report import (GrowingTable, check_out_dir, context_list, fmt_bytes, fmt_co
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'       # a train.py checkpoint, or several separated by commas (one column each)
-device = ''                # '' = cuda if available, else mps, else cpu
+device = ''                # '' = cuda if available, else mps, else cpu (devices.default_device)
 dtype = ''                 # autocast dtype; '' = bfloat16 on CUDA (float16 where bf16 is missing), else float32
 use_kernels = True         # False forces every attention's PyTorch reference
 memory_read = ''           # infini's memory-read ablation: '' = as trained, 'off' (A_mem = 0) or 'local' (gate 0)
@@ -49,7 +50,7 @@ loss = True                # val loss at each context
 passkey = False            # passkey accuracy even if no checkpoint was trained on data/passkey
 depths = '0,0.25,0.5,0.75,1'   # passkey: where the key sits, as a fraction of the filler
 passkey_trials = 4         # passkey: examples per (length, depth) cell
-budgets = False            # selective: search the per-layer KV budgets
+search_budgets = False     # selective: search the per-layer KV budgets
 # budgets: the val loss the pruned model may reach: '+0.02' (an increase over its own unpruned loss), '1.95' (a
 # loss), or a checkpoint whose full-cache val loss is the target (the paper's criterion: a standard model's loss)
 target = '+0.02'
@@ -258,8 +259,8 @@ def selective_budgets(run, settings):
     greedy step, as it is taken)."""
     model, data, example_len = run.model, run.data, run.example_len
     if 'budget' not in model.attention.cache_options:
-        raise SystemExit(f"--budgets prunes a cache to a budget; {run.path}'s attention '{model.config.attention}' "
-                         f"takes none: give a checkpoint trained with --attention=selective")
+        raise SystemExit(f"--search_budgets prunes a cache to a budget; {run.path}'s attention "
+                         f"'{model.config.attention}' takes none: give a checkpoint trained with --attention=selective")
     N, L = model.config.block_size, model.config.n_layer
     table = GrowingTable(settings, 'budgets', ['step', 'entries', 'val_loss', 'budgets'])
 
@@ -353,8 +354,8 @@ def main(argv):
     paths = [p for p in settings.ckpt.split(',') if p]
     if not paths:
         raise SystemExit('--ckpt is a train.py checkpoint (several: comma-separated), like out/ckpt.pt')
-    if settings.budgets and len(paths) > 1:
-        raise SystemExit("--budgets searches one checkpoint's budgets: give one --ckpt")
+    if settings.search_budgets and len(paths) > 1:
+        raise SystemExit("--search_budgets searches one checkpoint's budgets: give one --ckpt")
     runs = [load_run(path, settings) for path in paths]
     Ts = context_list(settings, ','.join(str(runs[0].trained * m // 2) for m in (1, 2, 4, 8)))
     trained_on_passkey = any(str(run.meta.get('dataset', '')).startswith('passkey') for run in runs)
@@ -362,7 +363,7 @@ def main(argv):
         loss_by_context(runs, Ts, settings)
     if settings.passkey or trained_on_passkey:
         passkey_by_length_and_depth(runs, Ts, settings)
-    if settings.budgets:
+    if settings.search_budgets:
         selective_budgets(runs[0], settings)
 
 

@@ -66,7 +66,7 @@ warmup_iters = 100 if _gpu else 20
 lr_decay_iters = 0              # 0 = max_iters
 min_lr = 1e-4
 # system
-device = default_device()
+device = ''                     # '' = cuda if available, else mps, else cpu (devices.default_device)
 dtype = ''                      # '' = bfloat16 on CUDA where supported, else float16; float32 elsewhere
 compile = _gpu                  # torch.compile the model
 seed = 1337
@@ -257,6 +257,7 @@ def main(argv):
 
     # DDP (torchrun sets RANK): one process per GPU, or per CPU process with gloo
     ddp = int(os.environ.get('RANK', -1)) != -1
+    cfg.device = cfg.device or default_device()  # the flag's '' resolved, as every script resolves it
     run_device, accum_steps, rank, world_size = cfg.device, cfg.gradient_accumulation_steps, 0, 1
     if ddp:
         init_process_group(backend='nccl' if 'cuda' in cfg.device else 'gloo')

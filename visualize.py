@@ -1,9 +1,9 @@
 """
 See what each attention does in a trained model, on a prompt; every global below is a flag:
 
-  python visualize.py --out_dir=out-selective --budget=32
-  python visualize.py --out_dir=out-infini --start=FILE:prompt.txt --layer=2 --head=1
-  python visualize.py --out_dir=out-in --token=10 --max_new_tokens=40
+  python visualize.py --ckpt=out-selective/ckpt.pt --budget=32
+  python visualize.py --ckpt=out-infini/ckpt.pt --start=FILE:prompt.txt --layer=2 --head=1
+  python visualize.py --ckpt=out-in/ckpt.pt --token=10 --max_new_tokens=40
 
 The text is printed with each token shaded by what the attention did to it (docs/visualize.md reads an example):
   selective  the mask F on the token at the end of the text, in nats: e^-F multiplies its attention weight in
@@ -27,11 +27,11 @@ import torch
 from checkpoints import load_checkpoint
 from configurator import configure, flags_of, inference_options
 from data.common import encode_prompt, tokenizer_from_meta
-from devices import device_type_of
+from devices import default_device, device_type_of
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------------------------------------
-out_dir = 'out'         # the run whose ckpt.pt to look at
+ckpt = 'out/ckpt.pt'    # the checkpoint to look at (train.py writes out_dir/ckpt.pt)
 start = 'import os\n\n\ndef join(a, b):\n    """Join two paths."""\n    return os.path.join(a, b)\n'  # or FILE:path
 max_new_tokens = 0      # tokens to generate after the prompt, looked at with it
 temperature = 0.8
@@ -43,8 +43,8 @@ layer = -1              # the layer to show, 0..n_layer-1; -1 = the mean over la
 head = -1               # the head to show, 0..n_head-1; -1 = the mean over heads
 token = -1              # the token whose attention is shown: its index in the text, negative from the end
 png = True              # write pictures (needs matplotlib)
-png_dir = ''            # where the pictures go; '' = out_dir
-device = 'cpu'
+png_dir = ''            # where the pictures go; '' = the checkpoint's folder
+device = ''             # '' = cuda if available, else mps, else cpu (devices.default_device)
 FLAGS = flags_of(globals())  # every setting above, with its default
 # -----------------------------------------------------------------------------------------------------------
 
@@ -287,23 +287,24 @@ def check_index(flag, value, count, what, low=-1):
 
 def main(argv):
     cfg, _ = configure(argv, FLAGS, __doc__)
-    device_type_of(cfg.device)  # a one-line error for a CUDA device torch cannot see
+    device = cfg.device or default_device()
+    device_type_of(device)  # a one-line error for a CUDA device torch cannot see
     torch.manual_seed(cfg.seed)
-    path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    path = cfg.ckpt
     if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={cfg.out_dir}), or "
-                         f"set --out_dir to a run's folder")
+        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir=DIR writes "
+                         f"DIR/ckpt.pt), or set --ckpt to a run's ckpt.pt")
     checkpoint = load_checkpoint(path)
     model = GPT(GPTConfig(**{**checkpoint['model_args'], 'use_kernels': False}))  # the references, as recomputed
     model.load_state_dict(checkpoint['model'])
-    model.eval().to(cfg.device)
+    model.eval().to(device)
     config, tok = model.config, tokenizer_from_meta(checkpoint['tokenizer'])
     check_index('layer', cfg.layer, config.n_layer, 'this model has {} layers')
     check_index('head', cfg.head, config.n_head, 'this model has {} heads')
     options = inference_options(model, cfg.budget, cfg.evict)
 
     ids = encode_prompt(cfg.start, tok)
-    idx = torch.tensor([ids], dtype=torch.long, device=cfg.device)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
     if cfg.max_new_tokens > 0:
         idx = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, **options)
     first_new, limit = len(ids), MAX_TOKENS if model.streams else config.block_size
@@ -330,7 +331,7 @@ def main(argv):
     report_focus(maps, pieces, color, cfg.layer, cfg.head, cfg.token % T, marks, config.attention,
                  model.attention.maps_note)
     if cfg.png:
-        for path in pictures(maps, pieces, config, model.attention.maps_note, cfg.png_dir or cfg.out_dir,
+        for path in pictures(maps, pieces, config, model.attention.maps_note, cfg.png_dir or os.path.dirname(path),
                              cfg.budget):
             print(f'wrote {path}')
 

@@ -76,8 +76,8 @@ def test_a_new_attention_trains_samples_benches_and_shows_itself(mean_attention,
     train_tiny(run, '--attention=mean')
     assert torch.load(run / 'ckpt.pt', weights_only=True)['model_args']['positions'] == 'learned'  # its default
 
-    fresh_module('sample').main([f'--out_dir={run}', '--device=cpu', '--max_new_tokens=5', '--num_samples=1'])
-    fresh_module('visualize').main([f'--out_dir={run}', '--start=def f(a):', '--png=False'])
+    fresh_module('sample').main([f'--ckpt={run}/ckpt.pt', '--device=cpu', '--max_new_tokens=5', '--num_samples=1'])
+    fresh_module('visualize').main([f'--ckpt={run}/ckpt.pt', '--start=def f(a):', '--png=False'])
     out = capsys.readouterr().out
     assert 'warning' not in out  # its maps reproduce its own forward
     assert 'mean attention, 1 layers x 2 heads' in out and 'put its attention (uniform over the past)' in out

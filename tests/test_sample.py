@@ -9,7 +9,7 @@ from conftest import ROOT, fresh_module
 
 
 def sample(out_dir, *flags):
-    fresh_module('sample').main([f'--out_dir={out_dir}', '--device=cpu', '--max_new_tokens=5', '--num_samples=2',
+    fresh_module('sample').main([f'--ckpt={out_dir}/ckpt.pt', '--device=cpu', '--max_new_tokens=5', '--num_samples=2',
                                  *flags])
 
 
@@ -17,7 +17,7 @@ def test_command_line_with_a_file_prompt(train_tiny, tmp_path):
     train_tiny(tmp_path)
     prompt = tmp_path / 'prompt.txt'
     prompt.write_text('def f(a, b):\n')
-    out = subprocess.run([sys.executable, 'sample.py', f'--out_dir={tmp_path}', f'--start=FILE:{prompt}',
+    out = subprocess.run([sys.executable, 'sample.py', f'--ckpt={tmp_path}/ckpt.pt', f'--start=FILE:{prompt}',
                           '--max_new_tokens=5', '--num_samples=2', '--device=cpu'],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

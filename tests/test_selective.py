@@ -330,7 +330,7 @@ def test_bad_settings_are_clear_errors():
 
 
 def test_window_eviction_through_evaluate(tmp_path, capsys):
-    """evaluate.py --budgets --evict=window: the search runs with the sliding-window cache and says so."""
+    """evaluate.py --search_budgets --evict=window: the search runs with the sliding-window cache and says so."""
     import evaluate
     data = tmp_path / 'tiny'
     data.mkdir()
@@ -341,7 +341,7 @@ def test_window_eviction_through_evaluate(tmp_path, capsys):
     torch.save(dict(model_args=vars(model.config), model=model.state_dict(), config=dict(dataset='tiny'),
                     tokenizer={'kind': 'byte'}, rope_layout='half'), tmp_path / 'ckpt.pt')
     flags = ['--device=cpu', f'--data_dir={data}', f'--ckpt={tmp_path / "ckpt.pt"}', '--loss=False',
-             '--budgets=True', '--target=+0.05', '--shrink=0.5', '--eval_windows=2', '--batch_size=2']
+             '--search_budgets=True', '--target=+0.05', '--shrink=0.5', '--eval_windows=2', '--batch_size=2']
     evaluate.main(flags + ['--evict=window', f'--out_dir={tmp_path}/window'])
     assert 'eviction: window' in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--evict is 'F'.* or 'window'"):

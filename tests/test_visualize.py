@@ -33,7 +33,7 @@ def tiny_checkpoint(folder, attention, **options):
 
 
 def visualize(folder, *flags):
-    fresh_module('visualize').main([f'--out_dir={folder}', f'--start={TEXT}', '--png=False', *flags])
+    fresh_module('visualize').main([f'--ckpt={folder}/ckpt.pt', f'--start={TEXT}', '--png=False', *flags])
 
 
 def rows(out, header):
