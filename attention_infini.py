@@ -95,6 +95,26 @@ def write_memory(sk, v, M, z, update, repeats=None):
     return M + sk.transpose(-1, -2) @ v, z + sk.sum(dim=-2)
 
 
+def memory_over_segments(q, k, v, segment_len, update='delta', M=None, z=None):
+    """The memory alone, the plain reference of kernels.infini_memory: every query's read A_mem (eq. 3) before its
+    segment is written, and M, z after every complete segment of k, v is (eq. 4, 5). q are the last Tq of the T
+    positions of k and v, as in infini_attention (which runs the same reads and writes, with the local attention
+    between them); sigma here is the paper's (feature_scale 1: the kernel's callers scale q and k first)."""
+    B, H, T, D = k.shape
+    offset = T - q.size(-2)
+    if M is None:
+        M = k.new_zeros(B, H, D, D, dtype=memory_dtype(k))
+        z = k.new_zeros(B, H, D, dtype=memory_dtype(k))
+    reads = []
+    for s in range(0, T, segment_len):
+        e = min(s + segment_len, T)
+        if e > offset:  # this segment's queries read the memory of the segments before it
+            reads.append(read_memory(sigma(q[:, :, max(s, offset) - offset:e - offset].to(M.dtype)), M, z))
+        if e - s == segment_len:  # a complete segment is written; a partial one waits
+            M, z = write_memory(sigma(k[:, :, s:e].to(M.dtype)), v[:, :, s:e].to(M.dtype), M, z, update)
+    return torch.cat(reads, dim=2), M, z
+
+
 def memory_weights(sq, sk):
     """How much each stored token weighs in a read: w_j = sigma(q).sigma(k_j) / sum_i sigma(q).sigma(k_i).
 

@@ -36,7 +36,8 @@ def test_one_segment_with_empty_memory_is_gated_causal_attention():
     q, k, v = qkv()
     beta = torch.tensor([0.3, -1.2], dtype=torch.float64)
     y, M, z = infini_attention(q, k, v, beta, segment_len=16)  # 8 tokens: one partial segment, nothing written
-    causal = F.scaled_dot_product_attention(rope(q, torch.arange(q.size(-2))), rope(k, torch.arange(k.size(-2))), v, is_causal=True)
+    positions = torch.arange(q.size(-2))
+    causal = F.scaled_dot_product_attention(rope(q, positions), rope(k, positions), v, is_causal=True)
     torch.testing.assert_close(y, (1 - torch.sigmoid(beta)).view(1, 2, 1, 1) * causal, rtol=1e-12, atol=1e-12)
     assert not M.any() and not z.any()
     assert torch.equal(read_memory(q.abs(), M, z), torch.zeros_like(q))  # 0/0 reads as exactly 0
@@ -147,6 +148,23 @@ def test_bad_config_is_a_one_line_error():
         GPT(tiny(feature_scale=0.0))
     with pytest.raises(ValueError, match='memory_boost'):
         GPT(tiny(memory_boost=-1.0))
+
+
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+def test_the_memory_alone_is_the_full_loops_memory(update):
+    """memory_over_segments (the memory kernel's plain reference) reads and writes what infini_attention does:
+    at gate 1 the full loop's output is A_mem alone, and its M, z are the same."""
+    q, k, v = qkv(T=11)  # segments of 4, the last one partial
+    a_mem, M, z = attention_infini.memory_over_segments(q, k, v, 4, update)
+    y, M_full, z_full = infini_attention(q, k, v, torch.full((2,), float('inf'), dtype=q.dtype), 4, update)
+    torch.testing.assert_close(a_mem.to(y.dtype), y)
+    torch.testing.assert_close(M, M_full)
+    torch.testing.assert_close(z, z_full)
+    q2 = q[:, :, -3:]  # streaming: only the last queries, into a memory that has seen something
+    M0, z0 = M.clone(), z.clone()
+    a2, _, _ = attention_infini.memory_over_segments(q2, k, v, 4, update, M0, z0)
+    y2, _, _ = infini_attention(q2, k, v, torch.full((2,), float('inf'), dtype=q.dtype), 4, update, M0, z0)
+    torch.testing.assert_close(a2.to(y2.dtype), y2)
 
 
 # ---------------------------------------------------------------------------------------------------------
