@@ -45,10 +45,15 @@ def score_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def scaled_logits(q, k):
+    """L = q k^T / sqrt(d) in fp32 (fp64 for fp64 inputs), every query against every key: (..., Tq, Tk)."""
+    return (q @ k.transpose(-1, -2)).to(score_dtype(q)) * q.size(-1) ** -0.5
+
+
 def causal_logits(q, k):
-    """L = q k^T / sqrt(d) in fp32 (fp64 for fp64 inputs), with -inf on future keys: (B, H, T, T)."""
+    """L = q k^T / sqrt(d) with -inf on future keys: (B, H, T, T)."""
     T = q.size(-2)
-    logits = (q @ k.transpose(-1, -2)).to(score_dtype(q)) * q.size(-1) ** -0.5
+    logits = scaled_logits(q, k)
     return logits.masked_fill(~causal_mask(T, T, q.device), float('-inf'))
 
 
@@ -274,7 +279,7 @@ class SelectiveAttention(nn.Module):
         positions = torch.arange(T, device=q.device)
         total = torch.zeros(q.size(0), T, dtype=score_dtype(q), device=q.device)
         for i in range(0, T, CHUNK):
-            logits = (q[:, h, i:i + CHUNK] @ k[:, h].transpose(-1, -2)).to(total.dtype) * q.size(-1) ** -0.5
+            logits = scaled_logits(q[:, h, i:i + CHUNK], k[:, h])
             total += votes(logits, positions[i:i + CHUNK, None], positions, self.selection_fn).sum(dim=1)
         return total
 
@@ -287,7 +292,7 @@ class SelectiveAttention(nn.Module):
         positions = torch.arange(start, start + n_new, device=q.device)
         K, V = torch.cat([K, k], dim=2), torch.cat([V, v], dim=2)
         pos = torch.cat([pos, positions.expand(q.size(0), n_new)], dim=1)
-        logits = (q @ K.transpose(-1, -2)).to(f.dtype) * q.size(-1) ** -0.5  # (B, H, n_new, n + n_new)
+        logits = scaled_logits(q, K)  # (B, H, n_new, n + n_new)
         S = votes(logits[:, self.selection_head], positions[:, None], pos[:, None, :], self.selection_fn)
         F = pad(f, (0, n_new))[:, None] + accumulated_masks(S)  # the cached F, then the chunk's own votes
         visible = pos[:, None, :] <= positions[:, None]
@@ -304,7 +309,7 @@ class SelectiveAttention(nn.Module):
     def decode(self, cache, q, k, v, position):
         """One token (q, k, v: (B, H, 1, D)) at an absolute position, against the cached tokens."""
         K, V, f, pos = cache.insert(self.layer_idx, k, v, position)  # evicts first if over budget
-        logits = (q @ K.transpose(-1, -2)).to(f.dtype) * q.size(-1) ** -0.5
+        logits = scaled_logits(q, K)
         logits = logits.masked_fill((pos < 0)[:, None, None], float('-inf'))  # empty slots
         scores = logits - f[:, None, None]
         bias = self.distance_bias(torch.tensor([position], device=q.device), pos)  # (B, H, 1, slots)

@@ -133,13 +133,13 @@ def timed_runs(run, settings):
 # -----------------------------------------------------------------------------------------------------------
 # --mode=speed
 
-def build_model(name, block_size, dtype_, settings):
+def random_model(name, block_size, weights_dtype, settings):
     config = GPTConfig(block_size=block_size, vocab_size=settings.vocab_size, n_layer=settings.n_layer,
                        n_head=settings.n_head, n_embd=settings.n_embd, attention=name,
                        segment_len=settings.segment_len, use_kernels=settings.use_kernels)
     with torch.device(settings.device):  # initialise on the device: a GPT-2 sized init on the CPU is slow
         model = GPT(config)
-    return model.to(dtype_)
+    return model.to(weights_dtype)
 
 
 @torch.no_grad()
@@ -215,8 +215,8 @@ def run_speed(names, Ts, settings, table=None):
     bar = tqdm(total=2 * len(names) * len(Ts), desc='bench', dynamic_ncols=True)
     for name in names:
         # inference in the bench dtype; training keeps fp32 weights under autocast, as train.py does
-        for phase, dtype_ in (('inference', settings.ptdtype), ('training', torch.float32)):
-            model, status, message = guarded(lambda: build_model(name, Ts[0] + N, dtype_, settings), settings)
+        for phase, weights_dtype in (('inference', settings.ptdtype), ('training', torch.float32)):
+            model, status, message = guarded(lambda: random_model(name, Ts[0] + N, weights_dtype, settings), settings)
             if status:
                 messages.setdefault((f'{name} {phase}', status), message)
 
@@ -596,7 +596,7 @@ def setup(argv):
     settings, _ = configure(argv, FLAGS, __doc__)
     if settings.mode not in ('speed', 'kernels', 'check'):
         raise SystemExit(f"--mode is speed, kernels or check, not '{settings.mode}' (checkpoints: python evaluate.py; "
-                         f"the compiler's report: python kernels.py --report)")
+                         f"the compiler's report: python kernel_report.py)")
     settings.device = settings.device or default_device().replace('mps', 'cpu')  # it measures CUDA or the CPU
     settings.device_type = device_type_of(settings.device)
     if settings.device_type != 'cuda' and settings.device != 'cpu':

@@ -74,7 +74,7 @@ def load_val_data(checkpoint, data_dir=''):
     return np.memmap(path, dtype=np.uint16, mode='r'), load_meta(folder)
 
 
-def load_run(path, settings):
+def load_evaluated(path, settings):
     """One checkpoint to evaluate: its model, val data, dataset meta and a label for the tables."""
     ablation = {'memory_read': settings.memory_read} if settings.memory_read else {}  # attention_infini.py
     model, checkpoint = load_model(path, settings.device, use_kernels=settings.use_kernels, **ablation)
@@ -162,7 +162,7 @@ def failures(rows, key):
 @torch.no_grad()
 def passkey_accuracy(model, tok, length, depth, settings):
     """Fraction of passkey_trials examples of `length` tokens whose answer greedy decoding gets exactly right."""
-    from data.passkey.prepare import make_passkey
+    from data.passkey.task import make_passkey
     rng = np.random.default_rng([settings.seed, length, int(depth * 1000)])
     examples = [make_passkey(length, depth, rng, tok) for _ in range(settings.passkey_trials)]
     correct = 0
@@ -356,7 +356,7 @@ def main(argv):
         raise SystemExit('--ckpt is a train.py checkpoint (several: comma-separated), like out/ckpt.pt')
     if settings.search_budgets and len(paths) > 1:
         raise SystemExit("--search_budgets searches one checkpoint's budgets: give one --ckpt")
-    runs = [load_run(path, settings) for path in paths]
+    runs = [load_evaluated(path, settings) for path in paths]
     Ts = context_list(settings, ','.join(str(runs[0].trained * m // 2) for m in (1, 2, 4, 8)))
     trained_on_passkey = any(str(run.meta.get('dataset', '')).startswith('passkey') for run in runs)
     if settings.loss:

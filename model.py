@@ -401,36 +401,55 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, **cache_options):
         """Sample max_new_tokens after idx (b, t), with the attention's cache: the prefix is never recomputed.
-        temperature=0 takes the most likely token each step (greedy decoding).
+        temperature=0 takes the most likely token each step (greedy decoding); cache_options go to new_cache.
 
         Attentions with a context limit keep nanoGPT's semantics past block_size: the context is the last
         block_size tokens, so the cache is rebuilt from that window each step. Streaming ones never crop, and
         read the prompt in chunks.
         """
+        if max_new_tokens == 0:
+            return idx
+        cache, logits = self.prefill(idx, max_new_tokens, **cache_options)
+        return self.decode_n_tokens(idx, logits, cache, max_new_tokens, temperature, top_k, cache_options)
+
+    def prefill(self, idx, max_new_tokens, **cache_options):
+        """A new cache holding the context of idx, and the logits (b, vocab) after it. The context is idx, or its
+        last block_size tokens for a model with a context limit; a streaming model reads it block_size tokens at a
+        time, so its memory stays bounded."""
         limit = None if self.streams else self.config.block_size
-        cache = None
-        for _ in range(max_new_tokens):
-            if cache is None or (limit is not None and cache.length >= limit):
-                context = idx if limit is None else idx[:, -limit:]
-                max_len = context.size(1) + max_new_tokens
-                if limit is not None:
-                    max_len = min(max_len, limit)
-                cache = self.new_cache(idx.size(0), max_len, **cache_options)
-                # a streaming model reads a long prompt block_size tokens at a time, so memory stays bounded
-                step = context.size(1) if limit is not None else self.config.block_size
-                for start in range(0, context.size(1), step):
-                    logits, _ = self(context[:, start:start + step], cache=cache)
+        context = idx if limit is None else idx[:, -limit:]
+        max_len = context.size(1) + max_new_tokens
+        cache = self.new_cache(idx.size(0), max_len if limit is None else min(max_len, limit), **cache_options)
+        step = self.config.block_size if limit is None else context.size(1)
+        for start in range(0, context.size(1), step):
+            logits, _ = self(context[:, start:start + step], cache=cache)
+        return cache, logits[:, -1, :].float()  # fp32: bf16 would tie close logits, even for top_k=1
+
+    def decode_one_token(self, token, cache):
+        """The logits (b, vocab) after one more token (b, 1), which the cache takes in."""
+        logits, _ = self(token, cache=cache)
+        return logits[:, -1, :].float()
+
+    def decode_n_tokens(self, idx, logits, cache, n, temperature, top_k, cache_options):
+        """Sample n tokens one at a time from the logits after idx and its cache; returns idx with them."""
+        for i in range(n):
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
+            if i == n - 1:
+                break
+            if not self.streams and cache.length >= self.config.block_size:  # the window moves: rebuild it
+                cache, logits = self.prefill(idx, n, **cache_options)
             else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            logits = logits[:, -1, :].float()  # fp32: bf16 would tie close logits, even for top_k=1
-            if temperature == 0:  # greedy decoding: the most likely token
-                idx = torch.cat((idx, logits.argmax(dim=-1, keepdim=True)), dim=1)
-                continue
-            logits = logits / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('Inf')
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+                logits = self.decode_one_token(idx[:, -1:], cache)
         return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """The next token (b, 1) from the logits (b, vocab): the likeliest at temperature 0, else a draw from the
+    softmax at that temperature over the top_k likeliest (all of them when top_k is None)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('Inf')
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

@@ -197,7 +197,7 @@ def model_args_from(checkpoint, cfg, given, fine_tune):
     return args
 
 
-def load_run(cfg, given):
+def checkpoint_to_start_from(cfg, given):
     """The checkpoint to resume or fine-tune from (None from scratch). A resumed run takes its settings back
     from the checkpoint, except the flags given now and the machine's own (device, dtype, compile, ...)."""
     if cfg.init_from == 'scratch':
@@ -273,7 +273,7 @@ def main(argv):
     device_type = device_type_of(run_device)
 
     # the run to continue or fine-tune from
-    checkpoint = load_run(cfg, given)
+    checkpoint = checkpoint_to_start_from(cfg, given)
 
     # data
     cfg.data_dir = cfg.data_dir or os.path.join(ROOT, 'data', cfg.dataset)

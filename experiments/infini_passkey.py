@@ -38,7 +38,7 @@ from attention_infini import gate_values, memory_weights, sigma  # noqa: E402
 from checkpoints import load_checkpoint, load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
-from data.passkey.prepare import NEEDLE, make_passkey  # noqa: E402
+from data.passkey.task import NEEDLE, make_passkey  # noqa: E402
 from model import cross_entropy  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
@@ -107,14 +107,14 @@ def prepare_data(folder):
                         '--n_train=20000', '--n_val=200', f'--out_dir={folder}'], check=True, cwd=ROOT)
 
 
-def train_run(run_dir, flags, seed_, iters, data_dir, base=None):
+def train_run(run_dir, flags, run_seed, iters, data_dir, base=None):
     """Train (or resume) one run; base: the checkpoint a fine-tuning run starts from."""
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
     if finished(ckpt_path, iters):
         return
     os.makedirs(run_dir, exist_ok=True)
     start_from = ['--init_from=resume'] if os.path.isfile(ckpt_path) else [f'--init_from={base}'] if base else []
-    cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={seed_}',
+    cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={run_seed}',
            f'--max_iters={iters}', f'--out_dir={run_dir}', *start_from]
     print(' '.join(cmd[1:]), flush=True)
     start = time.time()
@@ -129,13 +129,13 @@ def train_run(run_dir, flags, seed_, iters, data_dir, base=None):
 # -----------------------------------------------------------------------------------------------------------
 # Evaluation
 
-def examples(length, depth_list, trials, seed_):
+def examples(length, depth_list, trials, run_seed):
     """trials examples per depth: (prompt ids, answer ids, needle start, needle length), the same for every model."""
     tok = ByteTokenizer()
     needle_head = tok.encode(NEEDLE.split('{key}')[0])  # '\nThe pass key is ': only the needle starts so
     out = []
     for depth in depth_list:
-        rng = np.random.default_rng([seed_, length, int(depth * 1000)])
+        rng = np.random.default_rng([run_seed, length, int(depth * 1000)])
         for _ in range(trials):
             prompt, answer = make_passkey(length, depth, rng, tok)
             start = next(i for i in range(len(prompt)) if prompt[i:i + len(needle_head)] == needle_head)

@@ -152,7 +152,7 @@ def test_budgets_end_to_end(tmp_path, capsys):
     (['--ckpt=nowhere/ckpt.pt'], 'no checkpoint at nowhere/ckpt.pt'),
     (['--depths=0,2'], "--depths is a comma-separated list of fractions between 0 and 1, not '0,2'"),
     (['--shrink=1.5'], '--shrink is a fraction between 0 and 1, not 1.5'),
-    (['--ckpt=a.pt,b.pt', '--search_budgets=True'], "--search_budgets searches one checkpoint's budgets: give one --ckpt"),
+    (['--ckpt=a.pt,b.pt', '--search_budgets=True'], "--search_budgets searches one checkpoint's budgets: give one"),
 ])
 def test_bad_flags_are_one_line_errors(args, message):
     with pytest.raises(SystemExit, match=re.escape(message)):

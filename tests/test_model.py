@@ -56,7 +56,8 @@ def test_rope_depends_on_the_distance_only():
     pos = torch.tensor([[3, 7]])
     torch.testing.assert_close(rope(k.expand(1, 3, 2, 8), pos), rope(k.expand(1, 3, 2, 8), pos[0]))
     # angles computed once (the model does, for every layer) rotate as the positions do
-    torch.testing.assert_close(rope(q, angles=rope_angles(torch.tensor([5]), 8, torch.float64)), rope(q, torch.tensor([5])))
+    angles = rope_angles(torch.tensor([5]), 8, torch.float64)
+    torch.testing.assert_close(rope(q, angles=angles), rope(q, torch.tensor([5])))
 
 
 def test_rope_turns_dims_half_a_head_apart():
@@ -75,7 +76,8 @@ def interleaved_rope(x, positions):
     D = x.size(-1)
     angles = positions.to(x.dtype)[:, None] * 10000.0 ** (-torch.arange(0, D, 2, dtype=x.dtype) / D)
     even, odd = x[..., 0::2], x[..., 1::2]
-    return torch.stack((even * angles.cos() - odd * angles.sin(), even * angles.sin() + odd * angles.cos()), -1).flatten(-2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)
 
 
 @pytest.mark.parametrize('attention', ['causal', 'selective'])
@@ -91,8 +93,9 @@ def test_checkpoints_of_the_interleaved_rope_load_as_the_same_model(attention, t
     q_old, k_old = (x @ old[i * 16:(i + 1) * 16].T for i in (0, 1))
     q_new, k_new = (x @ w[i * 16:(i + 1) * 16].T for i in (0, 1))
     for h in range(2):  # the old layout's scores are today's
-        s_old = interleaved_rope(q_old[:, h * 8:(h + 1) * 8], pos) @ interleaved_rope(k_old[:, h * 8:(h + 1) * 8], pos).T
-        s_new = rope(q_new[:, h * 8:(h + 1) * 8], pos) @ rope(k_new[:, h * 8:(h + 1) * 8], pos).T
+        head = slice(h * 8, (h + 1) * 8)
+        s_old = interleaved_rope(q_old[:, head], pos) @ interleaved_rope(k_old[:, head], pos).T
+        s_new = rope(q_new[:, head], pos) @ rope(k_new[:, head], pos).T
         torch.testing.assert_close(s_old, s_new)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state['transformer.h.0.attn.c_attn.weight'] = old
@@ -190,7 +193,7 @@ def test_head_size_widens_the_attention_and_its_cache(attention):
     if attention == 'causal':
         assert cache.nbytes() == 2 * 2 * 2 * (4 * 8) * 32 * 8  # k, v x 2 layers x batch 2 x 4 heads of 8 x 32 x fp64
     for other in ('in', 'infini'):
-        with pytest.raises(ValueError, match="ties its head size to n_embd; these take a separate one: causal, selective"):
+        with pytest.raises(ValueError, match="ties its head size to n_embd; these take a separate one: causal, sel"):
             tiny(other, head_size=4)
 
 

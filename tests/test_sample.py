@@ -47,7 +47,7 @@ def test_selective_budget(train_tiny, tmp_path, capsys):
     train_tiny(tmp_path, '--attention=selective')
     sample(tmp_path, '--budget=4', '--max_new_tokens=20')
     assert capsys.readouterr().out.count('---------------') == 2
-    with pytest.raises(SystemExit, match='--budget is a comma-separated list of integers like 32 or 8,16,16,8 .*, not .4,x.'):
+    with pytest.raises(SystemExit, match='--budget is a comma-separated list of integers like 32 or .*, not .4,x.'):
         sample(tmp_path, '--budget=4,x')
     with pytest.raises(SystemExit, match='budget lists 2 values for 1 layers'):
         sample(tmp_path, '--budget=4,4')

@@ -26,9 +26,8 @@ def tiny_checkpoint(folder, attention, **options):
         for block in model.transformer.h:
             block.attn.beta.data = torch.tensor([-1.0, 2.0])
     os.makedirs(folder, exist_ok=True)
-    torch.save({'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(), 'tokenizer': {'kind': 'byte'},
-                'rope_layout': 'half'},
-               os.path.join(folder, 'ckpt.pt'))
+    torch.save({'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(),
+                'tokenizer': {'kind': 'byte'}, 'rope_layout': 'half'}, os.path.join(folder, 'ckpt.pt'))
     return model.eval()
 
 
