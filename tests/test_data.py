@@ -15,7 +15,7 @@ from data.common import (ByteTokenizer, CharTokenizer, TiktokenTokenizer, get_to
                          tokenizer_from_meta)
 from data.copy import prepare as copy_task
 from data.passkey import prepare as passkey
-from data.passkey.task import make_passkey
+from data.passkey.task import NEEDLE, QUESTION, make_passkey
 from data.python_stdlib import prepare as stdlib
 from data.shakespeare_char import prepare as shakespeare
 from data.text import prepare as text
@@ -235,8 +235,8 @@ def check_passkey(prompt, answer, length, depth, tok):
     assert len(prompt) + len(answer) == length and all(isinstance(i, int) for i in prompt + answer)
     key = tok.decode(answer)
     assert len(key) == 5 and key.isdigit()
-    needle = tok.encode(passkey.NEEDLE.format(key=key))
-    question = tok.encode(passkey.QUESTION)
+    needle = tok.encode(NEEDLE.format(key=key))
+    question = tok.encode(QUESTION)
     n_filler = length - len(needle) - len(question) - len(answer)
     start = round(depth * n_filler)
     assert prompt[start:start + len(needle)] == needle  # the key sits exactly at its depth
@@ -245,7 +245,7 @@ def check_passkey(prompt, answer, length, depth, tok):
     assert 'pass key' not in filler and key not in filler
 
 
-SHORTEST = len(passkey.NEEDLE.format(key='12345')) + len(passkey.QUESTION) + 5  # no filler at all, in bytes
+SHORTEST = len(NEEDLE.format(key='12345')) + len(QUESTION) + 5  # no filler at all, in bytes
 
 
 @pytest.mark.parametrize('length', [SHORTEST, SHORTEST + 1, 1000, 4096])
