@@ -155,6 +155,25 @@ def gpt2_checkpoint(init_from, **model_args):
     return {'model_args': asdict(model.config), 'model': model.state_dict(), 'tokenizer': dict(TOKENIZER)}
 
 
+def save_pretrained(model, folder):
+    """Write a causal GPT with GPT-2's shape (learned table, biases) as transformers' GPT2LMHeadModel.save_pretrained
+    would: config.json and model.safetensors. --init_from=folder reads it back; so does transformers."""
+    c = model.config
+    if c.attention != 'causal' or c.positions != 'learned' or not c.bias or c.head_size != c.n_embd // c.n_head:
+        raise ValueError("only a causal GPT with the learned position table and biases has GPT-2's layout")
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    weights = {name: (w.t() if name.endswith(CONV1D) else w).contiguous() for name, w in model.state_dict().items()
+               if name != 'lm_head.weight'}
+    save_file(weights, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+    config = {'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], 'n_layer': c.n_layer, 'n_head': c.n_head,
+              'n_embd': c.n_embd, 'n_positions': c.block_size, 'vocab_size': c.vocab_size, 'n_inner': None,
+              'activation_function': {'tanh': 'gelu_new', 'none': 'gelu'}[c.gelu], 'layer_norm_epsilon': 1e-5,
+              'tie_word_embeddings': True, 'resid_pdrop': c.dropout, 'embd_pdrop': c.dropout, 'attn_pdrop': c.dropout}
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+
+
 def load_model(init_from, device='cpu', **model_args):
     """GPT-2 as an eval-mode GPT on device (causal unless model_args say otherwise), and its checkpoint dict."""
     checkpoint = gpt2_checkpoint(init_from, **{'attention': 'causal', **model_args})

@@ -181,6 +181,34 @@ def test_folders_that_are_not_gpt2(tmp_path):
         fresh_module('sample').main(['--init_from=nowhere'])
 
 
+def test_save_pretrained_round_trip(tmp_path):
+    pytest.importorskip('safetensors')
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=50, block_size=12, positions='learned',
+                          gelu='tanh')).eval()
+    gpt2.save_pretrained(model, str(tmp_path))
+    again, _ = gpt2.load_model(str(tmp_path))
+    idx = torch.randint(0, 50, (2, 12))
+    assert torch.equal(all_logits(again, idx), all_logits(model, idx))
+    with pytest.raises(ValueError, match="GPT-2's layout"):
+        gpt2.save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=10, block_size=8)), str(tmp_path))
+
+
+@needs_transformers
+def test_save_pretrained_is_what_transformers_reads(tiny_gpt2, tmp_path):
+    model, _ = gpt2.load_model(tiny_gpt2)
+    gpt2.save_pretrained(model, str(tmp_path))
+    reference = torch.load(os.path.join(tiny_gpt2, 'reference.pt'))
+    script = ("import sys, torch\nfrom transformers import GPT2LMHeadModel\n"
+              "m = GPT2LMHeadModel.from_pretrained(sys.argv[1]).eval()\n"
+              "r = torch.load(sys.argv[2])\nwith torch.no_grad():\n"
+              "    assert torch.allclose(m(r['idx']).logits, r['logits'], atol=1e-5, rtol=1e-5)\n")
+    result = subprocess.run([sys.executable, '-c', script, str(tmp_path), os.path.join(tiny_gpt2, 'reference.pt')],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, 'PYTHONPATH': ''})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert reference['logits'].shape == (2, 32, 300)
+
+
 def test_gelu_field():
     assert GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=10, block_size=8, gelu='tanh')).transformer.h[0] \
         .mlp.gelu.approximate == 'tanh'
