@@ -114,10 +114,11 @@ def read_weights(folder):
     return weights
 
 
-def gpt2_checkpoint(init_from, **model_args):
+def gpt2_checkpoint(init_from, infini_gate_logit=INFINI_GATE_LOGIT, **model_args):
     """A checkpoint dict (model_args, model, tokenizer), as train.py fine-tunes from, holding GPT-2's weights in the
     model model_args describe. GPT-2 fixes the shape (n_layer, n_head, n_embd, block_size, vocab_size, bias, gelu);
     model_args give the rest (attention, positions, segment_len, ...); positions default to GPT-2's table.
+    infini_gate_logit: Infini's beta at the start (experiments/gpt2_tiny.py compares it with 0).
     Also prints one line saying what the attention keeps, drops and adds."""
     folder = fetch(init_from)
     shape = read_config(folder)
@@ -146,7 +147,7 @@ def gpt2_checkpoint(init_from, **model_args):
         if model.config.attention == 'in':
             block.attn.ln_kv.load_state_dict(block.ln_1.state_dict())  # layer 0 is then GPT-2's exactly
         if model.config.attention == 'infini':
-            torch.nn.init.constant_(block.attn.beta, INFINI_GATE_LOGIT)
+            torch.nn.init.constant_(block.attn.beta, infini_gate_logit)
     dropped = sorted(weights)
     print(f"GPT-2 weights from {init_from} into attention={args['attention']}, positions={args['positions']}: "
           f"{model.get_num_params(False) / 1e6:.1f}M parameters"

@@ -27,7 +27,7 @@ from configurator import configure, flags_of, load_model  # noqa: E402
 from train import estimate_loss, get_batch  # noqa: E402
 
 out_dir = 'out-gpt2-tiny'       # the tiny GPT-2's run, its Hugging Face folder and results.md
-attentions = 'causal,selective,in,infini'
+attentions = 'causal,selective,in,infini,infini0'  # infini0: Infini with its gates started at beta = 0, not -3
 pretrain_iters = 1000           # train.py's CPU default
 finetune_iters = 200
 learning_rate = 3e-4            # a fine-tune's rate: about a sixth of the pretraining peak
@@ -54,8 +54,9 @@ def main(argv):
     batches = types.SimpleNamespace(data_dir=os.path.join(ROOT, 'data', 'python_stdlib'), batch_size=8,
                                     block_size=256, example_len=0, answer_len=0, eval_iters=20, seed=cfg.seed)
     rows = []
-    for attention in cfg.attentions.split(','):
-        checkpoint = gpt2.gpt2_checkpoint(folder, attention=attention)
+    for name in cfg.attentions.split(','):
+        attention, gate = ('infini', 0.0) if name == 'infini0' else (name, gpt2.INFINI_GATE_LOGIT)
+        checkpoint = gpt2.gpt2_checkpoint(folder, infini_gate_logit=gate, attention=attention)
         model = gpt2.GPT(gpt2.GPTConfig(**checkpoint['model_args']))
         model.load_state_dict(checkpoint['model'])
         before = estimate_loss(batches, model, nullcontext(), "cpu")['val']
@@ -69,7 +70,7 @@ def main(argv):
             optimizer.zero_grad(set_to_none=True)
         after = estimate_loss(batches, model, nullcontext(), "cpu")['val']
         extra = model.transformer.h[0].attn.extra_log() if hasattr(model.transformer.h[0].attn, 'extra_log') else ''
-        rows.append(f'| {attention} | {before:.3f} | {after:.3f} | {extra} |')
+        rows.append(f'| {name} | {before:.3f} | {after:.3f} | {extra} |')
         print(rows[-1], flush=True)
     table = '\n'.join([f'| attention | val loss from the tiny GPT-2 | after {cfg.finetune_iters} steps | layer 0 |',
                        '|---|---|---|---|', *rows])
