@@ -41,8 +41,7 @@ log_interval = 10
 eval_iters = 100 if _gpu else 20
 eval_only = False               # evaluate once and exit
 always_save_checkpoint = True   # else only when val loss improves
-init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt), a path to another run's ckpt.pt (fine-tune),
-                                # or GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local folder (gpt2.py)
+init_from = 'scratch'           # 'scratch', 'resume', a run's ckpt.pt, gpt2[-medium|-large|-xl] or a folder (gpt2.py)
 # data
 dataset = 'python_stdlib'
 data_dir = ''                   # '' = data/<dataset>
@@ -202,7 +201,7 @@ def load_run(cfg, given):
     from the checkpoint, except the flags given now and the machine's own (device, dtype, compile, ...)."""
     if cfg.init_from == 'scratch':
         return None
-    if is_gpt2(cfg.init_from):  # GPT-2's weights in this run's attention, fine-tuned like a checkpoint
+    if cfg.init_from != 'resume' and is_gpt2(cfg.init_from):  # GPT-2's weights in this run's attention
         return gpt2_checkpoint(cfg.init_from, **{k: getattr(cfg, k) for k in MODEL_KEYS})
     if cfg.init_from != 'resume':
         if os.path.abspath(os.path.dirname(cfg.init_from)) == os.path.abspath(cfg.out_dir):

@@ -1,7 +1,8 @@
 # Fine-tune GPT-2 (124M) on PG-19's books in any attention (docs/gpt2.md). On one GPU:
 # python data/pg19/prepare.py                                                         # 1000 books, GPT-2's BPE
 # python train.py config/finetune_gpt2.py --attention=selective --out_dir=out-gpt2-selective
-# python train.py config/finetune_gpt2.py --attention=infini --block_size=4096 --segment_len=512 --out_dir=out-gpt2-infini
+# python train.py config/finetune_gpt2.py --attention=infini --block_size=4096 --segment_len=512 \
+#     --out_dir=out-gpt2-infini
 init_from = 'gpt2'
 dataset = 'pg19'
 out_dir = 'out-gpt2'

@@ -304,13 +304,14 @@ def test_copy_prepare(tmp_path):
 
 def make_books(root, layout):
     """Three train books and one val book as .txt files: in train/ and validation/, or all in one folder."""
-    books = {'train': {f'{i}.txt': f'BOOK {i}.\n\n' + f'Chapter {i}: the wörds of book {i}. ' * 50 for i in (10, 11, 12)},
+    books = {'train': {f'{i}.txt': f'BOOK {i}.\n\n' + f'Chapter {i}: the wörds of book {i}. ' * 50
+                       for i in (10, 11, 12)},
              'validation': {'20.txt': 'BOOK 20.\n\n' + 'The end of it all. ' * 40}}
     for split, files in books.items():
         folder = root / split if layout == 'release' else root
         folder.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (folder / name).write_text(text, encoding='utf-8')
+        for name, content in files.items():
+            (folder / name).write_text(content, encoding='utf-8')
     (root / 'README.md').write_text('not a book')
     return books
 
@@ -319,7 +320,8 @@ def test_pg19_from_a_local_release(tmp_path, monkeypatch):
     books = make_books(tmp_path / 'pg19', 'release')
     # GPT-2's BPE is downloaded on first use: a byte-level stand-in named gpt2 gives the same code path offline
     stand_in = tiktoken.Encoding(name='gpt2', pat_str=local_encoding()._pat_str,
-                                 mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={'<|endoftext|>': 256})
+                                 mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={'<|endoftext|>': 256})
     monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: stand_in)
     pg19.main([f'--local_dir={tmp_path / "pg19"}', f'--out_dir={tmp_path / "out"}'])
     train, val, meta = read_dataset(tmp_path / 'out')

@@ -84,6 +84,17 @@ def test_causal_logits_are_hugging_faces(tiny_gpt2):
 
 
 @needs_transformers
+def test_hub_names_take_the_same_path(tiny_gpt2, monkeypatch):
+    hub = pytest.importorskip('huggingface_hub')
+    asked = []
+    monkeypatch.setattr(hub, 'snapshot_download', lambda repo_id, **kwargs: asked.append(repo_id) or tiny_gpt2)
+    model, _ = gpt2.load_model('gpt2-medium')
+    reference = torch.load(os.path.join(tiny_gpt2, 'reference.pt'))
+    assert asked == ['openai-community/gpt2-medium']
+    torch.testing.assert_close(all_logits(model, reference['idx']), reference['logits'], atol=1e-5, rtol=1e-5)
+
+
+@needs_transformers
 @pytest.mark.parametrize('attention', [a for a in ATTENTIONS if a != 'causal'])
 def test_what_each_attention_keeps(tiny_gpt2, attention):
     causal, _ = gpt2.load_model(tiny_gpt2)
@@ -204,7 +215,8 @@ def test_save_pretrained_is_what_transformers_reads(tiny_gpt2, tmp_path):
               "r = torch.load(sys.argv[2])\nwith torch.no_grad():\n"
               "    assert torch.allclose(m(r['idx']).logits, r['logits'], atol=1e-5, rtol=1e-5)\n")
     result = subprocess.run([sys.executable, '-c', script, str(tmp_path), os.path.join(tiny_gpt2, 'reference.pt')],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, 'PYTHONPATH': ''})
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'PYTHONPATH': ''})
     assert result.returncode == 0, result.stderr[-2000:]
     assert reference['logits'].shape == (2, 32, 300)
 
