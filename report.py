@@ -171,15 +171,6 @@ def csv_value(v):
     return '' if v is None else v
 
 
-def write_csv(path, rows):
-    """Rows of dicts to a CSV file (csv_value's formats)."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: csv_value(v) for k, v in row.items()} for row in rows)
-
-
 def check_out_dir(out_dir):
     """Make out_dir and try a write there, so a bad --out_dir fails before any measuring, in one line."""
     if not out_dir:
