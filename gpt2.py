@@ -149,7 +149,8 @@ def gpt2_checkpoint(init_from, infini_gate_logit=INFINI_GATE_LOGIT, **model_args
         if model.config.attention == 'infini':
             torch.nn.init.constant_(block.attn.beta, infini_gate_logit)
     dropped = sorted(weights)
-    print(f"GPT-2 weights from {init_from} into attention={args['attention']}, positions={args['positions']}: "
+    positions = 'RoPE in each segment' if model.streams else args['positions']
+    print(f"GPT-2 weights from {init_from} into attention={args['attention']}, positions={positions}: "
           f"{model.get_num_params(False) / 1e6:.1f}M parameters"
           + (f"; new: {', '.join(sorted({re.sub(r'^h[.][0-9]+[.]', '', k) for k in new}))}" if new else '')
           + (f"; dropped: {', '.join(dropped)}" if dropped else ''))
