@@ -7,7 +7,7 @@ One document per book, each followed by end-of-text; GPT-2's BPE by default. Tra
 first --max_books books), val is its validation split (50 books): the paper's split, so no book straddles it.
 
   python data/pg19/prepare.py                          # 1000 train books (about 100M tokens), from the hub
-  python data/pg19/prepare.py --max_books=0            # all 28,602 (about 3B tokens, 6 GB of train.bin)
+  python data/pg19/prepare.py --max_books=0            # all 28,602 (about 3B tokens, 6 GB of train.bin, 12 GB RAM)
   python data/pg19/prepare.py --local_dir=pg19/        # the same from .txt files: pg19/train/, pg19/validation/
 
 Online it streams the Parquet copy of PG-19 on the Hugging Face hub with the `datasets` library (pip install
@@ -30,7 +30,7 @@ SPLITS = {'train': 'train', 'val': 'validation'}  # our split: PG-19's
 
 
 def hub_books(split, max_books):
-    """The texts of a PG-19 split from the hub, streamed, at most max_books of them (0 = all)."""
+    """The texts of a PG-19 split from the hub, streamed one book at a time, at most max_books of them (0 = all)."""
     try:
         from datasets import load_dataset
     except ImportError:
@@ -40,7 +40,8 @@ def hub_books(split, max_books):
         books = load_dataset(HUB_ID, split=split, streaming=True)
         if max_books:
             books = books.take(max_books)
-        return [book['text'] for book in books]
+        for book in books:
+            yield book['text']
     except Exception as e:  # offline, a proxy, a moved dataset: the exception's name says which, its text is long
         raise SystemExit(f"cannot read {HUB_ID} from the Hugging Face hub ({type(e).__name__}); it needs the "
                          f"internet, or give --local_dir=DIR of .txt files") from None
