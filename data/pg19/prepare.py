@@ -1,7 +1,7 @@
 """
 PG-19 (Rae et al. 2020): books from Project Gutenberg published before 1919, the long-context language-modelling
-benchmark the Infini-attention paper reports (section 4.1). A book averages about 100k GPT-2 tokens, so unlike
-the default corpus almost every window of 8k or 32k tokens lies inside one document.
+benchmark the Infini-attention paper reports (section 4.1). A book averages about 400k characters (roughly 100k
+GPT-2 tokens), so unlike the default corpus almost every window of 8k or 32k tokens lies inside one document.
 
 One document per book, each followed by end-of-text; GPT-2's BPE by default. Train is PG-19's train split (its
 first --max_books books), val is its validation split (50 books): the paper's split, so no book straddles it.
