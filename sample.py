@@ -4,6 +4,7 @@ Sample from a trained model, nanoGPT style; every global below is a flag:
   python sample.py                                           # out/ckpt.pt, prompted with a newline
   python sample.py --ckpt=out-selective/ckpt.pt --start="def main(" --budget=32
   python sample.py --start=FILE:prompt.txt --max_new_tokens=200
+  python sample.py --init_from=gpt2 --start="It was a dark and stormy night"   # GPT-2 itself (docs/gpt2.md)
 """
 
 import os
@@ -15,9 +16,11 @@ from checkpoints import load_model
 from configurator import configure, flags_of, inference_options
 from data.common import encode_prompt, tokenizer_from_meta
 from devices import autocast, default_device, device_type_of, resolve_dtype
+from gpt2 import is_gpt2, load_model as load_gpt2
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'    # the checkpoint to sample from (train.py writes out_dir/ckpt.pt)
+init_from = ''          # '' = --ckpt; gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local GPT-2 folder
 start = '\n'            # the prompt, or 'FILE:path' to read it from a file
 num_samples = 3
 max_new_tokens = 500
@@ -42,10 +45,13 @@ def main(argv):
     device_type = device_type_of(device)
     ctx = autocast(device_type, resolve_dtype(cfg.dtype, device_type))
     path = cfg.ckpt
-    if not os.path.isfile(path):
+    if cfg.init_from and not is_gpt2(cfg.init_from):
+        raise SystemExit(f"--init_from={cfg.init_from}: give gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local GPT-2 "
+                         f"folder (a run's checkpoint is read with --ckpt)")
+    if not cfg.init_from and not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir=DIR writes "
                          f"DIR/ckpt.pt), or set --ckpt to a run's ckpt.pt")
-    model, checkpoint = load_model(path, device)
+    model, checkpoint = load_gpt2(cfg.init_from, device) if cfg.init_from else load_model(path, device)
     config = model.config
     tok = tokenizer_from_meta(checkpoint['tokenizer'])
     cache_options = inference_options(model, cfg.budget, cfg.evict)
