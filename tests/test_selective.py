@@ -455,7 +455,7 @@ def test_synthetic_experiment_runs_a_curriculum_of_lengths(tmp_path, monkeypatch
         open(os.path.join(folder, 'ckpt.pt'), 'w').close()
         return types.SimpleNamespace(returncode=0)
     monkeypatch.setattr(synthetic.subprocess, 'run', fake_run)
-    monkeypatch.setattr(synthetic, 'score', lambda settings, ckpt, data: (0.5, [3.0], 15))
+    monkeypatch.setattr(synthetic, 'score_run', lambda settings, ckpt, data: (0.5, [3.0], 15))
     synthetic.main([f'--out_dir={tmp_path}', '--stages=16,32', '--models=selective', '--iters=10'])
     first, second = commands
     assert {'--block_size=16', '--batch_size=128', '--max_iters=10', '--n_layer=3'} <= set(first)
