@@ -6,12 +6,14 @@ is a flag, its value the default. `configure(argv, flags_of(globals()))` applies
 assignments, given without --) and then --key=value flags, keeping each flag's type, and returns the settings.
 """
 
+import math
 import os
 import types
 from contextlib import nullcontext
 
 import torch
 
+from data.common import tokenizer_from_meta
 from model import GPT, GPTConfig
 
 
@@ -92,7 +94,8 @@ def encode_prompt(start, tok):
     if start.startswith('FILE:'):
         path = start[len('FILE:'):]
         if not os.path.isfile(path):
-            raise SystemExit(f"--start=FILE:{path}: no such file")
+            what = 'is a folder, not a file' if os.path.isdir(path) else 'no such file'
+            raise SystemExit(f"--start=FILE:{path}: {what}")
         with open(path, encoding='utf-8', errors='replace') as f:
             prompt = f.read()
     try:
@@ -104,6 +107,14 @@ def encode_prompt(start, tok):
     return ids
 
 
+def check_sampling(temperature, top_k, max_new_tokens):
+    """One line for sampling settings no generation could use."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise SystemExit(f"--temperature={temperature} must be a finite number >= 0 (0 is greedy decoding)")
+    if top_k < 0 or max_new_tokens < 0:
+        raise SystemExit("--top_k and --max_new_tokens must be >= 0 (top_k 0 keeps every token)")
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Devices
 
@@ -112,10 +123,21 @@ def default_device():
 
 
 def device_type_of(device):
-    """'cuda', 'mps' or 'cpu' for a --device flag; a one-line error for a CUDA device torch cannot see."""
-    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    """'cuda', 'mps' or 'cpu' for a --device flag; a one-line error for a device torch does not know or cannot
+    see."""
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, ValueError):
+        device_type = None
+    if device_type not in ('cuda', 'mps', 'cpu'):
+        raise SystemExit(f"--device={device}: use cpu, cuda, cuda:N or mps")
     if device_type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
+    if device_type == 'cuda' and torch.device(device).index is not None and \
+            torch.device(device).index >= torch.cuda.device_count():
+        raise SystemExit(f"--device={device} but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device={device} but this machine has no Apple GPU (MPS); use --device=cpu")
     return device_type
 
 
@@ -155,6 +177,8 @@ def load_checkpoint(path):
     if reason:
         raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from another "
                          f"program: train again or point at another file")
+    if not isinstance(checkpoint['model'], dict):
+        raise SystemExit(f"{path} is not a readable checkpoint (its 'model' is not a state_dict)")
     # checkpoints written before GPTConfig had a positions field all used GPT-2's learned table
     checkpoint['model_args'].setdefault('positions', 'learned')
     # a compiled model's state_dict names its weights _orig_mod.*
@@ -174,12 +198,25 @@ def load_model(path, device='cpu', **overrides):
     return model.to(device).eval(), checkpoint
 
 
+def checkpoint_tokenizer(checkpoint, path):
+    """The tokenizer a checkpoint records (train.py saves it), or a one-line error when it records none."""
+    try:
+        return tokenizer_from_meta(checkpoint['tokenizer'])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise SystemExit(f"{path} records no tokenizer train.py knows, so its token ids cannot become text; "
+                         f"was it written by train.py?") from None
+
+
 def save_checkpoint(checkpoint, path):
     """Write to a temp file in the same folder, fsync, then rename over path: the rename is atomic, so a run
     killed mid-write leaves the previous checkpoint whole."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder gone: the previous checkpoint is still whole
+        raise SystemExit(f"cannot write {path} ({e.strerror or e}); the checkpoint there before, if any, is "
+                         f"untouched") from None

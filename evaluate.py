@@ -60,19 +60,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def load_val_data(checkpoint, data_dir=''):
     """val.bin of the checkpoint's dataset (or of data_dir) as a memmap, and the dataset's meta."""
-    from data.common import load_meta
+    from data.common import check_tokens, load_meta, resolve_data_dir
     run = checkpoint.get('config', {})
-    folder = data_dir or run.get('data_dir') or os.path.join(HERE, 'data', str(run.get('dataset')))
+    folder = data_dir or resolve_data_dir(run.get('data_dir', ''), str(run.get('dataset')))
     path = os.path.join(folder, 'val.bin')
     if not os.path.isfile(path):
         raise SystemExit(f"no {path}: prepare the dataset (python data/<name>/prepare.py) or pass --data_dir=")
-    return np.memmap(path, dtype=np.uint16, mode='r'), load_meta(folder)
+    meta = load_meta(folder)
+    check_tokens(path, checkpoint['model_args']['vocab_size'])
+    return np.memmap(path, dtype=np.uint16, mode='r'), meta
 
 
 def load_run(path, settings):
     """One checkpoint to evaluate: its model, val data, dataset meta and a label for the tables."""
     ablation = {'memory_read': settings.memory_read} if settings.memory_read else {}  # attention_infini.py
     model, checkpoint = load_model(path, settings.device, use_kernels=settings.use_kernels, **ablation)
+    if ablation and model.config.attention != 'infini':
+        raise SystemExit(f"--memory_read ablates Infini-attention's memory; {path} is '{model.config.attention}': "
+                         f"drop --memory_read")
     data, meta = load_val_data(checkpoint, settings.data_dir)
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
     label = f'{folder} ({model.config.attention}, block {fmt_context(model.config.block_size)})'
@@ -104,6 +109,7 @@ def val_loss(model, data, T, settings, example_len=None):
     count = (len(data) - T - 1) // stride + 1
     if count < 1:
         raise ValueError(f'val.bin has {len(data)} tokens, fewer than a window of {T + 1}')
+    check_fits(model, settings, T, with_logits=True)
     starts = np.random.default_rng([settings.seed, T]).integers(0, count, settings.eval_windows) * stride
     targets = torch.arange(1, T + 1, device=settings.device) % example_len != 0 if example_len else None
     total, n = 0.0, 0
@@ -121,14 +127,38 @@ def val_loss(model, data, T, settings, example_len=None):
     return total / n
 
 
+def check_fits(model, settings, T, with_logits):
+    """Refuse a case that cannot fit in free memory before allocating it (a MemoryError reads OOM). The estimate is
+    low on purpose: the float32 logits twice (the model's and the loss's log-softmax) and a few activations."""
+    c = model.config
+    need = settings.batch_size * T * 4 * (2 * c.vocab_size * with_logits + 8 * c.n_embd)
+    free = free_memory_bytes(settings)
+    if free is not None and need > free:
+        raise MemoryError(f'context {fmt_context(T)} needs at least {fmt_bytes(need)}, {fmt_bytes(free)} is free')
+
+
+def free_memory_bytes(settings):
+    """Free memory on the device: the GPU's, or the machine's (Linux); None where it is not known."""
+    if settings.device_type == 'cuda':
+        return torch.cuda.mem_get_info(settings.device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def loss_by_context(runs, Ts, settings):
     """Val loss of every checkpoint at every context: (markdown lines, CSV rows)."""
     rows = []
     for run in tqdm(runs, desc='val loss', dynamic_ncols=True):
         for T in Ts:
             mark = '*' if fit_context(run, T, settings.extend) else ''
-            value, status, message = guarded(lambda: val_loss(run.model, run.data, T, settings, run.example_len),
-                                             settings)
+            if not run.model.streams and T > run.model.config.block_size:  # the header says why: no message
+                value, status, message = None, 'n/a', ''
+            else:
+                value, status, message = guarded(
+                    lambda: val_loss(run.model, run.data, T, settings, run.example_len), settings)
             rows.append(dict(checkpoint=run.label, context=T, val_loss=value, status=status or 'ok', mark=mark,
                              message=message))
     cells = {(r['checkpoint'], r['context']): r for r in rows}
@@ -143,9 +173,9 @@ def loss_by_context(runs, Ts, settings):
 
 
 def failures(rows, key):
-    """One line per failure that is not OOM or n/a (the tables show those)."""
-    return list(dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r[key])}: {r['message']}" for r in rows
-                              if r['status'] not in ('ok', 'OOM', 'n/a')))
+    """One line per case that did not run and says why (n/a past block_size needs no line: the header says it)."""
+    return list(dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r[key])}: {r['status']}, {r['message']}"
+                              for r in rows if r['status'] != 'ok' and r['message']))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -182,8 +212,12 @@ def passkey_by_length_and_depth(runs, Ts, settings):
         for depth in fractions:
             for T in Ts:
                 fit_context(run, T, settings.extend)
-                value, status, message = guarded(lambda: passkey_accuracy(run.model, tok, T, depth, settings),
-                                                 settings)
+
+                def case():
+                    seen = T if run.model.streams else min(T, run.model.config.block_size)  # generate crops
+                    check_fits(run.model, settings, seen, with_logits=False)
+                    return passkey_accuracy(run.model, tok, T, depth, settings)
+                value, status, message = guarded(case, settings)
                 rows.append(dict(checkpoint=run.label, length=T, depth=depth, accuracy=value,
                                  status=status or 'ok', message=message))
                 bar.update()
@@ -309,7 +343,9 @@ def budget_target(settings, full, data, N, example_len):
 
 def setup(argv):
     """The flags as a settings object, checked, with the device and dtype resolved."""
-    settings, _ = configure(argv, FLAGS, __doc__)
+    settings, given = configure(argv, FLAGS, __doc__)
+    if 'evict' in given and not settings.budgets:
+        raise SystemExit("--evict chooses the cache eviction of --budgets=True (Selective Attention); drop it")
     settings.device = settings.device or default_device()
     settings.device_type = device_type_of(settings.device)
     settings.dtype = resolve_dtype(settings.dtype, settings.device_type)

@@ -105,6 +105,13 @@ class GPTConfig:
         if not self.head_size and self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, or give --head_size")
         self.head_size = self.head_size or self.n_embd // self.n_head
+        if (self.positions == 'rope' or self.attention == 'infini') and self.head_size % 2:
+            other = '' if self.attention == 'infini' else f", or use positions={allowed[-1]}"
+            raise ValueError(f"rotary positions need an even head size, not {self.head_size}: change n_embd or "
+                             f"n_head{other}")
+        for key in ('dropout', 'gate_lr_mult', 'feature_scale', 'memory_boost', 'selection_loss'):
+            if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be a finite number >= 0")
         if self.head_size != self.n_embd // self.n_head and self.attention not in ('causal', 'selective'):
             raise ValueError(f"head_size={self.head_size} differs from n_embd/n_head: only causal and selective "
                              f"attention take a separate head size (in and infini tie their caches to n_embd)")

@@ -11,9 +11,8 @@ import sys
 
 import torch
 
-from configurator import (autocast, configure, default_device, device_type_of, encode_prompt, flags_of, load_model,
-                          resolve_dtype)
-from data.common import tokenizer_from_meta
+from configurator import (autocast, check_sampling, checkpoint_tokenizer, configure, default_device, device_type_of,
+                          encode_prompt, flags_of, load_model, resolve_dtype)
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out'         # the run whose ckpt.pt to sample from
@@ -46,9 +45,9 @@ def parse_budget(text, config):
 
 def main(argv):
     cfg, _ = configure(argv, FLAGS, __doc__)
-    if cfg.temperature < 0 or cfg.top_k < 0 or cfg.num_samples < 0 or cfg.max_new_tokens < 0:
-        raise SystemExit("--temperature, --top_k, --num_samples and --max_new_tokens must be >= 0 "
-                         "(temperature 0 is greedy decoding, top_k 0 keeps every token)")
+    check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
+    if cfg.num_samples < 0 or cfg.seed < 0:
+        raise SystemExit("--num_samples and --seed must be >= 0")
     torch.manual_seed(cfg.seed)
     device_type = device_type_of(cfg.device)
     ctx = autocast(device_type, resolve_dtype(cfg.dtype, device_type))
@@ -58,7 +57,7 @@ def main(argv):
                          f"set --out_dir to a run's folder")
     model, checkpoint = load_model(path, cfg.device)
     config = model.config
-    tok = tokenizer_from_meta(checkpoint['tokenizer'])
+    tok = checkpoint_tokenizer(checkpoint, path)
     cache_options = parse_budget(cfg.budget, config)
 
     ids = encode_prompt(cfg.start, tok)

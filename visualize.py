@@ -26,9 +26,8 @@ import torch
 from attention_infini import gated_output, infini_attention, local_attention
 from attention_selective import (EVICTIONS, accumulated_masks, causal_logits, eviction_schedule, selection_matrix,
                                  selective_attention)
-from configurator import configure, device_type_of, encode_prompt, flags_of, load_checkpoint
-from data.common import tokenizer_from_meta
-from model import GPT, GPTConfig
+from configurator import (check_sampling, checkpoint_tokenizer, configure, device_type_of, encode_prompt, flags_of,
+                          load_model)
 from positions import alibi_bias, rope
 
 # -----------------------------------------------------------------------------------------------------------
@@ -366,17 +365,17 @@ def check_index(flag, value, count, what, low=-1):
 
 def main(argv):
     cfg, _ = configure(argv, FLAGS, __doc__)
-    device_type_of(cfg.device)  # a one-line error for a CUDA device torch cannot see
+    device_type_of(cfg.device)  # a one-line error for a device torch does not know or cannot see
+    check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
+    if cfg.seed < 0:
+        raise SystemExit(f"--seed={cfg.seed} must be >= 0")
     torch.manual_seed(cfg.seed)
     path = os.path.join(cfg.out_dir, 'ckpt.pt')
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={cfg.out_dir}), or "
                          f"set --out_dir to a run's folder")
-    checkpoint = load_checkpoint(path)
-    model = GPT(GPTConfig(**{**checkpoint['model_args'], 'use_kernels': False}))  # the references, as recomputed
-    model.load_state_dict(checkpoint['model'])
-    model.eval().to(cfg.device)
-    config, tok = model.config, tokenizer_from_meta(checkpoint['tokenizer'])
+    model, checkpoint = load_model(path, cfg.device, use_kernels=False)  # the references, as recomputed
+    config, tok = model.config, checkpoint_tokenizer(checkpoint, path)
     check_index('layer', cfg.layer, config.n_layer, 'this model has {} layers')
     check_index('head', cfg.head, config.n_head, 'this model has {} heads')
     if cfg.budget and config.attention != 'selective':

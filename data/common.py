@@ -143,12 +143,51 @@ def tokenizer_from_meta(meta):
 
 
 def load_meta(data_dir):
-    """The meta.pkl dict of a prepared dataset folder."""
+    """The meta.pkl dict of a prepared dataset folder, or a one-line error when it is missing or unreadable."""
     path = os.path.join(data_dir, 'meta.pkl')
     if not os.path.isfile(path):
         raise SystemExit(f"no {path}: prepare the dataset first (python data/<name>/prepare.py)")
-    with open(path, 'rb') as f:
-        return pickle.load(f)
+    try:
+        with open(path, 'rb') as f:
+            meta = pickle.load(f)
+    except Exception as e:  # truncated, empty, or not a pickle: the unpickler's own message says little
+        raise SystemExit(f"{path} cannot be read ({type(e).__name__}); prepare the dataset again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int) or 'tokenizer' not in meta:
+        raise SystemExit(f"{path} has no vocab_size and tokenizer (see data/common.py for the format); prepare the "
+                         f"dataset again")
+    return meta
+
+
+def check_tokens(path, vocab_size):
+    """One line when a .bin file is not token ids below vocab_size: a size that is not whole uint16s, or an id past
+    the vocabulary (which would fail inside the model, or on a GPU stop with a device assert). Reads the file once."""
+    size = os.path.getsize(path)
+    if size % 2:
+        raise SystemExit(f"{path} has {size} bytes, not a whole number of uint16 token ids; prepare it again")
+    data = np.memmap(path, dtype=np.uint16, mode='r') if size else np.zeros(0, np.uint16)
+    chunk = 2 ** 24
+    top = max((int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)), default=0)
+    if top >= vocab_size:
+        raise SystemExit(f"{path} holds token id {top}, past the vocabulary of {vocab_size}: it was prepared with "
+                         f"another tokenizer than meta.pkl's; prepare it again")
+
+
+# A run's data_dir, as a checkpoint stores it: '' for data/<dataset>, a path inside the repository relative to it,
+# else the absolute path. A clone moved to another path then finds its own data.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def stored_data_dir(data_dir, dataset):
+    path = os.path.abspath(data_dir)
+    if path == os.path.join(REPO, 'data', dataset):
+        return ''
+    inside = os.path.commonpath([path, REPO]) == REPO
+    return os.path.relpath(path, REPO) if inside else path
+
+
+def resolve_data_dir(stored, dataset):
+    """The folder a stored data_dir names, in this copy of the repository."""
+    return os.path.join(REPO, stored or os.path.join('data', dataset))
 
 
 def read_text(path):
