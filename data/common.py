@@ -190,6 +190,25 @@ def resolve_data_dir(stored, dataset):
     return os.path.join(REPO, stored or os.path.join('data', dataset))
 
 
+def seeded_rng(seed):
+    """np.random.default_rng(seed), with a one-line error for a seed it refuses."""
+    if seed < 0:
+        raise SystemExit(f'--seed={seed} must be >= 0')
+    return np.random.default_rng(seed)
+
+
+def is_binary(path):
+    """True for a file with a NUL byte in its first 8 KB: not text."""
+    with open(path, 'rb') as f:
+        return b'\0' in f.read(8192)
+
+
+def check_val_fraction(fraction):
+    """One line for a --val_fraction that leaves no train or no val data."""
+    if not 0 < fraction < 1:
+        raise SystemExit(f'--val_fraction={fraction} must lie between 0 and 1 (0.1 keeps a tenth for validation)')
+
+
 def read_text(path):
     """A file's text; bytes that are not UTF-8 become U+FFFD rather than stopping the preparation."""
     with open(path, 'rb') as f:
@@ -216,13 +235,16 @@ def write_dataset(out_dir, train_ids, val_ids, tok, dataset, **extra):
     """Write train.bin, val.bin and meta.pkl into out_dir and print their sizes."""
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise SystemExit(f'empty split (train {len(train_ids):,} tokens, val {len(val_ids):,}): give more input')
-    os.makedirs(out_dir, exist_ok=True)
-    to_uint16(train_ids).tofile(os.path.join(out_dir, 'train.bin'))
-    to_uint16(val_ids).tofile(os.path.join(out_dir, 'val.bin'))
     meta = {'vocab_size': tok.vocab_size, 'tokenizer': tok.identity, 'eot_token': tok.eot_token,
             'dataset': dataset, **extra}
-    with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
-        pickle.dump(meta, f)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        to_uint16(train_ids).tofile(os.path.join(out_dir, 'train.bin'))
+        to_uint16(val_ids).tofile(os.path.join(out_dir, 'val.bin'))
+        with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
+            pickle.dump(meta, f)
+    except OSError as e:
+        raise SystemExit(f'cannot write the dataset to --out_dir={out_dir} ({e.strerror or e})') from None
     print(f'{dataset}: train {len(train_ids):,} tokens, val {len(val_ids):,} tokens, '
           f'vocab {tok.vocab_size:,} ({tok.identity["kind"]}) -> {out_dir}')
     return meta

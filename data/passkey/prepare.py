@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import ByteTokenizer, write_dataset  # noqa: E402
+from data.common import ByteTokenizer, seeded_rng, write_dataset  # noqa: E402
 
 FILLER = 'The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. '
 NEEDLE = '\nThe pass key is {key}. Remember it. {key} is the pass key.\n'
@@ -71,7 +71,7 @@ def main(argv=None):
         raise SystemExit('--n_train and --n_val must be at least 1')
 
     tok = ByteTokenizer()
-    rng = np.random.default_rng(args.seed)
+    rng = seeded_rng(args.seed)
     try:
         train_ids = make_set(args.n_train, args.length, rng, tok)
         val_ids = make_set(args.n_val, args.length, rng, tok)
