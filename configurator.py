@@ -9,11 +9,12 @@ assignments, given without --) and then --key=value flags, keeping each flag's t
 import math
 import os
 import types
+import warnings
 from contextlib import nullcontext
 
 import torch
 
-from data.common import tokenizer_from_meta
+from data.common import is_binary, tokenizer_from_meta
 from model import GPT, GPTConfig
 
 
@@ -96,6 +97,8 @@ def encode_prompt(start, tok):
         if not os.path.isfile(path):
             what = 'is a folder, not a file' if os.path.isdir(path) else 'no such file'
             raise SystemExit(f"--start=FILE:{path}: {what}")
+        if is_binary(path):
+            raise SystemExit(f"--start=FILE:{path} is a binary file (it holds NUL bytes), not text")
         with open(path, encoding='utf-8', errors='replace') as f:
             prompt = f.read()
     try:
@@ -167,7 +170,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle before failing on it: the error says it
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         reason = ('' if isinstance(checkpoint, dict) and {'model', 'model_args'} <= checkpoint.keys()
                   and isinstance(checkpoint['model_args'], dict) else "no 'model' and 'model_args' in it")
     except PermissionError:

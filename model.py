@@ -102,6 +102,11 @@ class GPTConfig:
         if self.positions not in allowed:
             raise ValueError(f"attention='{self.attention}' cannot take positions='{self.positions}': {why}; "
                              f"choose one of: {', '.join(allowed)}")
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be at least 1")
+        if self.head_size < 0:
+            raise ValueError(f"head_size={self.head_size} must be >= 0 (0 = n_embd // n_head)")
         if not self.head_size and self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, or give --head_size")
         self.head_size = self.head_size or self.n_embd // self.n_head

@@ -83,6 +83,8 @@ def check_settings(cfg):
     """One line for a setting no run could use (a NaN learning rate, a batch of 0, ...)."""
     positive = ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'eval_interval', 'eval_iters',
                 'log_interval', 'gradient_accumulation_steps')
+    if cfg.vocab_size < 0:
+        raise SystemExit(f"--vocab_size={cfg.vocab_size} must be >= 0 (0 = the dataset's)")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise SystemExit(f"--{key}={getattr(cfg, key)} must be at least 1")
