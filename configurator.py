@@ -184,6 +184,9 @@ def load_checkpoint(path):
                          f"program: train again or point at another file")
     if not isinstance(checkpoint['model'], dict):
         raise SystemExit(f"{path} is not a readable checkpoint (its 'model' is not a state_dict)")
+    if not all(torch.isfinite(t).all() for t in checkpoint['model'].values() if torch.is_floating_point(t)):
+        raise SystemExit(f"{path} holds NaN or infinite weights: the run that wrote it diverged; train again with "
+                         f"a lower --learning_rate")
     # checkpoints written before GPTConfig had a positions field all used GPT-2's learned table
     checkpoint['model_args'].setdefault('positions', 'learned')
     # a compiled model's state_dict names its weights _orig_mod.*

@@ -364,7 +364,7 @@ def check_index(flag, value, count, what, low=-1):
 
 
 def main(argv):
-    cfg, _ = configure(argv, FLAGS, __doc__)
+    cfg, given = configure(argv, FLAGS, __doc__)
     device_type_of(cfg.device)  # a one-line error for a device torch does not know or cannot see
     check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
     if cfg.seed < 0:
@@ -383,8 +383,17 @@ def main(argv):
                          f"'{config.attention}': drop --budget")
     if cfg.evict not in EVICTIONS:
         raise SystemExit(f"--evict={cfg.evict}: choose one of {', '.join(EVICTIONS)}")
+    if 'evict' in given and not cfg.budget:
+        raise SystemExit("--evict chooses what a pruned cache drops; it needs --budget=N (selective only)")
     if cfg.budget and cfg.budget < 2:
         raise SystemExit(f"--budget={cfg.budget}: a budget counts the first token and the current one, give >= 2")
+
+    if cfg.png:  # an unwritable folder fails now, not after the maps are computed
+        try:
+            os.makedirs(cfg.png_dir or cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"cannot write pictures to {cfg.png_dir or cfg.out_dir} ({e.strerror}); give --png_dir "
+                             f"or --png=False") from None
 
     ids = encode_prompt(cfg.start, tok)
     idx = torch.tensor([ids], dtype=torch.long, device=cfg.device)

@@ -96,3 +96,13 @@ def test_checkpoint_without_a_tokenizer(train_tiny, tmp_path):
     torch.save(ckpt, tmp_path / 'ckpt.pt')
     with pytest.raises(SystemExit, match='records no tokenizer'):
         sample(tmp_path)
+
+
+def test_a_checkpoint_with_nan_weights_is_one_line(train_tiny, tmp_path):
+    """A checkpoint written by a diverged run (before train.py stopped such runs) cannot sample: one line."""
+    train_tiny(tmp_path)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    ckpt['model']['lm_head.weight'][0, 0] = float('nan')
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='holds NaN or infinite weights'):
+        sample(tmp_path)

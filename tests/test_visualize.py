@@ -173,6 +173,8 @@ def test_pictures(tmp_path, attention, names, capsys):
     ('--token=-99', f'--token=-99: the text has {len(TEXT)} tokens'),
     ('--budget=1', '--budget=1: a budget counts the first token and the current one'),
     ('--evict=LRU', '--evict=LRU: choose one of F, window'),
+    ('--evict=window', '--evict chooses what a pruned cache drops; it needs --budget=N'),
+    ('--png_dir=/dev/null/pictures', 'cannot write pictures to /dev/null/pictures'),
 ])
 def test_one_line_errors(tmp_path, flag, message):
     tiny_checkpoint(tmp_path, 'selective')
