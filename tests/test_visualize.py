@@ -174,12 +174,12 @@ def test_pictures(tmp_path, attention, names, capsys):
     ('--budget=1', '--budget=1: a budget counts the first token and the current one'),
     ('--evict=LRU', '--evict=LRU: choose one of F, window'),
     ('--evict=window', '--evict chooses what a pruned cache drops; it needs --budget=N'),
-    ('--png_dir=/dev/null/pictures', 'cannot write pictures to /dev/null/pictures'),
+    ('--png=True --png_dir=/dev/null/pictures', 'cannot write pictures to /dev/null/pictures'),
 ])
 def test_one_line_errors(tmp_path, flag, message):
     tiny_checkpoint(tmp_path, 'selective')
     with pytest.raises(SystemExit) as e:
-        visualize(tmp_path, flag)
+        visualize(tmp_path, *flag.split())
     assert str(e.value).startswith(message) and '\n' not in str(e.value)
 
 
