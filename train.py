@@ -459,6 +459,9 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: the last checkpoint written is whole; --init_from=resume continues the run") \
+            from None
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
             raise
