@@ -136,9 +136,6 @@ def device_type_of(device):
         raise SystemExit(f"--device={device}: use cpu, cuda, cuda:N or mps")
     if device_type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
-    if device_type == 'cuda' and torch.device(device).index is not None and \
-            torch.device(device).index >= torch.cuda.device_count():
-        raise SystemExit(f"--device={device} but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     if device_type == 'mps' and not torch.backends.mps.is_available():
         raise SystemExit(f"--device={device} but this machine has no Apple GPU (MPS); use --device=cpu")
     return device_type
