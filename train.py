@@ -74,7 +74,8 @@ for _field in dataclasses.fields(GPTConfig):
     globals().setdefault(_field.name, _field.default)
 FLAGS = flags_of(globals())  # every setting above, with its default
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
-MACHINE_KEYS = ('out_dir', 'init_from', 'overwrite', 'eval_only', 'device', 'dtype', 'compile')  # not restored on resume
+# not restored on resume: where and how this machine runs it
+MACHINE_KEYS = ('out_dir', 'init_from', 'overwrite', 'eval_only', 'device', 'dtype', 'compile')
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------------------------------------
 
