@@ -65,19 +65,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def load_val_data(checkpoint, data_dir=''):
     """val.bin of the checkpoint's dataset (or of data_dir) as a memmap, and the dataset's meta."""
-    from data.common import load_meta
+    from data.common import check_tokens, load_meta, resolve_data_dir
     run = checkpoint.get('config', {})
-    folder = data_dir or run.get('data_dir') or os.path.join(HERE, 'data', str(run.get('dataset')))
+    folder = data_dir or resolve_data_dir(run.get('data_dir', ''), str(run.get('dataset')))
     path = os.path.join(folder, 'val.bin')
     if not os.path.isfile(path):
         raise SystemExit(f"no {path}: prepare the dataset (python data/<name>/prepare.py) or pass --data_dir=")
-    return np.memmap(path, dtype=np.uint16, mode='r'), load_meta(folder)
+    meta = load_meta(folder)
+    check_tokens(path, checkpoint['model_args']['vocab_size'])
+    return np.memmap(path, dtype=np.uint16, mode='r'), meta
 
 
 def load_evaluated(path, settings):
     """One checkpoint to evaluate: its model, val data, dataset meta and a label for the tables."""
     ablation = {'memory_read': settings.memory_read} if settings.memory_read else {}  # attention_infini.py
     model, checkpoint = load_model(path, settings.device, use_kernels=settings.use_kernels, **ablation)
+    if ablation and model.config.attention != 'infini':
+        raise SystemExit(f"--memory_read ablates Infini-attention's memory; {path} is '{model.config.attention}': "
+                         f"drop --memory_read")
     data, meta = load_val_data(checkpoint, settings.data_dir)
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
     label = f'{folder} ({model.config.attention}, block {fmt_context(model.config.block_size)})'
@@ -110,6 +115,7 @@ def val_loss(model, data, T, settings, example_len=None, **options):
     count = (len(data) - T - 1) // stride + 1
     if count < 1:
         raise ValueError(f'val.bin has {len(data)} tokens, fewer than a window of {T + 1}')
+    check_fits(model, settings, T, with_logits=True)
     starts = np.random.default_rng([settings.seed, T]).integers(0, count, settings.eval_windows) * stride
     targets = torch.arange(1, T + 1, device=settings.device) % example_len != 0 if example_len else None
     total, n = 0.0, 0
@@ -127,6 +133,28 @@ def val_loss(model, data, T, settings, example_len=None, **options):
     return total / n
 
 
+def check_fits(model, settings, T, with_logits):
+    """Refuse a case that cannot fit in free memory before allocating it (a MemoryError reads OOM). The estimate:
+    the float32 logits twice (the model's and the loss's log-softmax) and a few activations of width n_embd; on a
+    CPU it lands within about 10% of the peak of a val loss case (causal and infini, tiny models)."""
+    c = model.config
+    need = settings.batch_size * T * 4 * (2 * c.vocab_size * with_logits + 8 * c.n_embd)
+    free = free_memory_bytes(settings)
+    if free is not None and need > free:
+        raise MemoryError(f'context {fmt_context(T)} needs at least {fmt_bytes(need)}, {fmt_bytes(free)} is free')
+
+
+def free_memory_bytes(settings):
+    """Free memory on the device: the GPU's, or the machine's (Linux); None where it is not known."""
+    if settings.device_type == 'cuda':
+        return torch.cuda.mem_get_info(settings.device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def loss_by_context(runs, Ts, settings):
     """Val loss of every checkpoint at every context: out_dir/val_loss.md and .csv, a row as each case finishes."""
     table = GrowingTable(settings, 'val_loss', ['checkpoint', 'context', 'val_loss', 'status', 'mark', 'message'])
@@ -134,8 +162,11 @@ def loss_by_context(runs, Ts, settings):
     for run in tqdm(runs, desc='val loss', dynamic_ncols=True):
         for T in Ts:
             mark = '*' if fit_context(run, T, settings.extend) else ''
-            value, status, message = guarded(lambda: val_loss(run.model, run.data, T, settings, run.example_len),
-                                             settings)
+            if not run.model.streams and T > run.model.config.block_size:  # the header says why: no message
+                value, status, message = None, 'n/a', ''
+            else:
+                value, status, message = guarded(
+                    lambda: val_loss(run.model, run.data, T, settings, run.example_len), settings)
             rows.append(dict(checkpoint=run.label, context=T, val_loss=value, status=status or 'ok', mark=mark,
                              message=message))
             table.add(rows[-1])
@@ -151,9 +182,9 @@ def loss_by_context(runs, Ts, settings):
 
 
 def failures(rows, key):
-    """One line per failure that is not OOM or n/a (the tables show those)."""
-    return list(dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r[key])}: {r['message']}" for r in rows
-                              if r['status'] not in ('ok', 'OOM', 'n/a')))
+    """One line per case that did not run and says why (n/a past block_size needs no line: the header says it)."""
+    return list(dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r[key])}: {r['status']}, {r['message']}"
+                              for r in rows if r['status'] != 'ok' and r['message']))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -192,8 +223,12 @@ def passkey_by_length_and_depth(runs, Ts, settings):
         for depth in fractions:
             for T in Ts:
                 fit_context(run, T, settings.extend)
-                value, status, message = guarded(lambda: passkey_accuracy(run.model, tok, T, depth, settings),
-                                                 settings)
+
+                def case():
+                    seen = T if run.model.streams else min(T, run.model.config.block_size)  # generate crops
+                    check_fits(run.model, settings, seen, with_logits=False)
+                    return passkey_accuracy(run.model, tok, T, depth, settings)
+                value, status, message = guarded(case, settings)
                 rows.append(dict(checkpoint=run.label, length=T, depth=depth, accuracy=value,
                                  status=status or 'ok', message=message))
                 table.add(rows[-1])
@@ -258,9 +293,6 @@ def selective_budgets(run, settings):
     """The budget search on one selective checkpoint, and its KV memory: out_dir/budgets.md and .csv (a row per
     greedy step, as it is taken)."""
     model, data, example_len = run.model, run.data, run.example_len
-    if 'budget' not in model.attention.cache_options:
-        raise SystemExit(f"--search_budgets prunes a cache to a budget; {run.path}'s attention "
-                         f"'{model.config.attention}' takes none: give a checkpoint trained with --attention=selective")
     N, L = model.config.block_size, model.config.n_layer
     table = GrowingTable(settings, 'budgets', ['step', 'entries', 'val_loss', 'budgets'])
 
@@ -322,7 +354,9 @@ def budget_target(settings, full, data, N, example_len):
 
 def setup(argv):
     """The flags as a settings object, checked, with the device and dtype resolved."""
-    settings, _ = configure(argv, FLAGS, __doc__)
+    settings, given = configure(argv, FLAGS, __doc__)
+    if 'evict' in given and not settings.search_budgets:
+        raise SystemExit("--evict chooses the cache eviction of --search_budgets=True (Selective Attention); drop it")
     settings.device = settings.device or default_device()
     settings.device_type = device_type_of(settings.device)
     settings.dtype = resolve_dtype(settings.dtype, settings.device_type)
@@ -330,6 +364,8 @@ def setup(argv):
     check_out_dir(settings.out_dir)  # a bad --out_dir fails now, not after the measuring
     if min(settings.eval_windows, settings.batch_size, settings.passkey_trials) < 1:
         raise SystemExit('eval_windows, batch_size and passkey_trials must be >= 1')
+    if settings.seed < 0:
+        raise SystemExit(f'--seed={settings.seed} must be >= 0')
     if not 0 < settings.shrink < 1:
         raise SystemExit(f'--shrink is a fraction between 0 and 1, not {settings.shrink}')
     if settings.evict not in ('F', 'window'):
@@ -357,6 +393,10 @@ def main(argv):
     if settings.search_budgets and len(paths) > 1:
         raise SystemExit("--search_budgets searches one checkpoint's budgets: give one --ckpt")
     runs = [load_evaluated(path, settings) for path in paths]
+    model = runs[0].model
+    if settings.search_budgets and 'budget' not in model.attention.cache_options:  # before the other evaluations
+        raise SystemExit(f"--search_budgets prunes a cache to a budget; {runs[0].path}'s attention "
+                         f"'{model.config.attention}' takes none: give a checkpoint trained with --attention=selective")
     Ts = context_list(settings, ','.join(str(runs[0].trained * m // 2) for m in (1, 2, 4, 8)))
     trained_on_passkey = any(str(run.meta.get('dataset', '')).startswith('passkey') for run in runs)
     if settings.loss:

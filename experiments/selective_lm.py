@@ -67,8 +67,10 @@ def train_run(settings, run, seed, lr):
         cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *model, f'--positions={positions}',
                f'--seed={seed}', f'--out_dir={folder}'] + ([f'--learning_rate={lr}'] if lr else [])
         cmd += settings.extra.split()
+        resume = os.path.isfile(os.path.join(folder, 'ckpt.pt'))  # a run stopped before its end continues
+        cmd += ['--init_from=resume'] if resume else []
         print(' '.join(cmd[1:]), flush=True)
-        with open(log + '.part', 'w') as f:
+        with open(log + '.part', 'a' if resume else 'w') as f:
             if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
                 raise SystemExit(f'{run} seed {seed} failed: see {log}.part')
         os.replace(log + '.part', log)

@@ -166,6 +166,34 @@ def test_budgets_refuse_a_checkpoint_that_is_not_selective(tmp_path):
         evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--search_budgets=True'])
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--memory_read=off'], "--memory_read ablates Infini-attention's memory; .* is 'causal'"),
+    (['--evict=window'], '--evict chooses the cache eviction of --search_budgets=True'),
+    (['--seed=-1'], '--seed=-1 must be >= 0'),
+    (['--device=foo'], '--device=foo: use cpu'),
+])
+def test_flags_that_do_not_apply_are_refused(tmp_path, args, message):
+    data = tiny_dataset(tmp_path / 'tiny', 500)
+    path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'causal', 32)
+    with pytest.raises(SystemExit, match=message):
+        evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', f'--out_dir={tmp_path}/ev', *args])
+
+
+def test_a_case_that_cannot_run_says_why(tmp_path, capsys):
+    """val.bin shorter than the window: n/a with the reason under the table. A context too big for free memory is
+    refused before it allocates: OOM with the estimate."""
+    data = tiny_dataset(tmp_path / 'tiny', 30)
+    path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'causal', 32)
+    evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', f'--out_dir={tmp_path}/ev',
+                   '--contexts=16,32'])
+    out = capsys.readouterr().out
+    assert 'at 32: n/a, ValueError: val.bin has 30 tokens, fewer than a window of 33' in out
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
+    settings = evaluate.setup(['--device=cpu'])
+    with pytest.raises(MemoryError, match='context 1024M needs at least'):
+        evaluate.check_fits(model, settings, 2 ** 40 // 1024, with_logits=True)
+
+
 def test_a_stopped_evaluation_keeps_the_cases_it_finished(tmp_path, monkeypatch):
     """Each case is written as it finishes: a run stopped at its second context keeps the first one's row."""
     data = tiny_dataset(tmp_path / 'tiny', 2000)
