@@ -277,9 +277,10 @@ class InfiniAttention(nn.Module):
         return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p,
                                 self.feature_scale, self.memory_read, repeats)
 
-    def extra_log(self):
-        """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory."""
-        return 'gates ' + ' '.join(f'{g:.2f}' for g in torch.sigmoid(self.beta.detach().float()).tolist())
+    def log_stats(self, x):
+        """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory.
+        x (this layer's input) is not needed: the gates are weights."""
+        return {f'gate{h}': g for h, g in enumerate(torch.sigmoid(self.beta.detach().float()).tolist())}
 
 
 def gate_values(model):
