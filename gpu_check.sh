@@ -65,8 +65,8 @@ cat "$work"/kernels/*.md > "$out/kernels.md" 2>/dev/null
 for a in causal in infini selective; do
   step "train $a" 45 "$out/train.txt" python train.py --attention=$a --max_iters=$iters --eval_interval=$iters \
     --eval_iters=5 --log_interval=10 --out_dir="$work/train-$a" $train_args
-  # tqdm's bar hides the last step's numbers from a log: print them plainly
-  python -c "import torch; c = torch.load('$work/train-$a/ckpt.pt', weights_only=True); print('$a: best val loss', c['best_val_loss'])" \
+  # tqdm's bar hides the last step's numbers from a log: its log.csv has them (tokens/s, MFU, val loss)
+  { echo "$a: the last rows of log.csv"; head -n 1 "$work/train-$a/log.csv"; tail -n 3 "$work/train-$a/log.csv"; } \
     >> "$out/train.txt" 2>&1
 done
 step "graph breaks" 30 "$out/train.txt" python -c "

@@ -8,6 +8,8 @@ Train a GPT, nanoGPT style. Every global below is a flag, and so is every field 
   python train.py --init_from=out-in/ckpt.pt --block_size=1024 --out_dir=out-in-long   # fine-tune, e.g. longer context
 
 Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8
+
+Every run writes out_dir/log.csv, its numbers row by row (runlog.py lists the columns); curves.py plots them.
 """
 
 import dataclasses
