@@ -18,6 +18,7 @@ y = 'val_loss'          # the column to draw: val_loss, train_loss, loss, tokens
 x = 'iter'              # the column along the bottom: iter, tokens or time_s
 out = 'curves.png'      # the picture ('' = the table only)
 title = ''              # '' = '<y> by <x>'
+ymax = 0.0              # the top of the y axis, to look closer at the end of training (0 = all of it)
 FLAGS = flags_of(globals())
 # -----------------------------------------------------------------------------------------------------------
 
@@ -47,12 +48,17 @@ def table(curves, x_col):
     lookup = {name: dict(points) for name, points in curves.items()}
     lines = [f"| {x_col} | " + ' | '.join(curves) + ' |', '|---:|' + '---:|' * len(curves)]
     for px in xs:
-        cells = [f'{lookup[name][px]:.4g}' if px in lookup[name] else '' for name in curves]
+        cells = [number(lookup[name][px]) if px in lookup[name] else '' for name in curves]
         lines.append(f'| {px:g} | ' + ' | '.join(cells) + ' |')
     return lines
 
 
-def plot(curves, x_col, y_col, path, title_text):
+def number(v):
+    """Losses and gates to 4 decimals, big numbers (tokens/s) whole."""
+    return f'{v:.4f}' if abs(v) < 1000 else f'{v:,.0f}'
+
+
+def plot(curves, x_col, y_col, path, title_text, y_max=0.0):
     """The curves on one set of axes, written to path; False when matplotlib is not installed."""
     try:
         import matplotlib
@@ -67,6 +73,8 @@ def plot(curves, x_col, y_col, path, title_text):
     ax.set_xlabel(x_col)
     ax.set_ylabel(y_col)
     ax.set_title(title_text or f'{y_col} by {x_col}')
+    if y_max:
+        ax.set_ylim(top=y_max)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -83,7 +91,7 @@ def main(argv):
     curves = load_curves(folders, settings.x, settings.y)
     print('\n'.join(table(curves, settings.x)))
     if settings.out:
-        if plot(curves, settings.x, settings.y, settings.out, settings.title):
+        if plot(curves, settings.x, settings.y, settings.out, settings.title, settings.ymax):
             print(f'wrote {settings.out}')
         else:
             print('matplotlib is not installed: the table above is all (pip install matplotlib for the plot)')

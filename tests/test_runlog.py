@@ -160,7 +160,7 @@ def test_curves_draw_several_runs(train_tiny, tmp_path, capsys):
     train_tiny(tmp_path / 'out-a')
     train_tiny(tmp_path / 'out-b', '--attention=infini')
     png = tmp_path / 'curves.png'
-    curves.main([f'--runs={tmp_path / "out-a"},{tmp_path / "out-b"}', f'--out={png}'])
+    curves.main([f'--runs={tmp_path / "out-a"},{tmp_path / "out-b"}', f'--out={png}', '--ymax=6'])
     text = capsys.readouterr().out
     assert '| iter | out-a | out-b |' in text and '| 4 |' in text
     if importlib.util.find_spec('matplotlib') is not None:
