@@ -34,9 +34,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from attention_infini import gate_values, memory_weights, sigma  # noqa: E402
-from configurator import configure, flags_of, load_checkpoint, load_model  # noqa: E402
+from checkpoints import load_checkpoint, load_model  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
-from data.passkey.prepare import NEEDLE, make_passkey  # noqa: E402
+from data.passkey.task import NEEDLE, make_passkey  # noqa: E402
 from model import cross_entropy  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
@@ -105,14 +106,14 @@ def prepare_data(folder):
                         '--n_train=20000', '--n_val=200', f'--out_dir={folder}'], check=True, cwd=ROOT)
 
 
-def train_run(run_dir, flags, seed_, iters, data_dir, base=None):
+def train_run(run_dir, flags, run_seed, iters, data_dir, base=None):
     """Train (or resume) one run; base: the checkpoint a fine-tuning run starts from."""
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
     if finished(ckpt_path, iters):
         return
     os.makedirs(run_dir, exist_ok=True)
     start_from = ['--init_from=resume'] if os.path.isfile(ckpt_path) else [f'--init_from={base}'] if base else []
-    cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={seed_}',
+    cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={run_seed}',
            f'--max_iters={iters}', f'--out_dir={run_dir}', *start_from]
     print(' '.join(cmd[1:]), flush=True)
     with open(os.path.join(run_dir, 'train.log'), 'a') as log:  # the printout; log.csv has the numbers and time
@@ -124,13 +125,13 @@ def train_run(run_dir, flags, seed_, iters, data_dir, base=None):
 # -----------------------------------------------------------------------------------------------------------
 # Evaluation
 
-def examples(length, depth_list, trials, seed_):
+def examples(length, depth_list, trials, run_seed):
     """trials examples per depth: (prompt ids, answer ids, needle start, needle length), the same for every model."""
     tok = ByteTokenizer()
     needle_head = tok.encode(NEEDLE.split('{key}')[0])  # '\nThe pass key is ': only the needle starts so
     out = []
     for depth in depth_list:
-        rng = np.random.default_rng([seed_, length, int(depth * 1000)])
+        rng = np.random.default_rng([run_seed, length, int(depth * 1000)])
         for _ in range(trials):
             prompt, answer = make_passkey(length, depth, rng, tok)
             start = next(i for i in range(len(prompt)) if prompt[i:i + len(needle_head)] == needle_head)
@@ -140,17 +141,17 @@ def examples(length, depth_list, trials, seed_):
 
 
 @torch.no_grad()
-def score(model, batch):
+def score(model, batch, **options):
     """Accuracy and digit loss of a batch of same-length examples, in one forward over prompt + answer.
 
     Greedy decoding gets all 5 digits right exactly when each digit is the most likely token given the prompt and
     the right digits before it (by induction over the digits), so one teacher-forced forward decides it. The
-    streaming cache gives the same logits as this forward (tests/test_infini.py)."""
+    streaming cache gives the same logits as this forward (tests/test_infini.py). options go to the forward."""
     ids = torch.tensor([p + a for p, a, _, _ in batch])
     n_answer = len(batch[0][1])
     x, y = ids[:, :-1], ids[:, 1:].clone()
     y[:, :-n_answer] = -1  # only the digits are targets
-    logits, _ = model(x, y)
+    logits, _ = model(x, y, **options)
     digits = logits[:, -n_answer:]
     correct = (digits.argmax(-1) == y[:, -n_answer:]).all(-1)
     losses = cross_entropy(digits, y[:, -n_answer:], reduction='none').view(len(batch), n_answer).mean(-1)
@@ -212,13 +213,13 @@ def evaluate_checkpoint(ckpt_path, settings):
         for read in reads:
             if not model.streams and length - 1 > model.config.block_size:  # an example is `length` tokens
                 continue  # a fixed-context model cannot read the prompt (cropped, the needle is often gone)
-            for layer, block in enumerate(model.transformer.h):
-                if infini:
-                    block.attn.memory_read = {'on': trained_read, f'off L{layer}': 'off'}.get(
-                        read, read if read in ('off', 'local') else 'on')
+            options = {}  # the memory read of each layer, passed to this forward (attention_infini.py)
+            if infini:
+                options['memory_read'] = [{'on': trained_read, f'off L{layer}': 'off'}.get(
+                    read, read if read in ('off', 'local') else 'on') for layer in range(model.config.n_layer)]
             correct, losses = [], []
             for i in range(0, len(cases), settings.batch_size):
-                c, l_ = score(model, cases[i:i + settings.batch_size])
+                c, l_ = score(model, cases[i:i + settings.batch_size], **options)
                 correct += c
                 losses += l_
             result['scores'][f'{read} {length}'] = dict(accuracy=float(np.mean(correct)),
@@ -226,8 +227,6 @@ def evaluate_checkpoint(ckpt_path, settings):
             print(f'  {os.path.dirname(ckpt_path)}: memory_read={read} length={length} '
                   f'accuracy={np.mean(correct):.0%} digit loss={np.mean(losses):.2f}', flush=True)
         if trained_read == 'on':
-            for block in model.transformer.h:
-                block.attn.memory_read = 'on'
             shares, stored = [], 0
             for i in range(0, len(cases), settings.batch_size):
                 s, stored = needle_shares(model, cases[i:i + settings.batch_size])

@@ -15,6 +15,8 @@ from data.common import (ByteTokenizer, CharTokenizer, TiktokenTokenizer, get_to
                          tokenizer_from_meta)
 from data.copy import prepare as copy_task
 from data.passkey import prepare as passkey
+from data.passkey.task import NEEDLE, QUESTION, make_passkey
+from data.pg19 import prepare as pg19
 from data.python_stdlib import prepare as stdlib
 from data.shakespeare_char import prepare as shakespeare
 from data.text import prepare as text
@@ -234,8 +236,8 @@ def check_passkey(prompt, answer, length, depth, tok):
     assert len(prompt) + len(answer) == length and all(isinstance(i, int) for i in prompt + answer)
     key = tok.decode(answer)
     assert len(key) == 5 and key.isdigit()
-    needle = tok.encode(passkey.NEEDLE.format(key=key))
-    question = tok.encode(passkey.QUESTION)
+    needle = tok.encode(NEEDLE.format(key=key))
+    question = tok.encode(QUESTION)
     n_filler = length - len(needle) - len(question) - len(answer)
     start = round(depth * n_filler)
     assert prompt[start:start + len(needle)] == needle  # the key sits exactly at its depth
@@ -244,33 +246,33 @@ def check_passkey(prompt, answer, length, depth, tok):
     assert 'pass key' not in filler and key not in filler
 
 
-SHORTEST = len(passkey.NEEDLE.format(key='12345')) + len(passkey.QUESTION) + 5  # no filler at all, in bytes
+SHORTEST = len(NEEDLE.format(key='12345')) + len(QUESTION) + 5  # no filler at all, in bytes
 
 
 @pytest.mark.parametrize('length', [SHORTEST, SHORTEST + 1, 1000, 4096])
 @pytest.mark.parametrize('depth', [0, 0.1, 0.5, 0.77, 1])
 def test_make_passkey_length_and_depth(length, depth):
     tok = ByteTokenizer()
-    prompt, answer = passkey.make_passkey(length, depth, np.random.default_rng(length), tok)
+    prompt, answer = make_passkey(length, depth, np.random.default_rng(length), tok)
     check_passkey(prompt, answer, length, depth, tok)
 
 
 def test_make_passkey_long_fast_and_any_tokenizer():
     tok = ByteTokenizer()
     t0 = time.time()
-    prompt, answer = passkey.make_passkey(10 ** 6, 0.3, np.random.default_rng(0), tok)
+    prompt, answer = make_passkey(10 ** 6, 0.3, np.random.default_rng(0), tok)
     assert time.time() - t0 < 1
     check_passkey(prompt, answer, 10 ** 6, 0.3, tok)
     tiktok = TiktokenTokenizer(local_encoding())
-    check_passkey(*passkey.make_passkey(777, 0.6, np.random.default_rng(1), tiktok), 777, 0.6, tiktok)
+    check_passkey(*make_passkey(777, 0.6, np.random.default_rng(1), tiktok), 777, 0.6, tiktok)
 
 
 def test_make_passkey_bad_arguments():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match='needs at least'):
-        passkey.make_passkey(50, 0.5, rng, ByteTokenizer())
+        make_passkey(50, 0.5, rng, ByteTokenizer())
     with pytest.raises(ValueError, match='between 0 and 1'):
-        passkey.make_passkey(1000, 1.5, rng, ByteTokenizer())
+        make_passkey(1000, 1.5, rng, ByteTokenizer())
 
 
 def test_passkey_prepare(tmp_path):
@@ -297,3 +299,57 @@ def test_copy_prepare(tmp_path):
     for row in examples:  # a random string repeated: its period is between 8 and length / 2
         period = next(p for p in range(1, 33) if np.array_equal(row[p:], row[:32 - p]))
         assert 8 <= period <= 16
+
+
+# pg19: the hub is out of reach here, so the tests read a local folder in the release's layout
+
+def make_books(root, layout):
+    """Three train books and one val book as .txt files: in train/ and validation/, or all in one folder."""
+    books = {'train': {f'{i}.txt': f'BOOK {i}.\n\n' + f'Chapter {i}: the wörds of book {i}. ' * 50
+                       for i in (10, 11, 12)},
+             'validation': {'20.txt': 'BOOK 20.\n\n' + 'The end of it all. ' * 40}}
+    for split, files in books.items():
+        folder = root / split if layout == 'release' else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (folder / name).write_text(content, encoding='utf-8')
+    (root / 'README.md').write_text('not a book')
+    return books
+
+
+def test_pg19_from_a_local_release(tmp_path, monkeypatch):
+    books = make_books(tmp_path / 'pg19', 'release')
+    # GPT-2's BPE is downloaded on first use: a byte-level stand-in named gpt2 gives the same code path offline
+    stand_in = tiktoken.Encoding(name='gpt2', pat_str=local_encoding()._pat_str,
+                                 mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={'<|endoftext|>': 256})
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: stand_in)
+    pg19.main([f'--local_dir={tmp_path / "pg19"}', f'--out_dir={tmp_path / "out"}'])
+    train, val, meta = read_dataset(tmp_path / 'out')
+    assert meta['tokenizer'] == {'kind': 'tiktoken', 'name': 'gpt2'} and meta['dataset'].startswith('pg19 from')
+    tok = tokenizer_from_meta(meta)
+    assert documents(train, tok) == list(books['train'].values())  # whole books, in file order
+    assert documents(val, tok) == list(books['validation'].values())
+    pg19.main([f'--local_dir={tmp_path / "pg19"}', f'--out_dir={tmp_path / "two"}', '--max_books=2'])
+    assert len(documents(read_dataset(tmp_path / 'two')[0], tok)) == 2
+
+
+def test_pg19_from_a_flat_folder_of_books(tmp_path):
+    books = make_books(tmp_path / 'flat', 'flat')
+    pg19.main([f'--local_dir={tmp_path / "flat"}', f'--out_dir={tmp_path}', '--tokenizer=byte'])
+    train, val, meta = read_dataset(tmp_path)
+    tok = tokenizer_from_meta(meta)
+    every = {**books['train'], **books['validation']}
+    assert sorted(documents(train, tok) + documents(val, tok)) == sorted(every.values())
+    assert len(documents(val, tok)) >= 1
+
+
+def test_pg19_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match='is not a folder'):
+        pg19.main([f'--local_dir={tmp_path / "nowhere"}', '--tokenizer=byte'])
+    (tmp_path / 'one.txt').write_text('a single book')
+    with pytest.raises(SystemExit, match=r'found 1 \.txt file'):
+        pg19.main([f'--local_dir={tmp_path}', '--tokenizer=byte'])
+    monkeypatch.setitem(sys.modules, 'datasets', None)  # as if datasets were not installed
+    with pytest.raises(SystemExit, match='^PG-19 from the hub needs the datasets library: pip install datasets'):
+        pg19.main(['--tokenizer=byte', f'--out_dir={tmp_path}'])
