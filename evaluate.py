@@ -6,9 +6,10 @@ How good are trained checkpoints at each context? Each evaluation is one functio
     python evaluate.py --ckpt=out-passkey-infini/ckpt.pt --contexts=256,1k,4k,16k  # + passkey accuracy table
     python evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --search_budgets=True    # selective's KV budgets
 
-  --loss            val loss at each context: the mean next-token loss over the same seeded windows of val.bin
-                    for every checkpoint. Past block_size a fixed-context model is n/a (--extend=True tiles its
-                    positions).
+  --loss            val loss at each context: the same target tokens read with more and more context before
+                    them (the last --scored tokens of windows that end at the same place), so a falling loss is
+                    what a longer context buys. Past block_size a fixed-context model is n/a (--extend=True tiles
+                    its positions).
   --passkey         passkey retrieval accuracy by length and depth, greedy decoding (on by itself for
                     checkpoints trained on data/passkey).
   --search_budgets  Selective Attention: the smallest per-layer KV-cache budgets that keep val loss under --target.
@@ -41,7 +42,9 @@ memory_read = ''           # infini's memory-read ablation: '' = as trained, 'of
 data_dir = ''              # '' = data/<the checkpoint's dataset>
 out_dir = 'eval_out'       # where the markdown and the CSV go
 contexts = ''              # comma-separated, k/M suffixes allowed; '' = 1/2, 1, 2, 4 x the first block_size
-eval_windows = 16          # val loss at a context = mean over this many random windows of it (seeded)
+eval_windows = 64          # val loss: this many seeded windows (each context reads back from the same ends)
+scored = 0                 # val loss by context: the last tokens of each window that are scored, the same at every
+                           # context; 0 = half the shortest context
 batch_size = 1             # windows per forward
 seed = 1337
 extend = False             # past block_size, tile the position table (as fine-tuning does) instead of n/a
@@ -155,30 +158,100 @@ def free_memory_bytes(settings):
         return None
 
 
+def window_ends(data, longest, settings, example_len=None):
+    """Where the windows of every context end (one past the last target), eval_windows of them, seeded. Each has
+    room for the longest context before it, so every context reads back from the same ends. With fixed-length
+    examples (passkey) a window ends where an example ends."""
+    stride = example_len or 1
+    first, last = -(-(longest + 1) // stride), len(data) // stride  # room for longest + 1 tokens before an end
+    if last < first:
+        raise ValueError(f'val.bin has {len(data)} tokens, fewer than a window of {longest + 1}')
+    return np.random.default_rng([settings.seed]).integers(first, last + 1, settings.eval_windows) * stride
+
+
+@torch.no_grad()
+def context_losses(model, data, T, ends, scored, settings, example_len=None):
+    """Per window: the mean loss of the last `scored` targets before each of ends, read with T tokens of context.
+
+    The targets are the same at every T; only what comes before them changes. So the difference between two
+    contexts is what the longer one adds. As in val_loss, the first token of an example is no target."""
+    if T + 1 > ends.min():
+        raise ValueError(f'val.bin has too few tokens before its windows\' ends for a context of {T}')
+    check_fits(model, settings, T, with_logits=True)
+    losses = []
+    for i in range(0, len(ends), settings.batch_size):
+        part = ends[i:i + settings.batch_size]
+        batch = torch.from_numpy(np.stack([data[e - T - 1:e] for e in part]).astype(np.int64)).to(settings.device)
+        x, y = batch[:, :-1], batch[:, 1:].clone()
+        y[:, :T - scored] = -1  # only the last `scored` targets count
+        if example_len:
+            positions = torch.from_numpy(part[:, None] - T + np.arange(T)).to(settings.device)  # of y in val.bin
+            y = y.masked_fill(positions % example_len == 0, -1)
+        with autocast(settings.device_type, settings.dtype):
+            logits, _ = model(x, y)
+        for row in range(len(part)):  # the language-model loss alone (GPT's would add an auxiliary loss)
+            losses.append(cross_entropy(logits[row].float(), y[row], reduction='sum').item()
+                          / (y[row] != -1).sum().item())
+    return np.array(losses)
+
+
+def mean_and_error(values):
+    """The mean of per-window values and its standard error (None from one window)."""
+    error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else None
+    return float(values.mean()), error
+
+
 def loss_by_context(runs, Ts, settings):
-    """Val loss of every checkpoint at every context: out_dir/val_loss.md and .csv, a row as each case finishes."""
-    table = GrowingTable(settings, 'val_loss', ['checkpoint', 'context', 'val_loss', 'status', 'mark', 'message'])
+    """Val loss of every checkpoint at every context, on the same targets: out_dir/val_loss.md and .csv, a row as
+    each case finishes."""
+    scored = settings.scored or max(1, Ts[0] // 2)
+    if scored > Ts[0]:
+        raise SystemExit(f'--scored={scored} is more targets than the shortest context, {Ts[0]}, has')
+    table = GrowingTable(settings, 'val_loss', ['checkpoint', 'context', 'val_loss', 'stderr', 'change',
+                                                'change_stderr', 'windows', 'scored', 'status', 'mark', 'message'])
     rows = []
     for run in tqdm(runs, desc='val loss', dynamic_ncols=True):
+        longest = max([T for T in Ts if T < len(run.data)], default=Ts[0])
+        first = None  # the per-window losses at this checkpoint's shortest context that ran
         for T in Ts:
             mark = '*' if fit_context(run, T, settings.extend) else ''
             if not run.model.streams and T > run.model.config.block_size:  # the header says why: no message
-                value, status, message = None, 'n/a', ''
+                losses, status, message = None, 'n/a', ''
             else:
-                value, status, message = guarded(
-                    lambda: val_loss(run.model, run.data, T, settings, run.example_len), settings)
-            rows.append(dict(checkpoint=run.label, context=T, val_loss=value, status=status or 'ok', mark=mark,
-                             message=message))
-            table.add(rows[-1])
+                losses, status, message = guarded(lambda: context_losses(
+                    run.model, run.data, T, window_ends(run.data, longest, settings, run.example_len), scored,
+                    settings, run.example_len), settings)
+            row = dict(checkpoint=run.label, context=T, val_loss=None, stderr=None, change=None, change_stderr=None,
+                       windows=settings.eval_windows, scored=scored, status=status or 'ok', mark=mark, message=message)
+            if losses is not None:
+                row['val_loss'], row['stderr'] = mean_and_error(losses)
+                if first is None:
+                    first = losses
+                else:  # paired by window: the spread of the change, not of the windows
+                    row['change'], row['change_stderr'] = mean_and_error(losses - first)
+            rows.append(row)
+            table.add(row)
     cells = {(r['checkpoint'], r['context']): r for r in rows}
-    grid = [[fmt_context(T)] + [f"{c['val_loss']:.4f}{c['mark']}" if c['val_loss'] is not None else c['status']
-                                for c in (cells[run.label, T] for run in runs)] for T in Ts]
-    lines = [f'val loss: mean over {settings.eval_windows} windows per context, the same seeded windows for '
-             f'every checkpoint',
+    grid = [[fmt_context(T)] + [loss_cell(c) for c in (cells[run.label, T] for run in runs)] for T in Ts]
+    lines = [f'val loss: the same {settings.eval_windows} x {scored} target tokens at every context (the last {scored} '
+             f'of seeded windows that end at the same place), ± the standard error over windows; in brackets the '
+             f'change from the shortest context, ± its standard error (paired by window): below 0, the longer '
+             f'context helps',
              'past block_size, fixed-context models tile their position table (no training): marked *'
              if settings.extend else 'n/a past block_size: a fixed-context model cannot take it', '']
     lines += markdown_table('Val loss by context', ['context'] + [run.label for run in runs], grid)
     finish(table, settings, lines + failures(rows, 'context'))
+
+
+def loss_cell(row):
+    """'1.4523 ± 0.021 (-0.0312 ± 0.0040)', the status when it did not run."""
+    if row['val_loss'] is None:
+        return row['status']
+    text = f"{row['val_loss']:.4f}{row['mark']}" + (f" ± {row['stderr']:.3f}" if row['stderr'] is not None else '')
+    if row['change'] is not None:
+        error = f" ± {row['change_stderr']:.4f}" if row['change_stderr'] is not None else ''
+        text += f" ({row['change']:+.4f}{error})"
+    return text
 
 
 def failures(rows, key):

@@ -9,6 +9,8 @@ Train a GPT, nanoGPT style. Every global below is a flag, and so is every field 
   python train.py --init_from=gpt2 --attention=infini --dataset=pg19 --out_dir=out-gpt2-infini  # docs/gpt2.md
 
 Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8
+
+Every run writes out_dir/log.csv, its numbers row by row (runlog.py lists the columns); curves.py plots them.
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ from data.common import check_tokens, load_meta, resolve_data_dir, stored_data_d
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from gpt2 import gpt2_checkpoint, is_gpt2
 from model import GPT, GPTConfig
+from runlog import RunLog, attention_stats, start_wandb, stats_line
 
 # -----------------------------------------------------------------------------------------------------------
 # Defaults. Those that set the run's size follow the device found: a small model that trains in a few minutes
@@ -44,6 +47,10 @@ eval_only = False               # evaluate once and exit
 always_save_checkpoint = True   # else only when val loss improves
 init_from = 'scratch'           # 'scratch', 'resume', a run's ckpt.pt, gpt2[-medium|-large|-xl] or a folder (gpt2.py)
 overwrite = False               # a new run may replace the checkpoint of another run in out_dir
+# logging: every run writes out_dir/log.csv (runlog.py); wandb gets the same numbers
+wandb_log = False               # needs `pip install wandb`; WANDB_MODE=offline keeps it on this machine
+wandb_project = 'long-attention-gpt'
+wandb_run_name = 'run'
 # data
 dataset = 'python_stdlib'
 data_dir = ''                   # '' = data/<dataset>
@@ -212,10 +219,22 @@ def estimate_loss(cfg, model, ctx, device, examples):
     return out
 
 
-def extra_log(model):
-    """A short line of what the attentions report about themselves (e.g. Infini's gate values)."""
-    return ' '.join(f'L{i}: {block.attn.extra_log()}' for i, block in enumerate(model.transformer.h)
-                    if hasattr(block.attn, 'extra_log'))
+def eval_stats(cfg, model, ctx, device, examples):
+    """What the attentions report about themselves (runlog.py), on the first four windows of a fixed val batch."""
+    X, _ = get_batch(cfg.data_dir, 'val', cfg.batch_size, cfg.block_size, np.random.default_rng([cfg.seed, 1, 1, 0]),
+                     device, **examples)
+    with ctx:
+        return attention_stats(model, X[:4])
+
+
+def open_log(cfg, model, ctx, device, examples, iter_num):
+    """out_dir/log.csv for this run (continued when resuming), and a wandb run with --wandb_log=True."""
+    wandb_run = None
+    if cfg.wandb_log:
+        wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run_name, {k: getattr(cfg, k) for k in FLAGS})
+    stat_names = eval_stats(cfg, model, ctx, device, examples).keys()
+    resume_iter = iter_num if cfg.init_from == 'resume' else None
+    return RunLog(cfg.out_dir, stat_names, resume_iter, wandb_run)
 
 
 def prepare_data(cfg, master_process):
@@ -408,15 +427,21 @@ def main(argv):
     if master_process:
         print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, attention={cfg.attention}, {tokens_per_iter:,} "
               f"tokens per iteration, {run_device} {ptdtype}{' compiled' if cfg.compile else ''}")
+    log = None
+    if master_process and not cfg.eval_only:
+        log = open_log(cfg, raw_model, ctx, run_device, examples, iter_num)
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=cfg.eval_only or not master_process,
                dynamic_ncols=True)
     t0, timed_iters = time.time(), 0
     while True:
         if master_process and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only):
             losses = estimate_loss(cfg, model, ctx, run_device, examples)
-            extra = extra_log(raw_model)
+            stats = eval_stats(cfg, raw_model, ctx, run_device, examples)
             tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                       + (f", {extra}" if extra else ''))
+                       + (f", {stats_line(stats)}" if stats else ''))
+            if log:
+                log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'],
+                          val_loss=losses['val'], lr=get_lr(cfg, iter_num - 1) if iter_num else None, **stats)
             stop_if_diverged(losses, iter_num, cfg.out_dir)
             if iter_num > 0 and not cfg.eval_only and (losses['val'] < best_val_loss or cfg.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, losses['val'])
@@ -459,11 +484,17 @@ def main(argv):
             t1 = time.time()
             dt = (t1 - t0) / timed_iters
             t0, timed_iters = t1, 0
-            stats = {'loss': f'{loss.item() * accum_steps:.4f}', 'tok/s': f'{tokens_per_iter / dt:,.0f}'}
-            if device_type == 'cuda':
-                stats['mfu'] = f'{100 * raw_model.estimate_mfu(cfg.batch_size * accum_steps, dt):.1f}%'
+            lossf = loss.item() * accum_steps
+            mfu = 100 * raw_model.estimate_mfu(cfg.batch_size * accum_steps, dt) if device_type == 'cuda' else None
+            stats = {'loss': f'{lossf:.4f}', 'tok/s': f'{tokens_per_iter / dt:,.0f}'}
+            if mfu is not None:
+                stats['mfu'] = f'{mfu:.1f}%'
             bar.set_postfix(stats, refresh=False)
+            log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, lr=lr, loss=lossf,
+                      tokens_per_s=tokens_per_iter / dt, mfu=mfu)
     bar.close()
+    if log:
+        log.close()
     if lock:
         lock.close()
     if ddp:
