@@ -175,9 +175,10 @@ def context_losses(model, data, T, ends, scored, settings, example_len=None):
 
     The targets are the same at every T; only what comes before them changes. So the difference between two
     contexts is what the longer one adds. As in val_loss, the first token of an example is no target."""
+    if T + 1 > len(data):
+        raise ValueError(f'val.bin has {len(data)} tokens, fewer than a window of {T + 1}')
     if T + 1 > ends.min():
         raise ValueError(f'val.bin has too few tokens before its windows\' ends for a context of {T}')
-    check_fits(model, settings, T, with_logits=True)
     losses = []
     for i in range(0, len(ends), settings.batch_size):
         part = ends[i:i + settings.batch_size]
@@ -218,9 +219,11 @@ def loss_by_context(runs, Ts, settings):
             if not run.model.streams and T > run.model.config.block_size:  # the header says why: no message
                 losses, status, message = None, 'n/a', ''
             else:
-                losses, status, message = guarded(lambda: context_losses(
-                    run.model, run.data, T, window_ends(run.data, longest, settings, run.example_len), scored,
-                    settings, run.example_len), settings)
+                def case():
+                    check_fits(run.model, settings, T, with_logits=True)
+                    ends = window_ends(run.data, longest, settings, run.example_len)
+                    return context_losses(run.model, run.data, T, ends, scored, settings, run.example_len)
+                losses, status, message = guarded(case, settings)
             row = dict(checkpoint=run.label, context=T, val_loss=None, stderr=None, change=None, change_stderr=None,
                        windows=settings.eval_windows, scored=scored, status=status or 'ok', mark=mark, message=message)
             if losses is not None:

@@ -72,7 +72,7 @@ def test_fine_tune_and_a_new_run_start_their_own_file(train_tiny, tmp_path):
     train_tiny(tmp_path / 'base')
     train_tiny(tmp_path / 'tuned', f'--init_from={tmp_path / "base" / "ckpt.pt"}', '--max_iters=2')
     assert [r['iter'] for r in evals(rows_of(tmp_path / 'tuned'))] == [0, 2]
-    train_tiny(tmp_path / 'base', '--max_iters=2')  # from scratch again in the same out_dir
+    train_tiny(tmp_path / 'base', '--max_iters=2', '--overwrite=True')  # from scratch again in the same out_dir
     assert [r['iter'] for r in evals(rows_of(tmp_path / 'base'))] == [0, 2]
 
 
