@@ -278,15 +278,21 @@ def test_module_takes_the_fast_path_with_its_options_and_the_reference_for_the_b
     assert not calls
 
 
-def test_passkey_score_is_greedy_decoding():
-    """experiments/infini_passkey.py scores an answer with one teacher-forced forward: right exactly when greedy
-    decoding through the cache produces it. The model's own greedy output scores right, one changed token wrong."""
+def passkey_experiment():
+    """experiments/infini_passkey.py as a module."""
     import importlib.util
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'infini_passkey.py')
     spec = importlib.util.spec_from_file_location('infini_passkey', path)
     experiment = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(experiment)
+    return experiment
+
+
+def test_passkey_score_is_greedy_decoding():
+    """experiments/infini_passkey.py scores an answer with one teacher-forced forward: right exactly when greedy
+    decoding through the cache produces it. The model's own greedy output scores right, one changed token wrong."""
+    experiment = passkey_experiment()
     model = model64(vocab_size=257, memory_read='on').float()
     prompts = torch.randint(0, 257, (2, 30))
     greedy = model.generate(prompts, 5, top_k=1)[:, 30:].tolist()
@@ -294,3 +300,47 @@ def test_passkey_score_is_greedy_decoding():
     batch = [(p, a, 0, 0) for p, a in zip(prompts.tolist() + prompts[1:].tolist(), greedy + wrong)]
     correct, losses = experiment.score(model, batch)
     assert correct == [True, True, False] and len(losses) == 3
+
+
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+def test_streamed_passkey_score_and_shares_equal_one_forward(update):
+    """The passkey evaluation streams long prompts through the cache a few tokens at a time (stream_score). It scores
+    as one forward over prompt + answer does (score), and its needle shares equal those from every key at once
+    (needle_shares); needles at different places in one batch, some not in the memory yet (nan in both)."""
+    experiment = passkey_experiment()
+    model = model64(vocab_size=257, memory_update=update, feature_scale=2.0)
+    torch.manual_seed(3)
+    prompts, answers = torch.randint(0, 257, (3, 30)).tolist(), torch.randint(0, 257, (3, 5)).tolist()
+    batch = [(p, a, start, 5) for p, a, start in zip(prompts, answers, (1, 9, 25))]  # 25 + 5 > 28 stored
+    correct, losses = experiment.score(model, batch)
+    for chunk in (4, 8, 64):
+        c, l_, digits, probed = experiment.stream_score(model, batch, chunk=chunk, probe=True)
+        assert c == correct and digits.shape == (3, 5)
+        torch.testing.assert_close(torch.tensor(l_), torch.tensor(losses), rtol=1e-5, atol=1e-5)
+        shares, _ = experiment.needle_shares(model, batch)
+        torch.testing.assert_close(probed['share'], shares.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert probed['share'][2].isnan().all() and not probed['share'][:2].isnan().any()
+
+
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+def test_read_probe_splits_the_read_exactly(update):
+    """read_probe splits a memory read into what the needle wrote and what the rest wrote. A 'needle' that is every
+    stored token carries the whole read (share 1, read_share 1, cos 1); one that is no token carries none."""
+    experiment = passkey_experiment()
+    model = model64(vocab_size=257, memory_update=update)
+    prompt, answer = torch.randint(0, 257, (1, 21)).tolist(), [[1, 2, 3, 4, 5]]
+    _, _, _, everything = experiment.stream_score(model, [(prompt[0], answer[0], 0, 20)], chunk=8, probe=True)
+    for key in ('share', 'read_share', 'cos'):
+        torch.testing.assert_close(everything[key], torch.ones_like(everything[key]), rtol=1e-4, atol=1e-4)
+    assert (everything['norm'] > 0).all()
+    _, _, _, nothing = experiment.stream_score(model, [(prompt[0], answer[0], 20, 0)], chunk=8, probe=True)
+    assert nothing['share'].abs().max() == 0 and nothing['read_share'].abs().max() == 0
+    torch.testing.assert_close(nothing['norm'], everything['norm'])
+
+
+def test_passkey_trials_per_length():
+    experiment = passkey_experiment()
+    assert experiment.trials_by_length('20', [256, 1024]) == {256: 20, 1024: 20}
+    assert experiment.trials_by_length('20,1', [256, 1024]) == {256: 20, 1024: 1}
+    with pytest.raises(SystemExit, match='one per length'):
+        experiment.trials_by_length('20,1', [256, 1024, 4096])
