@@ -77,6 +77,10 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63': (['--feature_scale=4', '--memory_boost=63'],
                                  "two stages: the paper's mechanism (the paper run, --max_iters iterations), then "
                                  "fine-tuned with both changes (boost 63) for the run's own iterations"),
+    # the read shrinks with the needle's share as inputs grow, while its direction holds (docs/infini.md, the read
+    # probe): read_norm=rms keeps each head's read at unit RMS, so a long input's read keeps its training-time size
+    'paper_then_sharp_boost63_rms': (['--feature_scale=4', '--memory_boost=63', '--read_norm=rms'],
+                                     'two stages, the second with both changes and the read at unit RMS per head'),
     'paper_then_sharp': (['--feature_scale=4'], 'two stages, the second with sigma(x) = ELU(4x) + 1 alone'),
     'paper_then_boost63': (['--memory_boost=63'], 'two stages, the second with the boost (63) alone'),
     'paper_then_more': ([], 'two stages, the second with neither change: the control for the extra training'),

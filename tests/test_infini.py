@@ -237,16 +237,16 @@ def test_memory_boost_is_training_only_and_boosts_the_first_write():
 
 
 @pytest.mark.skipif(attention_infini.kernels is None, reason='the fast path needs triton')
-@pytest.mark.parametrize('memory_read', ['on', 'off', 'local'])
-def test_fast_path_takes_feature_scale_and_memory_read(memory_read):
+@pytest.mark.parametrize('memory_read,read_norm', [('on', 'z'), ('off', 'z'), ('local', 'z'), ('on', 'rms')])
+def test_fast_path_takes_feature_scale_and_memory_read(memory_read, read_norm):
     """The Triton path (its interpreter on a CPU) against the reference, with the options it supports."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 16, 16, generator=g) for _ in range(3))
     beta = torch.randn(2, generator=g)
     y, M, z = attention_infini.fast_infini_attention(q, k, v, beta, 8, 'delta', block_t=8, feature_scale=4.0,
-                                                     memory_read=memory_read)
+                                                     memory_read=memory_read, read_norm=read_norm)
     y_ref, M_ref, z_ref = infini_attention(*(t.double() for t in (q, k, v, beta)), 8, 'delta', feature_scale=4.0,
-                                           memory_read=memory_read)
+                                           memory_read=memory_read, read_norm=read_norm)
     for a, b in ((y, y_ref), (M, M_ref), (z, z_ref)):
         assert (a.double() - b).norm() / b.norm() < 1e-5
 
@@ -344,3 +344,33 @@ def test_passkey_trials_per_length():
     assert experiment.trials_by_length('20,1', [256, 1024]) == {256: 20, 1024: 1}
     with pytest.raises(SystemExit, match='one per length'):
         experiment.trials_by_length('20,1', [256, 1024, 4096])
+
+
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+def test_read_norm_rms_scales_each_read_to_unit_rms(update):
+    """read_norm='rms' (not in the paper): the read of eq. 3 divided by its RMS over the head's features, so its
+    direction is eq. 3's and its size is 1; an empty memory still reads 0; the memory itself is unchanged."""
+    q, k, v = qkv(T=12)
+    beta = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    y_z, M_z, z_z = infini_attention(q, k, v, beta, 4, update)
+    y_rms, M_rms, z_rms = infini_attention(q, k, v, beta, 4, update, read_norm='rms')
+    torch.testing.assert_close((M_rms, z_rms), (M_z, z_z))
+    gate = torch.sigmoid(beta).view(1, -1, 1, 1)
+    torch.testing.assert_close(y_rms[:, :, :4], y_z[:, :, :4])  # the first segment reads an empty memory: 0
+    sq = sigma(q[:, :, 4:8])
+    M1, z1 = write_memory(sigma(k[:, :, :4]), v[:, :, :4], torch.zeros_like(M_z), torch.zeros_like(z_z), update)
+    read = read_memory(sq, M1, z1)
+    unit = read / read.pow(2).mean(-1, keepdim=True).sqrt()
+    assert (y_rms[:, :, 4:8] - (y_z[:, :, 4:8] - gate * read + gate * unit)).abs().max() < 1e-10
+
+
+def test_old_checkpoints_load_with_the_paper_read():
+    """A checkpoint saved before read_norm existed builds the paper's read (eq. 3) and gives the same numbers."""
+    config = tiny()
+    assert config.read_norm == 'z'
+    model = GPT(config).eval()
+    args = {k: getattr(config, k) for k in config.__dataclass_fields__ if k != 'read_norm'}
+    old = GPT(GPTConfig(**args)).eval()
+    old.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 23, (2, 12))
+    torch.testing.assert_close(old(idx, idx)[1], model(idx, idx)[1], rtol=0, atol=0)
