@@ -353,6 +353,9 @@ def evaluate_length(model, length, cases, reads, trained_read, settings, depth_l
         if probes:
             probed = {k: torch.cat([p[k] for p in probes]) for k in probes[0]}
             out['probe'] = {k: torch.nanmean(v, dim=0).tolist() for k, v in probed.items()}
+            by = torch.tensor(depths)
+            out['probe_by_depth'] = {k: [torch.nanmean(v[by == d], dim=0).tolist() for d in depth_list]
+                                     for k, v in probed.items()}
             out['shares'] = dict(mean=out['probe']['share'], n=int((~probed['share'][:, 0, 0].isnan()).sum()),
                                  uniform=cases[0][3] / ((length - 1) // model.config.segment_len *
                                                         model.config.segment_len))
@@ -531,6 +534,19 @@ def diagnosis_tables(results, length_list, head, rule):
                     p = e and e.get('probe')
                     cells.append(f"{p['share'][layer][h]:.0%} / {p['read_share'][layer][h]:.0%} / "
                                  f"{p['norm'][layer][h]:.2f}" if p else '')
+                lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
+
+    lines += ['', "The read probe by depth: the needle's share of the read's weight, for a needle at each depth of "
+              "--depths ('-': the needle is not all in the memory yet):", '',
+              head.replace('| run |', '| run, seed, layer.head |'), rule]
+    for name, per_seed in results.items():
+        for s, r in per_seed.items():
+            for layer, h in retrieving_heads(r, length_list):
+                cells = []
+                for e in entries(r):
+                    p = e and e.get('probe_by_depth')
+                    cells.append(' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}'
+                                            for x in p['share']) if p else '')
                 lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
     return lines
 
