@@ -81,6 +81,8 @@ RUNS = {  # name: (train.py flags, what it is)
     # probe): read_norm=rms keeps each head's read at unit RMS, so a long input's read keeps its training-time size
     'paper_then_sharp_boost63_rms': (['--feature_scale=4', '--memory_boost=63', '--read_norm=rms'],
                                      'two stages, the second with both changes and the read at unit RMS per head'),
+    'paper_then_sharp_boost63_then_rms': (['--read_norm=rms'], 'three stages: the two-stage run (6,000 + 6,000 '
+                                          'iterations), then fine-tuned with the read at unit RMS per head'),
     'paper_then_sharp': (['--feature_scale=4'], 'two stages, the second with sigma(x) = ELU(4x) + 1 alone'),
     'paper_then_boost63': (['--memory_boost=63'], 'two stages, the second with the boost (63) alone'),
     'paper_then_more': ([], 'two stages, the second with neither change: the control for the extra training'),
@@ -96,6 +98,7 @@ RUNS = {  # name: (train.py flags, what it is)
 # (which, with its iterations: None = --max_iters)
 BASE = {name: ('paper', None) for name in RUNS if name.startswith('paper_then_')}
 BASE['paper_then_sharp_boost63_then_1k'] = ('paper_then_sharp_boost63', 6000)
+BASE['paper_then_sharp_boost63_then_rms'] = ('paper_then_sharp_boost63', 6000)
 DATA_LENGTH = 256  # the training examples' length
 TRAIN_LENGTH = {'paper_then_sharp_boost63_then_1k': 1024}  # runs trained on longer examples
 EVAL_VERSION = 3  # what eval.json holds: bump when the measurements change, so older files are recomputed
