@@ -55,6 +55,8 @@ trials = '20'                   # examples per (length, depth): one number, or o
 batch_size = 20                 # examples per forward in the evaluation
 chunk = 4096                    # prompt tokens per forward: the cache streams the prompt, memory stays bounded
 all_reads_up_to = 4096          # longer prompts are tested with the memory read on and off only (time)
+read_gain = ''                  # 'layer.head:gain', e.g. '1.2:2': that head's memory read counts gain times
+                                # (scale_memory_read; results in eval-gain<layer.head:gain>.json, read on only)
 seed = 1337                     # the evaluation's examples
 FLAGS = flags_of(globals())
 # -----------------------------------------------------------------------------------------------------------
@@ -369,10 +371,44 @@ def evaluate_length(model, length, cases, reads, trained_read, settings, depth_l
     return out
 
 
+def parse_read_gain(text):
+    """--read_gain='1.2:2' -> (1, 2, 2.0); '' -> None."""
+    if not text:
+        return None
+    try:
+        where, gain = text.split(':')
+        layer, head = (int(x) for x in where.split('.'))
+        return layer, head, float(gain)
+    except ValueError:
+        raise SystemExit(f"--read_gain={text}: expected layer.head:gain, like 1.2:2") from None
+
+
+def scale_memory_read(model, layer, head, gain):
+    """Edit a trained model's weights so that one head's memory read counts `gain` times in its output, its local
+    attention as before: a test of whether the read's size limits retrieval (docs/infini.md, "Where retrieval is
+    lost"). The memory is linear in the values (every write is sigma(K)^T times values, less reads of earlier
+    values; eq. 4-5), so scaling the head's value weights by c scales A_mem and A_dot by c. A gate g' = gain g / c,
+    with c = gain g + 1 - g, then gives the head gain g A_mem + (1 - g) A_dot (eq. 6)."""
+    if not (0 <= layer < len(model.transformer.h) and 0 <= head < model.config.n_head and gain > 0):
+        raise SystemExit(f'--read_gain: no head {layer}.{head} in this model, or gain {gain} is not positive')
+    attn = model.transformer.h[layer].attn
+    C, D = attn.n_embd, attn.n_embd // attn.n_head
+    with torch.no_grad():
+        g = torch.sigmoid(attn.beta[head].double())
+        c = gain * g + 1 - g
+        values = slice(2 * C + head * D, 2 * C + (head + 1) * D)  # c_attn's output is q, k, v; heads in order
+        attn.c_attn.weight[values] *= c.float()
+        if attn.c_attn.bias is not None:
+            attn.c_attn.bias[values] *= c.float()
+        attn.beta[head] = torch.logit(gain * g / c).float()
+
+
 def evaluate_checkpoint(ckpt_path, settings):
     """Accuracy, digit loss (per memory_read for infini), the read probe, time and memory by length. Each length is
     cached in eval.json beside the checkpoint, and reused while its settings and the checkpoint stay the same."""
-    cache_path = os.path.join(os.path.dirname(ckpt_path), 'eval.json')
+    gain = parse_read_gain(settings.read_gain)
+    name = f'eval-gain{settings.read_gain}.json' if gain else 'eval.json'
+    cache_path = os.path.join(os.path.dirname(ckpt_path), name)
     mtime = os.path.getmtime(ckpt_path)
     cached = {}
     if os.path.isfile(cache_path):
@@ -392,6 +428,8 @@ def evaluate_checkpoint(ckpt_path, settings):
             continue
         if model is None:
             model, checkpoint = load_model(ckpt_path)
+            if gain:
+                scale_memory_read(model, *gain)
         infini = model.config.attention == 'infini'
         if not model.streams and length - 1 > model.config.block_size:  # an example is `length` tokens
             continue  # a fixed-context model cannot read the prompt (cropped, the needle is often gone)
@@ -400,7 +438,7 @@ def evaluate_checkpoint(ckpt_path, settings):
         # Past all_reads_up_to tokens, 'on' and 'off' only: each read of a long prompt takes minutes on a CPU.
         trained_read = model.config.memory_read if infini else None
         reads = ['on']
-        if trained_read == 'on':
+        if trained_read == 'on' and not gain:
             reads += ['off'] + (['local'] + [f'off L{layer}' for layer in range(model.config.n_layer)]
                                 if length <= settings.all_reads_up_to else [])
         cases = examples(length, depth_list, trials[length], settings.seed)
@@ -574,6 +612,7 @@ def main(argv):
     length_list = parse_list('lengths', settings.lengths, int)
     parse_list('depths', settings.depths, float)
     trials_by_length(settings.trials, length_list)
+    parse_read_gain(settings.read_gain)
     if settings.chunk < 1 or settings.batch_size < 1:
         raise SystemExit(f'--chunk={settings.chunk} and --batch_size={settings.batch_size} must be at least 1')
     out = os.path.join(ROOT, settings.out_dir) if not os.path.isabs(settings.out_dir) else settings.out_dir

@@ -374,3 +374,22 @@ def test_old_checkpoints_load_with_the_paper_read():
     old.load_state_dict(model.state_dict())
     idx = torch.randint(0, 23, (2, 12))
     torch.testing.assert_close(old(idx, idx)[1], model(idx, idx)[1], rtol=0, atol=0)
+
+
+def test_scale_memory_read_scales_one_heads_read_only():
+    """The passkey experiment's read gain edits weights so that head h outputs gain g A_mem + (1 - g) A_dot and
+    every other head is unchanged (the memory is linear in the values)."""
+    experiment = passkey_experiment()
+    model = model64(vocab_size=257)
+    attn = model.transformer.h[1].attn
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+
+    def heads(read):
+        q, k, v = attn.c_attn(x).split(16, dim=2)
+        q, k, v = (t.view(2, 13, 2, 8).transpose(1, 2) for t in (q, k, v))
+        return infini_attention(q, k, v, attn.beta, 4, 'delta', memory_read=read)[0]
+    on, off = heads('on'), heads('off')
+    experiment.scale_memory_read(model, 1, 0, 3.0)
+    edited = heads('on')
+    torch.testing.assert_close(edited[:, 0], 3 * (on[:, 0] - off[:, 0]) + off[:, 0])
+    torch.testing.assert_close(edited[:, 1], on[:, 1])
