@@ -5,11 +5,14 @@ How long a context can each attention run on my GPU, and at what speed? One comm
     python bench.py --vram_gb=8            # the same within 8 GiB, to emulate a gaming GPU on a larger card
     python bench.py --device=cpu --n_layer=2 --n_head=2 --n_embd=64 --contexts=128,256
     python bench.py --mode=kernels --batches=1,8    # the Triton kernels against their references and SDPA
+    python bench.py --mode=check --n_embd=256 --n_head=4    # do the kernels agree and the models train, here?
 
 --mode=speed (the default) runs, at each context, inference (prefill T tokens, then decode N one at a time with
 the attention's cache) and training (one forward + backward at batch B): peak memory, tokens/s, cache bytes per
 token. Random weights and random tokens: speed and memory do not depend on what the model knows.
 --mode=kernels times each Triton kernel of kernels.py against its PyTorch reference and against SDPA (CUDA).
+--mode=check answers first whether everything works here: each kernel against its reference in bf16, fp16 and
+fp32, then one compiled training step of each attention (a row each; exits non-zero when one fails).
 
 Memory: on CUDA, torch.cuda.max_memory_allocated after a reset (weights, cache, activations: everything). A CPU
 has no allocator to ask, so there inference counts weights + cache, and training weights + gradients + the
@@ -29,11 +32,11 @@ from tqdm import tqdm
 
 from configurator import autocast, configure, device_type_of, flags_of, resolve_dtype
 from model import ATTENTIONS, GPT, GPTConfig
-from report import (FORMATS, cell, context_list, fmt_context, fmt_ratio, free_memory, guarded, header_lines,
-                    markdown_table, parse_ints, write_csv, write_report)
+from report import (FORMATS, GrowingTable, cell, check_out_dir, context_list, fmt_context, fmt_ratio, free_memory,
+                    guarded, header_lines, markdown_table, parse_ints, write_report)
 
 # -----------------------------------------------------------------------------------------------------------
-mode = 'speed'             # speed | kernels
+mode = 'speed'             # speed | kernels | check
 device = ''                # '' = cuda if available, else cpu
 dtype = ''                 # '' = bfloat16 on CUDA (float16 where bf16 is missing), float32 on the CPU
 attentions = ','.join(ATTENTIONS)
@@ -51,7 +54,7 @@ batches = ''               # kernels mode: batch sizes to time, comma-separated 
 decode_tokens = 64         # N tokens decoded one at a time after the prefill
 warmup = 1
 repeats = 3                # a timing is the median of this many runs
-case_seconds = 0.0         # > 0: a case slower than this (all its runs) skips the longer contexts of its series
+case_seconds = 0.0         # > 0: a case (all its runs) is stopped after this long, and its longer contexts skipped
 vram_gb = 0.0              # > 0: cap this process's CUDA memory at that many GiB (a smaller GPU)
 out_dir = 'bench_out'      # where the CSV, the markdown tables and the PNG go
 seed = 1337
@@ -89,25 +92,28 @@ def peak_bytes(settings):
     return torch.cuda.max_memory_allocated() if settings.device_type == 'cuda' else None
 
 
-def run_series(label, Ts, measure, settings, messages, bar):
-    """measure(T) at each context, shortest first, guarded: {T: its result, or a status}. After an OOM or a case
-    slower than --case_seconds the longer contexts are not run ('-'): they would fail or take longer still.
-    messages[label, status] keeps the first message of each failure."""
+def run_series(label, Ts, measure, settings, messages, bar, record=None):
+    """measure(T) at each context, shortest first, guarded: {T: its result, or a status}. A case running longer
+    than --case_seconds is stopped ('slow'); after it, or after an OOM, the longer contexts are not run ('-'):
+    they would fail or take longer still. messages[label, status] keeps the first message of each failure.
+    record(T, result or status, seconds, message) is called as each case finishes, to write its row at once."""
     out, stopped = {}, False
     for T in Ts:
         bar.set_postfix_str(f'{label} {fmt_context(T)}')
+        t0 = time.perf_counter()
         if stopped:
-            out[T] = '-'
+            result, status, message = None, '-', ''
         else:
-            t0 = time.perf_counter()
-            result, status, message = guarded(lambda: measure(T), settings)
-            out[T], seconds = result if status is None else status, time.perf_counter() - t0
-            if status not in (None, '-'):
-                messages.setdefault((label, status), f'{fmt_context(T)}: {message}')
-            stopped = status == 'OOM' or 0 < settings.case_seconds < seconds
-            if status is None and stopped:
-                messages[label, 'slow'] = (f'{fmt_context(T)} took {seconds:.3g} s (--case_seconds='
-                                           f'{settings.case_seconds:g}): longer contexts not run')
+            result, status, message = guarded(lambda: measure(T), settings, settings.case_seconds)
+        out[T], seconds = result if status is None else status, time.perf_counter() - t0
+        if status not in (None, '-'):
+            messages.setdefault((label, status), f'{fmt_context(T)}: {message}')
+        if status == 'slow':
+            messages[label, 'slow'] = (f'{fmt_context(T)} stopped after --case_seconds='
+                                       f'{settings.case_seconds:g}: longer contexts not run')
+        stopped = stopped or status in ('OOM', 'slow')
+        if record:
+            record(T, out[T], seconds, message)
         bar.update()
     return out
 
@@ -193,8 +199,14 @@ def measure_training(model, T, settings):
                 train_tok_s=B * T / statistics.median(r[0] for r in runs))
 
 
-def run_speed(names, Ts, settings):
-    """Every (attention, phase) series over the contexts: {(name, phase, T): metrics or a status}, and messages."""
+SPEED_COLUMNS = ['attention', 'phase', 'context', 'status', 'seconds', 'infer_bytes', 'prefill_tok_s', 'decode_tok_s',
+                 'cache_bytes_per_token', 'train_bytes', 'train_tok_s', 'batch_size', 'device', 'dtype', 'budget',
+                 'absorb', 'message']
+
+
+def run_speed(names, Ts, settings, table=None):
+    """Every (attention, phase) series over the contexts: {(name, phase, T): metrics or a status}, and messages.
+    Each finished case is a row of table (a GrowingTable with SPEED_COLUMNS) at once."""
     results, messages = {}, {}
     N = settings.decode_tokens
     bar = tqdm(total=2 * len(names) * len(Ts), desc='bench', dynamic_ncols=True)
@@ -211,11 +223,17 @@ def run_speed(names, Ts, settings):
                     return measure_inference(model.eval(), T, cache_options(name, settings), settings)
                 return measure_training(model.train(), T, settings)
 
+            def record(T, result, seconds, message):
+                if table is not None:
+                    table.add(dict(speed_row(name, phase, T, result, settings), seconds=seconds, message=message))
+
             if model is None:  # the model did not build: no context runs
                 series = {T: status if T == Ts[0] else '-' for T in Ts}
+                for T in Ts:
+                    record(T, series[T], 0.0, message if T == Ts[0] else '')
                 bar.update(len(Ts))
             else:
-                series = run_series(f'{name} {phase}', Ts, measure, settings, messages, bar)
+                series = run_series(f'{name} {phase}', Ts, measure, settings, messages, bar, record)
             results.update({(name, phase, T): result for T, result in series.items()})
             model = None  # free it before the next model is built
             free_memory(settings)
@@ -248,7 +266,7 @@ def speed_report(results, messages, names, Ts, settings):
                       'no CUDA: inference = weights + cache, training = weights + grads + tensors saved for backward')
         + (f', {capped}' if capped else ''),
         'cells: value (ratio to causal at the same context) · OOM: out of memory, longer contexts not run (-) · n/a: '
-        'context not possible' + (f' · -: also after a case over {settings.case_seconds:g} s'
+        'context not possible' + (f' · slow: stopped after {settings.case_seconds:g} s, longer contexts not run (-)'
                                   if settings.case_seconds else ''), '']
     for title, phase, key, unit in SPEED_SECTIONS:
         rows = [[fmt_context(T)] + [cell(results[name, phase, T], key, results.get(('causal', phase, T))
@@ -265,24 +283,23 @@ def speed_report(results, messages, names, Ts, settings):
     return lines + ([''] + failures if failures else [])
 
 
+def speed_row(name, phase, T, result, settings):
+    """One case as a row of bench_speed.csv: its status ('ok' or why not) and its phase's metrics."""
+    row = dict(attention=name, phase=phase, context=T, status='ok' if isinstance(result, dict) else result,
+               batch_size=settings.batch_size, device=settings.device, dtype=settings.dtype,
+               budget=settings.budget if name == 'selective' else '', absorb=settings.absorb if name == 'in' else '')
+    if isinstance(result, dict):
+        row.update(result)
+    return row
+
+
 def bench_speed(settings):
     names = attention_list(settings)
     Ts = context_list(settings, '1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1M' if settings.device_type == 'cuda'
                       else '128,256,512,1k')
-    results, messages = run_speed(names, Ts, settings)
-    write_report(settings, 'bench_speed.md', speed_report(results, messages, names, Ts, settings))
-    rows = []
-    for name in names:
-        for T in Ts:
-            rows.append(dict(attention=name, context=T, batch_size=settings.batch_size, device=settings.device,
-                             dtype=settings.dtype, budget=settings.budget if name == 'selective' else '',
-                             absorb=settings.absorb if name == 'in' else ''))
-            for phase in ('inference', 'training'):
-                result = results[name, phase, T]
-                rows[-1][phase] = 'ok' if isinstance(result, dict) else result
-                rows[-1].update({key: result[key] if isinstance(result, dict) else None
-                                 for _, section_phase, key, _ in SPEED_SECTIONS if section_phase == phase})
-    write_csv(os.path.join(settings.out_dir, 'bench_speed.csv'), rows)
+    table = GrowingTable(settings, 'bench_speed', SPEED_COLUMNS)
+    results, messages = run_speed(names, Ts, settings, table)
+    table.finish(speed_report(results, messages, names, Ts, settings))
     plot_speed(os.path.join(settings.out_dir, 'bench_speed.png'), results, names, Ts, settings)
     print(f'wrote {settings.out_dir}/bench_speed.csv and bench_speed.md')
 
@@ -398,6 +415,8 @@ def bench_kernels(settings):
     Ts = context_list(settings, '1k,4k,16k,64k')
     Bs = sorted(set(parse_ints('batches', settings.batches or str(settings.batch_size), '1,8')))
     cases = kernel_cases(kernels, settings)
+    table = GrowingTable(settings, 'bench_kernels', ['case', 'context', 'batch_size', 'heads', 'head_dim', 'dtype',
+                                                     'status', 'seconds', 'fwd', 'fwdbwd', 'bytes', 'message'])
     results, messages = {}, {}  # (case, B, T) -> dict(fwd=, fwdbwd=, bytes=) or a status
     bar = tqdm(total=len(cases) * len(Bs) * len(Ts), desc='kernels', dynamic_ncols=True)
     for name, fn, available in cases:
@@ -405,21 +424,22 @@ def bench_kernels(settings):
             def measure(T):
                 return measure_kernel(fn, available, (B, H, T, D), settings)
 
-            series = run_series(f'{name} at batch {B}', Ts, measure, settings, messages, bar)
+            def record(T, result, seconds, message):
+                table.add(dict(case=name, context=T, batch_size=B, heads=H, head_dim=D, dtype=settings.dtype,
+                               status='ok' if isinstance(result, dict) else result, seconds=seconds,
+                               message=message, **(result if isinstance(result, dict) else {})))
+
+            series = run_series(f'{name} at batch {B}', Ts, measure, settings, messages, bar, record)
             results.update({(name, B, T): result for T, result in series.items()})
     bar.close()
     names, shapes = [case[0] for case in cases], [(B, T) for B in Bs for T in Ts]
     lines = header_lines(settings) + [
         f'H={H} D={D} {settings.dtype}, causal; median of {settings.repeats} after {settings.warmup} warm-up; rows: '
-        f'batch x context; cells: value (ratio to SDPA); OOM: out of memory, longer contexts not run (-)', '']
+        f'batch x context; cells: value (ratio to SDPA); OOM: out of memory, longer contexts not run (-)'
+        + (f'; slow: stopped after {settings.case_seconds:g} s' if settings.case_seconds else ''), '']
     lines += kernel_tables(results, names, shapes, H, D)
     failures = [f'{label} {status}: {text}' for (label, status), text in messages.items() if status != 'OOM']
-    write_report(settings, 'bench_kernels.md', lines + failures)
-    write_csv(os.path.join(settings.out_dir, 'bench_kernels.csv'), [
-        dict(case=name, context=T, batch_size=B, heads=H, head_dim=D, dtype=settings.dtype,
-             status='ok' if isinstance(r, dict) else r,
-             **{key: r[key] if isinstance(r, dict) else None for key in ('fwd', 'fwdbwd', 'bytes')})
-        for name in names for B, T in shapes for r in [results[name, B, T]]])
+    table.finish(lines + failures)
 
 
 def kernel_tables(results, names, shapes, H, D):
@@ -454,13 +474,128 @@ def kernel_tables(results, names, shapes, H, D):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# --mode=check: the first question on a new GPU, answered in seconds. Does each kernel compile here and agree with
+# its PyTorch reference in every dtype, and does one compiled mixed-precision training step of each attention run?
+
+CHECK_SHAPE = (2, 4, 300, 64)  # B, H, T, D: several blocks, a ragged last one, the model's head size
+# relative error ||out - ref|| / ||ref|| against fp64 on the same inputs, as tests/test_kernels.py allows on a GPU
+# (fp32 multiplies in TF32 there; selective's fp32 gradients move a few votes across the ReLU's kink)
+CHECK_TOLERANCE = {'float32': (5e-3, 3e-2), 'float16': (1e-2, 1e-2), 'bfloat16': (5e-2, 5e-2)}  # (output, grads)
+
+
+def relative_error(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def check_kernel(name, dtype, settings, shape=CHECK_SHAPE):
+    """One kernel in one dtype against its reference in fp64: the worst relative error of the output and of the
+    gradients. Raises ValueError (n/a) where the kernel does not run."""
+    import kernels
+    from attention_infini import fast_infini_attention, infini_attention
+    from attention_selective import selective_attention
+    g = torch.Generator().manual_seed(settings.seed)
+    q, k, v, beta = (torch.randn(*size, generator=g) for size in [shape] * 3 + [shape[1:2]])
+    q, k, v = (t.to(settings.device, getattr(torch, dtype)) for t in (q, k, v))
+    available = kernels.selective_available if name == 'selective' else kernels.infini_available
+    if kernels.triton is None or not available(q):
+        raise ValueError(f'the {name} kernel does not run here (it needs CUDA and triton)')
+    ours = [t.clone().requires_grad_() for t in (q, k, v, beta.to(settings.device))]
+    ref = [t.detach().double().requires_grad_() for t in ours]
+    if name == 'selective':
+        out, expected = kernels.selective_attention(*ours[:3], 1), selective_attention(*ref[:3], 1)
+    else:
+        out = fast_infini_attention(*ours, settings.segment_len)[0]
+        expected = infini_attention(*ref, settings.segment_len)[0]
+    grad = torch.randn(expected.shape, generator=g).to(settings.device, torch.float64)
+    out.backward(grad.to(out.dtype))
+    expected.backward(grad)
+    grads = [relative_error(a.grad, b.grad) for a, b in zip(ours, ref) if b.grad is not None]
+    return dict(out_error=relative_error(out, expected), grad_error=max(grads))
+
+
+def check_training_step(name, settings):
+    """Two training steps of a small model of this attention, compiled on CUDA, in the bench dtype under autocast
+    as train.py trains: the first step's seconds (compiling) and the second's, and the loss."""
+    config = GPTConfig(block_size=512, vocab_size=settings.vocab_size, n_layer=2, n_head=settings.n_head,
+                       n_embd=settings.n_embd, attention=name, segment_len=settings.segment_len,
+                       use_kernels=settings.use_kernels)
+    with torch.device(settings.device):
+        model = GPT(config)
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), settings.device_type)
+    step_fn = torch.compile(model) if settings.device_type == 'cuda' else model
+    data = torch.randint(settings.vocab_size, (4, config.block_size + 1), device=settings.device)
+    seconds = []
+    for _ in range(2):
+        sync(settings)
+        t0 = time.perf_counter()
+        with autocast(settings.device_type, settings.dtype):
+            _, loss = step_fn(data[:, :-1], data[:, 1:].contiguous())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(settings)
+        seconds.append(time.perf_counter() - t0)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f'the loss is {loss.item()}')
+    return dict(first_step_s=seconds[0], step_s=seconds[1], loss=loss.item(),
+                compiled=settings.device_type == 'cuda')
+
+
+def bench_check(settings):
+    """Every kernel in every dtype, then a training step of every attention: a row each, written as it finishes.
+    A kernel whose error passes its tolerance reads 'MISMATCH'."""
+    columns = ['case', 'dtype', 'status', 'seconds', 'out_error', 'grad_error', 'tolerance', 'first_step_s', 'step_s',
+               'loss', 'compiled', 'message']
+    table = GrowingTable(settings, 'bench_check', columns,
+                         title='Kernels against their references, then a training step of each attention')
+    names = attention_list(settings)
+    cases = [(f'{kernel} kernel', dtype) for kernel in ('selective', 'infini') for dtype in CHECK_TOLERANCE]
+    cases += [(f'{name} training step', settings.dtype) for name in names]
+    rows = []
+    for case, dtype in tqdm(cases, desc='check', dynamic_ncols=True):
+        kind = case.split()[0]
+        t0 = time.perf_counter()
+        if case.endswith('kernel'):
+            result, status, message = guarded(lambda: check_kernel(kind, dtype, settings), settings,
+                                              settings.case_seconds)
+        else:
+            result, status, message = guarded(lambda: check_training_step(kind, settings), settings,
+                                              settings.case_seconds)
+        row = dict(case=case, dtype=dtype, status=status or 'ok', seconds=time.perf_counter() - t0, message=message,
+                   **(result or {}))
+        if result and 'out_error' in result:
+            out_tol, grad_tol = CHECK_TOLERANCE[dtype]
+            row['tolerance'] = f'{out_tol:g} / {grad_tol:g}'
+            if result['out_error'] > out_tol or result['grad_error'] > grad_tol:
+                row['status'] = 'MISMATCH'
+        table.add(row)
+        rows.append(row)
+    failed = sum(row['status'] not in ('ok', 'n/a') for row in rows)
+
+    def number(row, key, fmt):
+        return format(row[key], fmt) if isinstance(row.get(key), float) else ''
+    grid = [[row['case'], row['dtype'], row['status'], number(row, 'out_error', '.2g'),
+             number(row, 'grad_error', '.2g'), row.get('tolerance', ''), number(row, 'first_step_s', '.3g'),
+             number(row, 'step_s', '.3g'), number(row, 'loss', '.4g'), row['message']] for row in rows]
+    table.finish(header_lines(settings) + [
+        f'kernels: B, H, T, D = {CHECK_SHAPE}, relative error to fp64 (output / worst gradient); training: 2 layers, '
+        f'n_head={settings.n_head}, n_embd={settings.n_embd}, 4 x 512 tokens, {settings.dtype} autocast, '
+        f'{"compiled" if settings.device_type == "cuda" else "not compiled (CPU)"}', ''] + markdown_table(
+        'Does it work here?', ['case', 'dtype', 'status', 'output error', 'gradient error', 'tolerance',
+                               'first step s', 'step s', 'loss', 'message'], grid) + [
+        f'{len(rows) - failed} of {len(rows)} cases ok or n/a'])
+    if failed:
+        raise SystemExit(f'{failed} of {len(cases)} checks failed: see {table.md_path}')
+
+
+# -----------------------------------------------------------------------------------------------------------
 
 def setup(argv):
     """The flags as a settings object, checked, with the device-dependent defaults resolved and the GPU set up."""
     settings, _ = configure(argv, FLAGS, __doc__)
-    if settings.mode not in ('speed', 'kernels'):
-        raise SystemExit(f"--mode is speed or kernels, not '{settings.mode}' (checkpoints: python evaluate.py; the "
-                         f"compiler's report: python kernels.py --report)")
+    if settings.mode not in ('speed', 'kernels', 'check'):
+        raise SystemExit(f"--mode is speed, kernels or check, not '{settings.mode}' (checkpoints: python evaluate.py; "
+                         f"the compiler's report: python kernels.py --report)")
     settings.device = settings.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     settings.device_type = device_type_of(settings.device)
     if settings.device_type != 'cuda' and settings.device != 'cpu':
@@ -476,6 +611,9 @@ def setup(argv):
         raise SystemExit(f'n_embd={settings.n_embd} must be divisible by n_head={settings.n_head}')
     attention_list(settings)
     cache_options('selective', settings)  # a bad --budget fails now, not when the first selective case runs
+    if settings.case_seconds < 0:
+        raise SystemExit(f'--case_seconds is a time limit in seconds (0: none), not {settings.case_seconds:g}')
+    check_out_dir(settings.out_dir)  # a bad --out_dir fails now, not after the measuring
     torch.manual_seed(settings.seed)
     if settings.vram_gb > 0 and settings.device_type != 'cuda':
         print('--vram_gb caps CUDA memory: ignored on the CPU')
@@ -493,4 +631,4 @@ def setup(argv):
 
 if __name__ == '__main__':
     settings = setup(sys.argv[1:])
-    bench_speed(settings) if settings.mode == 'speed' else bench_kernels(settings)
+    {'speed': bench_speed, 'kernels': bench_kernels, 'check': bench_check}[settings.mode](settings)

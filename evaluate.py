@@ -13,7 +13,8 @@ How good are trained checkpoints at each context? Each evaluation is one functio
   --budgets  Selective Attention: the smallest per-layer KV-cache budgets that keep val loss under --target.
 
 Each evaluation prints a markdown table and writes it, with a CSV of its numbers, to out_dir/<name>.md and .csv.
-A case that runs out of memory is OOM, a context a model cannot take is n/a: the other cases still run.
+Both grow as the cases finish, so a stopped run keeps what it measured. A case that runs out of memory is OOM, a
+context a model cannot take is n/a: the other cases still run.
 """
 import os
 import sys
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 from configurator import autocast, configure, default_device, device_type_of, flags_of, load_model, resolve_dtype
 from model import cross_entropy
-from report import context_list, fmt_bytes, fmt_context, guarded, header_lines, markdown_table, write_csv, write_report
+from report import (GrowingTable, check_out_dir, context_list, fmt_bytes, fmt_context, guarded, header_lines,
+                    markdown_table)
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'       # a train.py checkpoint, or several separated by commas (one column each)
@@ -122,7 +124,8 @@ def val_loss(model, data, T, settings, example_len=None):
 
 
 def loss_by_context(runs, Ts, settings):
-    """Val loss of every checkpoint at every context: (markdown lines, CSV rows)."""
+    """Val loss of every checkpoint at every context: out_dir/val_loss.md and .csv, a row as each case finishes."""
+    table = GrowingTable(settings, 'val_loss', ['checkpoint', 'context', 'val_loss', 'status', 'mark', 'message'])
     rows = []
     for run in tqdm(runs, desc='val loss', dynamic_ncols=True):
         for T in Ts:
@@ -131,15 +134,16 @@ def loss_by_context(runs, Ts, settings):
                                              settings)
             rows.append(dict(checkpoint=run.label, context=T, val_loss=value, status=status or 'ok', mark=mark,
                              message=message))
+            table.add(rows[-1])
     cells = {(r['checkpoint'], r['context']): r for r in rows}
-    table = [[fmt_context(T)] + [f"{c['val_loss']:.4f}{c['mark']}" if c['val_loss'] is not None else c['status']
-                                 for c in (cells[run.label, T] for run in runs)] for T in Ts]
+    grid = [[fmt_context(T)] + [f"{c['val_loss']:.4f}{c['mark']}" if c['val_loss'] is not None else c['status']
+                                for c in (cells[run.label, T] for run in runs)] for T in Ts]
     lines = [f'val loss: mean over {settings.eval_windows} windows per context, the same seeded windows for '
              f'every checkpoint',
              'past block_size, fixed-context models tile their position table (no training): marked *'
              if settings.extend else 'n/a past block_size: a fixed-context model cannot take it', '']
-    lines += markdown_table('Val loss by context', ['context'] + [run.label for run in runs], table)
-    return lines + failures(rows, 'context'), rows
+    lines += markdown_table('Val loss by context', ['context'] + [run.label for run in runs], grid)
+    finish(table, settings, lines + failures(rows, 'context'))
 
 
 def failures(rows, key):
@@ -172,9 +176,11 @@ def heat(accuracy):
 
 
 def passkey_by_length_and_depth(runs, Ts, settings):
-    """A depth x length table of passkey accuracy per checkpoint: (markdown lines, CSV rows)."""
+    """A depth x length table of passkey accuracy per checkpoint: out_dir/passkey.md and .csv, a row as each case
+    finishes."""
     from data.common import tokenizer_from_meta
     fractions = depth_list(settings.depths)
+    table = GrowingTable(settings, 'passkey', ['checkpoint', 'length', 'depth', 'accuracy', 'status', 'message'])
     rows = []
     bar = tqdm(total=len(runs) * len(Ts) * len(fractions), desc='passkey', dynamic_ncols=True)
     for run in runs:
@@ -186,6 +192,7 @@ def passkey_by_length_and_depth(runs, Ts, settings):
                                                  settings)
                 rows.append(dict(checkpoint=run.label, length=T, depth=depth, accuracy=value,
                                  status=status or 'ok', message=message))
+                table.add(rows[-1])
                 bar.update()
     bar.close()
     past = ('read the whole prompt with tiled positions' if settings.extend else
@@ -194,11 +201,11 @@ def passkey_by_length_and_depth(runs, Ts, settings):
              f'block_size fixed-context models {past}', '']
     cells = {(r['checkpoint'], r['length'], r['depth']): r for r in rows}
     for run in runs:
-        table = [[f'{depth:g}'] + [heat(c['accuracy']) if c['accuracy'] is not None else c['status']
-                                   for c in (cells[run.label, T, depth] for T in Ts)] for depth in fractions]
+        grid = [[f'{depth:g}'] + [heat(c['accuracy']) if c['accuracy'] is not None else c['status']
+                                  for c in (cells[run.label, T, depth] for T in Ts)] for depth in fractions]
         lines += markdown_table(f'Passkey accuracy, {run.label}: depth (rows) by length (columns)',
-                                ['depth'] + [fmt_context(T) for T in Ts], table)
-    return lines + failures(rows, 'length'), rows
+                                ['depth'] + [fmt_context(T) for T in Ts], grid)
+    finish(table, settings, lines + failures(rows, 'length'))
 
 
 def depth_list(text):
@@ -228,11 +235,12 @@ def pruned_val_loss(model, data, budgets, settings, example_len=None):
             block.attn.budget = None
 
 
-def choose_budgets(full, loss_of, target, shrink=0.8, progress=None):
+def choose_budgets(full, loss_of, target, shrink=0.8, progress=None, first_loss=None):
     """Greedy search from the full budgets (one per layer): each round, try cutting each layer's budget to
     `shrink` of itself and keep the one cut whose loss_of(budgets) is least; stop when even that cut would pass
-    target. Returns the steps taken, [(budgets, loss)], the first being the unpruned model."""
-    steps = [(full, loss_of(full))]
+    target. Returns the steps taken, [(budgets, loss)], the first being the unpruned model (first_loss: its loss,
+    when already known). progress(budgets, loss) is called at each step taken."""
+    steps = [(full, loss_of(full) if first_loss is None else first_loss)]
     while steps[-1][1] <= target:
         current = steps[-1][0]
         trials = [current[:l] + [max(2, min(b - 1, round(shrink * b)))] + current[l + 1:]
@@ -249,18 +257,26 @@ def choose_budgets(full, loss_of, target, shrink=0.8, progress=None):
 
 
 def selective_budgets(run, settings):
-    """The budget search on one selective checkpoint, and its KV memory: (markdown lines, CSV rows)."""
+    """The budget search on one selective checkpoint, and its KV memory: out_dir/budgets.md and .csv (a row per
+    greedy step, as it is taken)."""
     model, data, example_len = run.model, run.data, run.example_len
     if model.config.attention != 'selective':
         raise SystemExit(f"--budgets prunes Selective Attention's cache; {run.path} is "
                          f"'{model.config.attention}': give a checkpoint trained with --attention=selective")
     N, L = model.config.block_size, model.config.n_layer
+    table = GrowingTable(settings, 'budgets', ['step', 'entries', 'val_loss', 'budgets'])
+
+    def progress(b, loss):
+        table.add(dict(step=table.count, entries=sum(b), val_loss=loss, budgets=' '.join(map(str, b))))
+        if table.count > 1:
+            print(f'  budgets {b}: {sum(b)} entries, val loss {loss:.4f}')
+
     full = pruned_val_loss(model, data, [N] * L, settings, example_len)
+    progress([N] * L, full)
     goal, source, reference = budget_target(settings, full, data, N, example_len)
     print(f'target val loss {goal:.4f} ({source}); unpruned selective {full:.4f}; greedy search over {L} layers')
     steps = choose_budgets([N] * L, lambda b: pruned_val_loss(model, data, b, settings, example_len), goal,
-                           settings.shrink,
-                           progress=lambda b, loss: print(f'  budgets {b}: {sum(b)} entries, val loss {loss:.4f}'))
+                           settings.shrink, progress, first_loss=full)
     chosen, loss = steps[-1]
 
     # memory of a real cache with these budgets after a full window, against a standard KV cache of N tokens
@@ -283,8 +299,7 @@ def selective_budgets(run, settings):
                             ['model', 'entries', 'bytes', 'val loss'], rows)
     lines.append(f'memory reduction: {L * N / sum(chosen):.1f}x fewer KV entries (the paper counts these: '
                  f'16x, 25x, 47x at contexts 512, 1k, 2k)')
-    return lines, [dict(step=i, entries=sum(b), val_loss=l, budgets=' '.join(map(str, b)))
-                   for i, (b, l) in enumerate(steps)]
+    finish(table, settings, lines)
 
 
 def budget_target(settings, full, data, N, example_len):
@@ -314,6 +329,7 @@ def setup(argv):
     settings.device_type = device_type_of(settings.device)
     settings.dtype = resolve_dtype(settings.dtype, settings.device_type)
     settings.gpu_error = ''  # the first CUDA error, kept by report.guarded
+    check_out_dir(settings.out_dir)  # a bad --out_dir fails now, not after the measuring
     if min(settings.eval_windows, settings.batch_size, settings.passkey_trials) < 1:
         raise SystemExit('eval_windows, batch_size and passkey_trials must be >= 1')
     if not 0 < settings.shrink < 1:
@@ -329,11 +345,10 @@ def setup(argv):
     return settings
 
 
-def report(settings, name, lines, rows):
-    """Print an evaluation's tables and write them to out_dir/name.md, its numbers to out_dir/name.csv."""
-    write_report(settings, f'{name}.md', header_lines(settings) + lines)
-    write_csv(os.path.join(settings.out_dir, f'{name}.csv'), rows)
-    print(f'wrote {settings.out_dir}/{name}.md and {name}.csv')
+def finish(table, settings, lines):
+    """An evaluation's full tables: printed, and written over its running markdown table."""
+    table.finish(header_lines(settings) + lines)
+    print(f'wrote {table.md_path} and {table.csv_path}')
 
 
 def main(argv):
@@ -347,11 +362,11 @@ def main(argv):
     Ts = context_list(settings, ','.join(str(runs[0].trained * m // 2) for m in (1, 2, 4, 8)))
     trained_on_passkey = any(str(run.meta.get('dataset', '')).startswith('passkey') for run in runs)
     if settings.loss:
-        report(settings, 'val_loss', *loss_by_context(runs, Ts, settings))
+        loss_by_context(runs, Ts, settings)
     if settings.passkey or trained_on_passkey:
-        report(settings, 'passkey', *passkey_by_length_and_depth(runs, Ts, settings))
+        passkey_by_length_and_depth(runs, Ts, settings)
     if settings.budgets:
-        report(settings, 'budgets', *selective_budgets(runs[0], settings))
+        selective_budgets(runs[0], settings)
 
 
 if __name__ == '__main__':

@@ -2,14 +2,20 @@
 What bench.py and evaluate.py share: each case runs guarded, and the results become markdown tables and CSV files.
 
 A guarded case never stops the script. Out of memory reads 'OOM', a context a model cannot take (a ValueError)
-reads 'n/a', anything else 'error' with its message. Every table starts with the device, the versions and the
-command that made it, and a value may carry its ratio to a baseline measured in the same run.
+reads 'n/a', a case stopped at its time limit 'slow', anything else 'error' with its message. Every table starts
+with the device, the versions and the command that made it, and a value may carry its ratio to a baseline
+measured in the same run.
+
+Tables are written as they grow (GrowingTable): each finished case is on disk at once, so a run that is killed,
+or hits a time limit, keeps every case it finished.
 """
 import csv
 import gc
 import os
 import platform
+import signal
 import sys
+import threading
 
 import torch
 
@@ -20,16 +26,46 @@ def free_memory(settings):
         torch.cuda.empty_cache()
 
 
-def guarded(fn, settings):
-    """Run one case: (result, None, '') or (None, 'OOM' | 'n/a' | 'error' | '-', message). Memory is freed after.
+class CaseTimeout(BaseException):
+    """Raised inside a case that runs past its time limit (guarded's seconds). A BaseException, like
+    KeyboardInterrupt, so that code which falls back on any Exception (a kernel's trial run) does not swallow it."""
+
+
+def can_time_out():
+    """A running case can be stopped only where SIGALRM exists (not Windows), from the main thread."""
+    return hasattr(signal, 'setitimer') and threading.current_thread() is threading.main_thread()
+
+
+_running = [False]  # the alarm stops a case only while its fn runs, never guarded's own clean-up
+
+
+def _time_out(signum, frame):
+    if _running[0]:
+        _running[0] = False
+        raise CaseTimeout()
+
+
+def guarded(fn, settings, seconds=0.0):
+    """Run one case: (result, None, '') or (None, 'OOM' | 'n/a' | 'slow' | 'error' | '-', message). Memory is
+    freed after. seconds > 0 stops the case after that long ('slow'). Python checks for the alarm between
+    operations, so a single long GPU or CPU operation finishes first.
     The first CUDA error (an illegal address, a failed launch) leaves the GPU unusable: it is kept in
     settings.gpu_error, and no later case runs ('-')."""
     if settings.gpu_error:
         return None, '-', ''
     result, status, message = None, None, ''
+    timer = seconds > 0 and can_time_out()
+    if timer:
+        previous = signal.signal(signal.SIGALRM, _time_out)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
+        _running[0] = timer
         result = fn()
+        _running[0] = False
+    except CaseTimeout:
+        status, message = 'slow', f'stopped after {seconds:g} s'
     except Exception as e:  # one case failing must not stop the script: record what happened and go on
+        _running[0] = False
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
             'out of memory' in str(e) or "can't allocate memory" in str(e)))
         status = 'OOM' if oom else 'n/a' if isinstance(e, ValueError) else 'error'
@@ -37,6 +73,11 @@ def guarded(fn, settings):
         if status == 'error' and 'CUDA error' in str(e):
             settings.gpu_error = message
             message += ' (the GPU is unusable after a CUDA error: no later case runs)'
+    finally:
+        _running[0] = False
+        if timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
     free_memory(settings)  # outside the except block, so the traceback no longer holds the case's tensors
     return result, status, message
 
@@ -123,11 +164,52 @@ def write_report(settings, name, lines):
         f.write('\n'.join(lines) + '\n')
 
 
-def write_csv(path, rows):
-    """Rows of dicts to a CSV file: whole numbers as integers, other floats to 6 significant digits, None empty."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: (str(int(v)) if v.is_integer() else f'{v:.6g}') if isinstance(v, float) else v
-                          for k, v in row.items()} for row in rows)
+def csv_value(v):
+    """Whole numbers as integers, other floats to 6 significant digits, None empty."""
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else f'{v:.6g}'
+    return '' if v is None else v
+
+
+def check_out_dir(out_dir):
+    """Make out_dir and try a write there, so a bad --out_dir fails before any measuring, in one line."""
+    if not out_dir:
+        raise SystemExit('--out_dir is empty: give the folder the tables go to, like --out_dir=bench_out')
+    probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f'--out_dir={out_dir}: cannot write there ({e.strerror or e})') from None
+
+
+class GrowingTable:
+    """A table written as it grows: each add(row) appends the row to out_dir/name.csv and to a markdown table in
+    out_dir/name.md at once, so a run killed at any moment keeps every case it finished. finish(lines) replaces
+    the markdown file with the full report; the CSV is complete by then."""
+
+    def __init__(self, settings, name, columns, title='Cases as they finish'):
+        self.columns = list(columns)
+        self.csv_path = os.path.join(settings.out_dir, f'{name}.csv')
+        self.md_path = os.path.join(settings.out_dir, f'{name}.md')
+        self.settings = settings
+        os.makedirs(settings.out_dir, exist_ok=True)
+        with open(self.csv_path, 'w', newline='') as f:
+            csv.writer(f).writerow(self.columns)
+        with open(self.md_path, 'w') as f:
+            f.write('\n'.join(header_lines(settings) + markdown_table(title, self.columns, [])[:-1]) + '\n')
+        self.count = 0
+
+    def add(self, row):
+        """Append one finished case; keys missing from row are left empty."""
+        values = [csv_value(row.get(key)) for key in self.columns]
+        with open(self.csv_path, 'a', newline='') as f:
+            csv.writer(f).writerow(values)
+        with open(self.md_path, 'a') as f:
+            f.write('| ' + ' | '.join(str(v).replace('|', '/') for v in values) + ' |\n')
+        self.count += 1
+
+    def finish(self, lines):
+        """Print the full report and write it over the running markdown table."""
+        write_report(self.settings, os.path.basename(self.md_path), lines)

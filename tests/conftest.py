@@ -1,7 +1,10 @@
+import faulthandler
 import importlib.util
 import os
 import pickle
+import signal
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +16,38 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# A time limit per test, for runs where one hang must not eat the rest (gpu_check.sh sets TEST_TIMEOUT=30).
+# pytest's --timeout needs a plugin; a timer thread that signals the main thread does the same: the test fails
+# and the next one runs. A hang inside one C call never returns to Python to see the signal: at twice the limit
+# faulthandler prints every thread's stack and ends the process, so the run at least says where it hung.
+TEST_TIMEOUT = float(os.environ.get('TEST_TIMEOUT') or 0)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    if TEST_TIMEOUT <= 0 or not hasattr(signal, 'pthread_kill'):
+        return (yield)
+    running = [True]
+
+    def fail(signum, frame):
+        if running[0]:
+            running[0] = False
+            pytest.fail(f'took longer than TEST_TIMEOUT={TEST_TIMEOUT:g} s', pytrace=False)
+
+    previous = signal.signal(signal.SIGUSR1, fail)
+    timer = threading.Timer(TEST_TIMEOUT, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1))
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(2 * TEST_TIMEOUT, exit=True)
+    try:
+        return (yield)
+    finally:
+        running[0] = False
+        timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGUSR1, previous)
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import bench
+import report
 from model import ATTENTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,14 +40,19 @@ def test_cpu_command_prints_tables_and_writes_csv(tmp_path):
         assert f'### {title}' in out
     assert '| context | ' + ' | '.join(ATTENTIONS) + ' |' in out
     assert '| 128 |' in out and '| 256 |' in out
-    rows = read_csv(tmp_path / 'bench_speed.csv')
-    assert [(r['attention'], int(r['context'])) for r in rows] == [(a, T) for a in ATTENTIONS for T in (128, 256)]
+    rows = read_csv(tmp_path / 'bench_speed.csv')  # one row per case, in the order they ran
+    assert [(r['attention'], r['phase'], int(r['context'])) for r in rows] == [
+        (a, phase, T) for a in ATTENTIONS for phase in ('inference', 'training') for T in (128, 256)]
     for r in rows:
-        assert r['inference'] == 'ok' and r['training'] == 'ok', r
-        assert float(r['decode_tok_s']) > 0 and float(r['train_tok_s']) > 0 and float(r['infer_bytes']) > 0
+        assert r['status'] == 'ok' and float(r['seconds']) > 0, r
+        if r['phase'] == 'inference':
+            assert float(r['decode_tok_s']) > 0 and float(r['infer_bytes']) > 0 and not r['train_tok_s']
+        else:
+            assert float(r['train_tok_s']) > 0 and float(r['train_bytes']) > 0 and not r['infer_bytes']
     if importlib.util.find_spec('matplotlib') is None:
         assert 'matplotlib is not installed: no plot' in out
-    per_token = {(r['attention'], r['context']): float(r['cache_bytes_per_token']) for r in rows}
+    per_token = {(r['attention'], r['context']): float(r['cache_bytes_per_token']) for r in rows
+                 if r['phase'] == 'inference'}
     # InAttention's one cache of initial states is 2L = 4 times smaller than causal's K and V in every layer
     assert per_token['in', '256'] * 4 == per_token['causal', '256']
     assert per_token['infini', '256'] < per_token['infini', '128']  # bounded memory: bytes per token fall
@@ -67,9 +74,9 @@ def test_oom_is_recorded_and_longer_contexts_skipped(tmp_path, monkeypatch, caps
     monkeypatch.setattr(bench, 'measure_training', measure_training)
     bench.bench_speed(settings)
     assert ('in', 64) not in calls and ('causal', 64) in calls
-    rows = {(r['attention'], r['context']): r for r in read_csv(tmp_path / 'bench_speed.csv')}
-    assert rows['in', '32']['training'] == 'OOM' and rows['in', '64']['training'] == '-'
-    assert rows['in', '64']['inference'] == 'ok' and rows['causal', '64']['training'] == 'ok'
+    rows = {(r['attention'], r['phase'], r['context']): r['status'] for r in read_csv(tmp_path / 'bench_speed.csv')}
+    assert rows['in', 'training', '32'] == 'OOM' and rows['in', 'training', '64'] == '-'
+    assert rows['in', 'inference', '64'] == 'ok' and rows['causal', 'training', '64'] == 'ok'
     assert "- in: 64+ / 16" in capsys.readouterr().out
 
 
@@ -87,14 +94,60 @@ def test_after_a_cuda_error_no_case_runs(monkeypatch):
     assert bench.guarded(lambda: pytest.fail('ran after a CUDA error'), settings) == (None, '-', '')
 
 
-def test_a_slow_case_skips_longer_contexts(tmp_path, capsys):
-    settings = bench.setup(TINY + ['--attentions=causal', '--contexts=16,32', '--case_seconds=1e-9',
+def test_a_slow_case_is_stopped_and_longer_contexts_skipped(tmp_path, capsys):
+    """--case_seconds bounds the case that is running: it reads 'slow', the longer contexts '-'."""
+    settings = bench.setup(TINY + ['--attentions=causal', '--contexts=16,32', '--case_seconds=0.2',
                                    f'--out_dir={tmp_path}'])
-    bench.bench_speed(settings)
-    rows = {r['context']: r for r in read_csv(tmp_path / 'bench_speed.csv')}
-    assert rows['16']['inference'] == rows['16']['training'] == 'ok'
-    assert rows['32']['inference'] == rows['32']['training'] == '-'
-    assert '--case_seconds=1e-09): longer contexts not run' in capsys.readouterr().out
+    measured = []
+
+    def measure(T):
+        measured.append(T)
+        time.sleep(0.1 if T == 16 else 30)  # the second case would hang the test without the bound
+        return dict(fwd=1.0)
+
+    from tqdm import tqdm
+    messages, recorded = {}, []
+    start = time.perf_counter()
+    with tqdm(disable=True) as bar:
+        series = bench.run_series('causal training', [16, 32, 64], measure, settings, messages, bar,
+                                  lambda T, result, seconds, message: recorded.append((T, result, message)))
+    assert time.perf_counter() - start < 5
+    assert series == {16: dict(fwd=1.0), 32: 'slow', 64: '-'} and measured == [16, 32]
+    assert [r[:2] for r in recorded] == [(16, dict(fwd=1.0)), (32, 'slow'), (64, '-')]
+    assert recorded[1][2] == 'stopped after 0.2 s'
+    assert messages['causal training', 'slow'] == '32 stopped after --case_seconds=0.2: longer contexts not run'
+
+
+def test_the_timeout_is_not_swallowed_by_a_fallback(tmp_path):
+    """Code that falls back on any Exception (a kernel's trial run) must not catch the case's time limit."""
+    settings = bench.setup(TINY + [f'--out_dir={tmp_path}'])
+
+    def falls_back():
+        try:
+            time.sleep(30)
+        except Exception:
+            return 'fell back'
+    assert bench.guarded(falls_back, settings, 0.1) == (None, 'slow', 'stopped after 0.1 s')
+    assert bench.guarded(lambda: 'ok', settings, 0.1) == ('ok', None, '')  # the alarm is off again
+    time.sleep(0.2)
+
+
+def test_a_killed_bench_keeps_every_case_it_finished(tmp_path):
+    """Rows are written as cases finish: kill the bench part-way and read its partial table."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, 'bench.py', *TINY, '--attentions=causal,in', '--contexts=16,32,64,128',
+                             '--repeats=50', f'--out_dir={tmp_path}'], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    csv_path, deadline = tmp_path / 'bench_speed.csv', time.time() + 120
+    while time.time() < deadline and (not csv_path.exists() or len(read_csv(csv_path)) < 3):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    rows = read_csv(csv_path)
+    assert len(rows) >= 3 and all(r['status'] == 'ok' and float(r['seconds']) > 0 for r in rows)
+    markdown = (tmp_path / 'bench_speed.md').read_text()
+    assert markdown.startswith('device: CPU') and '### Cases as they finish' in markdown
+    assert markdown.count('| causal | inference |') >= 3
 
 
 def test_plot_when_matplotlib_is_installed(tmp_path):
@@ -114,9 +167,9 @@ def test_vram_cap_records_oom_on_cuda(tmp_path):
                         '--contexts=1k,64k', '--attentions=causal,selective', '--vram_gb=0.5', '--decode_tokens=4',
                         '--use_kernels=False', f'--out_dir={tmp_path}')  # the selective reference is T x T: OOM
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = read_csv(tmp_path / 'bench_speed.csv')
-    assert any(r['training'] == 'OOM' for r in rows)
-    assert all(r['training'] == 'ok' for r in rows if r['context'] == '1024')
+    rows = [r for r in read_csv(tmp_path / 'bench_speed.csv') if r['phase'] == 'training']
+    assert any(r['status'] == 'OOM' for r in rows)
+    assert all(r['status'] == 'ok' for r in rows if r['context'] == '1024')
 
 
 @pytest.mark.parametrize('args, message', [
@@ -125,9 +178,12 @@ def test_vram_cap_records_oom_on_cuda(tmp_path):
     (['--contexts=1x'], '--contexts is a comma-separated list'),
     (['--attentions=causal,flash'], "unknown 'flash'"),
     (['n_layer=2'], "no config file 'n_layer=2'"),
-    (['--mode=quality'], "--mode is speed or kernels, not 'quality' (checkpoints: python evaluate.py"),
+    (['--mode=quality'], "--mode is speed, kernels or check, not 'quality' (checkpoints: python evaluate.py"),
     (['--device=tpu'], "--device is cuda, cuda:N or cpu, not 'tpu'"),
     (['--n_embd=10', '--n_head=3'], 'n_embd=10 must be divisible by n_head=3'),
+    (['--case_seconds=-1'], '--case_seconds is a time limit in seconds (0: none), not -1'),
+    (['--out_dir='], '--out_dir is empty'),
+    (['--out_dir=/proc/bench'], '--out_dir=/proc/bench: cannot write there'),
 ])
 def test_bad_flags_are_one_line_errors(args, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
@@ -191,6 +247,7 @@ def test_kernels_mode_tables(tmp_path, monkeypatch, capsys):
     if not cuda:
         settings.device_type = 'cuda'  # past the CUDA gate, with CPU tensors and no CUDA calls
         monkeypatch.setattr(bench, 'header_lines', lambda settings: [])
+        monkeypatch.setattr(report, 'header_lines', lambda settings: [])  # the running table's header
         for name in ('synchronize', 'reset_peak_memory_stats'):
             monkeypatch.setattr(torch.cuda, name, lambda: None)
         monkeypatch.setattr(torch.cuda, 'max_memory_allocated', lambda: 0)
@@ -220,3 +277,40 @@ def test_a_kernel_that_does_not_take_the_input_is_na(tmp_path, monkeypatch):
         series = bench.run_series('selective kernel', [16, 32], measure, settings, messages, bar)
     assert series == {16: 'n/a', 32: 'n/a'} and calls == [16, 32]
     assert 'does not take this shape' in messages['selective kernel', 'n/a']
+
+
+def test_check_mode_on_the_cpu(tmp_path):
+    """--mode=check: the kernels are n/a without CUDA, a training step of every attention runs, a row each."""
+    result = run_script(sys.executable, 'bench.py', '--mode=check', '--device=cpu', '--n_head=2', '--n_embd=32',
+                        '--vocab_size=257', f'--out_dir={tmp_path}')
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {(r['case'], r['dtype']): r for r in read_csv(tmp_path / 'bench_check.csv')}
+    assert len(rows) == 2 * 3 + len(ATTENTIONS)
+    kernel_rows = [rows[f'{k} kernel', d] for k in ('selective', 'infini') for d in bench.CHECK_TOLERANCE]
+    assert all(r['status'] == 'n/a' for r in kernel_rows)
+    for name in ATTENTIONS:
+        row = rows[f'{name} training step', 'float32']
+        assert row['status'] == 'ok' and 5.0 < float(row['loss']) < 6.0 and row['compiled'] == 'False', row
+    assert '### Does it work here?' in (tmp_path / 'bench_check.md').read_text()
+
+
+@pytest.mark.parametrize('name', ['selective', 'infini'])
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])  # the interpreter's bf16 dot is wrong: a GPU checks bf16
+def test_check_kernel_agrees_with_its_reference(monkeypatch, name, dtype):
+    """check_kernel's errors on a small shape: natively on a GPU, in Triton's interpreter without one."""
+    kernels = pytest.importorskip('kernels')
+    if not kernels.triton:
+        pytest.skip('needs triton')
+    settings = bench.setup([f'--device={"cuda" if torch.cuda.is_available() else "cpu"}', '--segment_len=16'])
+    monkeypatch.setattr(kernels, f'{name}_available', lambda q: True)
+    errors = bench.check_kernel(name, dtype, settings, shape=(1, 2, 37, 16))
+    assert errors['out_error'] < bench.CHECK_TOLERANCE[dtype][0]
+    assert errors['grad_error'] < bench.CHECK_TOLERANCE[dtype][1]
+
+
+def test_check_mode_fails_on_a_mismatch(tmp_path, monkeypatch):
+    settings = bench.setup(TINY + ['--mode=check', '--attentions=causal', f'--out_dir={tmp_path}'])
+    monkeypatch.setattr(bench, 'check_kernel', lambda name, dtype, settings: dict(out_error=0.5, grad_error=0.0))
+    with pytest.raises(SystemExit, match='6 of 7 checks failed'):
+        bench.bench_check(settings)
+    assert [r['status'] for r in read_csv(tmp_path / 'bench_check.csv')] == ['MISMATCH'] * 6 + ['ok']

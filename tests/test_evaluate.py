@@ -164,3 +164,30 @@ def test_budgets_refuse_a_checkpoint_that_is_not_selective(tmp_path):
     path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'causal', 32)
     with pytest.raises(SystemExit, match="--budgets prunes Selective Attention's cache; .* is 'causal'"):
         evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--budgets=True'])
+
+
+def test_a_stopped_evaluation_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    """Each case is written as it finishes: a run stopped at its second context keeps the first one's row."""
+    data = tiny_dataset(tmp_path / 'tiny', 2000)
+    path = make_checkpoint(str(tmp_path / 'out-causal' / 'ckpt.pt'), 'causal', 64)
+    real = evaluate.val_loss
+
+    def val_loss(model, data, T, settings, example_len=None):
+        if T > 32:
+            raise KeyboardInterrupt  # what a kill at this moment leaves behind
+        return real(model, data, T, settings, example_len)
+
+    monkeypatch.setattr(evaluate, 'val_loss', val_loss)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--contexts=32,64', '--eval_windows=1',
+                       f'--out_dir={tmp_path}/ev'])
+    rows = read_csv(tmp_path / 'ev' / 'val_loss.csv')
+    assert [(r['context'], r['status']) for r in rows] == [('32', 'ok')] and float(rows[0]['val_loss']) > 0
+    assert '| out-causal (causal, block 64) | 32 |' in (tmp_path / 'ev' / 'val_loss.md').read_text()
+
+
+@pytest.mark.parametrize('out_dir, message', [('', '--out_dir is empty'),
+                                              ('/proc/eval', '--out_dir=/proc/eval: cannot write there')])
+def test_a_bad_out_dir_fails_before_any_model_loads(out_dir, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        evaluate.main(['--device=cpu', '--ckpt=nowhere/ckpt.pt', f'--out_dir={out_dir}'])
