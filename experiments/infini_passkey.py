@@ -9,12 +9,16 @@ and switched off, and measures how the memory's read weight spreads as prompts g
   python experiments/infini_passkey.py --runs=local,causal --seeds=1            # the controls
   python experiments/infini_passkey.py --runs=paper_then_sharp_boost63@3000 --seeds=1,2,3   # paper, then both
   python experiments/infini_passkey.py --train=False --runs=paper,sharp_boost@9000,causal --seeds=1,2   # tables
+  python experiments/infini_passkey.py --train=False --runs=paper_then_sharp_boost63@6000 --seeds=5 \
+      --lengths=256,4096,16384,65536,262144,1048576 --trials=20,20,4,2,1,1      # to 1M tokens, fewer prompts far out
 
 docs/infini.md has the commands behind its numbers and reads them.
 
-Each run trains once (out_dir/<run>-<iterations>-s<seed>/ckpt.pt is reused; a stopped run resumes) and is evaluated once
-(eval.json beside the checkpoint is reused while the evaluation flags stay the same). The tables are printed
-and written to out_dir/results.md. One training process at a time; set OMP_NUM_THREADS to the cores you give it.
+Each run trains once (out_dir/<run>-<iterations>-s<seed>/ckpt.pt is reused; a stopped run resumes) and is evaluated
+once per length (eval.json beside the checkpoint keeps each length while its flags stay the same). Prompts stream
+through the model's cache --chunk tokens at a time, so memory stays bounded at any length; a progress bar shows
+lengths from 16k on. The tables are printed and written to out_dir/results.md. One training process at a time;
+set OMP_NUM_THREADS to the cores you give it.
 
 What is measured, per checkpoint and prompt length (lengths x depths x trials examples, the same for every model):
   accuracy     the share of examples whose 5 digits greedy decoding gets exactly right
@@ -22,6 +26,8 @@ What is measured, per checkpoint and prompt length (lengths x depths x trials ex
   needle share per head: the share of its memory-read weight sigma(q).sigma(k_j) (eq. 3) that falls on the
                passkey sentence, at the last prompt token (attention_infini.memory_weights)
 The memory-read ablations (GPTConfig.memory_read: 'off' = A_mem = 0, 'local' = gate 0) use the same weights.
+Also: the read probe of each head (read_probe: the read split into what the needle wrote and what the rest
+wrote), by depth; accuracy by depth and of each digit; seconds per prompt and the process's peak memory.
 """
 import json
 import os
@@ -55,8 +61,7 @@ trials = '20'                   # examples per (length, depth): one number, or o
 batch_size = 20                 # examples per forward in the evaluation
 chunk = 4096                    # prompt tokens per forward: the cache streams the prompt, memory stays bounded
 all_reads_up_to = 4096          # longer prompts are tested with the memory read on and off only (time)
-read_gain = ''                  # 'layer.head:gain', e.g. '1.2:2': that head's memory read counts gain times
-                                # (scale_memory_read; results in eval-gain<layer.head:gain>.json, read on only)
+read_gain = ''                  # 'layer.head:gain' ('1.2:2'): that head's read counts gain times (scale_memory_read)
 seed = 1337                     # the evaluation's examples
 FLAGS = flags_of(globals())
 # -----------------------------------------------------------------------------------------------------------
@@ -539,7 +544,7 @@ def diagnosis_tables(results, length_list, head, rule):
     def entries(r):
         return [r['lengths'].get(str(n)) for n in length_list]
 
-    lines = ['', 'Cost: prompts per number (per read), seconds per prompt with the memory read on (the probe included), '
+    lines = ['', 'Cost: prompts per number (per read), seconds per prompt with the memory read on (probe included), '
              "and the process's peak resident memory after the length (it only grows; CPU):", '',
              head.replace('| run |', '| run, seed |'), rule]
     for name, per_seed in results.items():
