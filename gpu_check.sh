@@ -22,7 +22,9 @@ export PYTHONUNBUFFERED=1
 
 tiny=0
 [ "${1:-}" = "--tiny" ] && tiny=1
+scale=1  # the limits are a GPU's; a dry run on a busy CPU gets ten times as long, it checks the script only
 if [ $tiny = 1 ]; then
+  scale=10
   cpu="--device=cpu"
   gpt2="--device=cpu --n_layer=1 --n_head=2 --n_embd=32 --vocab_size=257"
   check_args="--device=cpu --n_head=2 --n_embd=32 --vocab_size=257"
@@ -65,7 +67,7 @@ rows() {  # rows FILE...: how many data rows the CSV files hold (their header li
 }
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit into $out/NAME.log; note time and exit code
-  local name=$1 limit=$2
+  local name=$1 limit=$(($2 * scale))
   shift 2
   local log="$out/$name.log" start=$SECONDS
   echo "\$ $*" > "$log"

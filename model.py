@@ -92,6 +92,8 @@ class GPTConfig:
     selection_fn: str = 'relu'
     # how tokens know their position: 'learned' (GPT-2's table), 'rope' (rotary) or 'alibi' (distance bias)
     positions: str = ''  # '' = the attention's default, the first of ATTENTION_POSITIONS
+    # the MLP's GELU: 'none' is the exact one (nanoGPT's), 'tanh' the approximation GPT-2 was trained with
+    gelu: str = 'none'
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -106,6 +108,8 @@ class GPTConfig:
         if not self.head_size and self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, or give --head_size")
         self.head_size = self.head_size or self.n_embd // self.n_head
+        if self.gelu not in ('none', 'tanh'):
+            raise ValueError(f"gelu='{self.gelu}': use 'none' (exact) or 'tanh' (GPT-2's approximation)")
         if self.head_size != self.n_embd // self.n_head and self.attention not in ('causal', 'selective'):
             raise ValueError(f"head_size={self.head_size} differs from n_embd/n_head: only causal and selective "
                              f"attention take a separate head size (in and infini tie their caches to n_embd)")
@@ -210,7 +214,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

@@ -4,6 +4,7 @@ Sample from a trained model, nanoGPT style; every global below is a flag:
   python sample.py                                           # out/ckpt.pt, prompted with a newline
   python sample.py --out_dir=out-selective --start="def main(" --budget=32
   python sample.py --start=FILE:prompt.txt --max_new_tokens=200
+  python sample.py --init_from=gpt2 --start="It was a dark and stormy night"   # GPT-2 itself (docs/gpt2.md)
 """
 
 import os
@@ -14,9 +15,11 @@ import torch
 from configurator import (autocast, configure, default_device, device_type_of, encode_prompt, flags_of, load_model,
                           resolve_dtype)
 from data.common import tokenizer_from_meta
+from gpt2 import is_gpt2, load_model as load_gpt2
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out'         # the run whose ckpt.pt to sample from
+init_from = ''          # '' = out_dir's checkpoint; gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local GPT-2 folder
 start = '\n'            # the prompt, or 'FILE:path' to read it from a file
 num_samples = 3
 max_new_tokens = 500
@@ -53,10 +56,13 @@ def main(argv):
     device_type = device_type_of(cfg.device)
     ctx = autocast(device_type, resolve_dtype(cfg.dtype, device_type))
     path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    if not os.path.isfile(path):
+    if cfg.init_from and not is_gpt2(cfg.init_from):
+        raise SystemExit(f"--init_from={cfg.init_from}: give gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local GPT-2 "
+                         f"folder (a run's checkpoint is read with --out_dir)")
+    if not cfg.init_from and not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={cfg.out_dir}), or "
                          f"set --out_dir to a run's folder")
-    model, checkpoint = load_model(path, cfg.device)
+    model, checkpoint = load_gpt2(cfg.init_from, cfg.device) if cfg.init_from else load_model(path, cfg.device)
     config = model.config
     tok = tokenizer_from_meta(checkpoint['tokenizer'])
     cache_options = parse_budget(cfg.budget, config)

@@ -6,6 +6,7 @@ Train a GPT, nanoGPT style. Every global below is a flag, and so is every field 
   python train.py config/train_stdlib_gpu.py --max_iters=2000   # a file of flags first, then flags
   python train.py --init_from=resume                 # continue out_dir/ckpt.pt: same LR schedule, same batches
   python train.py --init_from=out-in/ckpt.pt --block_size=1024 --out_dir=out-in-long   # fine-tune, e.g. longer context
+  python train.py --init_from=gpt2 --attention=infini --dataset=pg19 --out_dir=out-gpt2-infini  # docs/gpt2.md
 
 Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8
 """
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from configurator import (autocast, configure, default_device, device_type_of, flags_of, load_checkpoint,
                           resolve_dtype, save_checkpoint)
 from data.common import load_meta
+from gpt2 import gpt2_checkpoint, is_gpt2
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------------------------------------
@@ -39,7 +41,7 @@ log_interval = 10
 eval_iters = 100 if _gpu else 20
 eval_only = False               # evaluate once and exit
 always_save_checkpoint = True   # else only when val loss improves
-init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt) or a path to another run's ckpt.pt (fine-tune)
+init_from = 'scratch'           # 'scratch', 'resume', a run's ckpt.pt, gpt2[-medium|-large|-xl] or a folder (gpt2.py)
 # data
 dataset = 'python_stdlib'
 data_dir = ''                   # '' = data/<dataset>
@@ -200,6 +202,8 @@ def load_run(cfg, given):
     from the checkpoint, except the flags given now and the machine's own (device, dtype, compile, ...)."""
     if cfg.init_from == 'scratch':
         return None
+    if cfg.init_from != 'resume' and is_gpt2(cfg.init_from):  # GPT-2's weights in this run's attention
+        return gpt2_checkpoint(cfg.init_from, **{k: getattr(cfg, k) for k in MODEL_KEYS})
     if cfg.init_from != 'resume':
         if os.path.abspath(os.path.dirname(cfg.init_from)) == os.path.abspath(cfg.out_dir):
             raise SystemExit(f"--init_from={cfg.init_from} is in --out_dir={cfg.out_dir}: fine-tuning writes a new "

@@ -15,6 +15,7 @@ from data.common import (ByteTokenizer, CharTokenizer, TiktokenTokenizer, get_to
                          tokenizer_from_meta)
 from data.copy import prepare as copy_task
 from data.passkey import prepare as passkey
+from data.pg19 import prepare as pg19
 from data.python_stdlib import prepare as stdlib
 from data.shakespeare_char import prepare as shakespeare
 from data.text import prepare as text
@@ -297,3 +298,57 @@ def test_copy_prepare(tmp_path):
     for row in examples:  # a random string repeated: its period is between 8 and length / 2
         period = next(p for p in range(1, 33) if np.array_equal(row[p:], row[:32 - p]))
         assert 8 <= period <= 16
+
+
+# pg19: the hub is out of reach here, so the tests read a local folder in the release's layout
+
+def make_books(root, layout):
+    """Three train books and one val book as .txt files: in train/ and validation/, or all in one folder."""
+    books = {'train': {f'{i}.txt': f'BOOK {i}.\n\n' + f'Chapter {i}: the wörds of book {i}. ' * 50
+                       for i in (10, 11, 12)},
+             'validation': {'20.txt': 'BOOK 20.\n\n' + 'The end of it all. ' * 40}}
+    for split, files in books.items():
+        folder = root / split if layout == 'release' else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (folder / name).write_text(content, encoding='utf-8')
+    (root / 'README.md').write_text('not a book')
+    return books
+
+
+def test_pg19_from_a_local_release(tmp_path, monkeypatch):
+    books = make_books(tmp_path / 'pg19', 'release')
+    # GPT-2's BPE is downloaded on first use: a byte-level stand-in named gpt2 gives the same code path offline
+    stand_in = tiktoken.Encoding(name='gpt2', pat_str=local_encoding()._pat_str,
+                                 mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={'<|endoftext|>': 256})
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: stand_in)
+    pg19.main([f'--local_dir={tmp_path / "pg19"}', f'--out_dir={tmp_path / "out"}'])
+    train, val, meta = read_dataset(tmp_path / 'out')
+    assert meta['tokenizer'] == {'kind': 'tiktoken', 'name': 'gpt2'} and meta['dataset'].startswith('pg19 from')
+    tok = tokenizer_from_meta(meta)
+    assert documents(train, tok) == list(books['train'].values())  # whole books, in file order
+    assert documents(val, tok) == list(books['validation'].values())
+    pg19.main([f'--local_dir={tmp_path / "pg19"}', f'--out_dir={tmp_path / "two"}', '--max_books=2'])
+    assert len(documents(read_dataset(tmp_path / 'two')[0], tok)) == 2
+
+
+def test_pg19_from_a_flat_folder_of_books(tmp_path):
+    books = make_books(tmp_path / 'flat', 'flat')
+    pg19.main([f'--local_dir={tmp_path / "flat"}', f'--out_dir={tmp_path}', '--tokenizer=byte'])
+    train, val, meta = read_dataset(tmp_path)
+    tok = tokenizer_from_meta(meta)
+    every = {**books['train'], **books['validation']}
+    assert sorted(documents(train, tok) + documents(val, tok)) == sorted(every.values())
+    assert len(documents(val, tok)) >= 1
+
+
+def test_pg19_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match='is not a folder'):
+        pg19.main([f'--local_dir={tmp_path / "nowhere"}', '--tokenizer=byte'])
+    (tmp_path / 'one.txt').write_text('a single book')
+    with pytest.raises(SystemExit, match=r'found 1 \.txt file'):
+        pg19.main([f'--local_dir={tmp_path}', '--tokenizer=byte'])
+    monkeypatch.setitem(sys.modules, 'datasets', None)  # as if datasets were not installed
+    with pytest.raises(SystemExit, match='^PG-19 from the hub needs the datasets library: pip install datasets'):
+        pg19.main(['--tokenizer=byte', f'--out_dir={tmp_path}'])
