@@ -39,11 +39,27 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from positions import alibi_bias, alibi_slopes
+from positions import alibi_bias, alibi_slopes, causal_mask
 
 
 class InAttention(nn.Module):
+    # what the model and the scripts ask (model.py's docstring): ALiBi first, as docs/inattention.md measures best
+    position_schemes = ('alibi', 'learned')
+    refused_because = ("InAttention keeps one cache of initial states x0 for every layer and folds each layer's key "
+                       "projection into its query (the absorbed decode); a rotation applied after the key "
+                       "projection would need a key cache per layer again")
+    own_head_size = False  # the cache is x0's n_embd numbers: heads split n_embd
     streams = False
+    cache_options = ('absorb',)
+    maps_note = ' over the initial states'
+
+    @staticmethod
+    def new_cache(config, batch_size, max_len, absorb=True):
+        return InCache(config, batch_size, max_len, absorb)
+
+    @staticmethod
+    def keys_per_query(config):
+        return config.block_size
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -94,12 +110,27 @@ class InAttention(nn.Module):
         float mask -m_h * (i - j) with -inf on future keys (H, T, L). Cached rows sit at positions 0..L-1."""
         if T == 1 and self.positions != 'alibi':
             return None
-        causal = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+        causal = causal_mask(T, L, q.device)
         if self.positions != 'alibi':
             return causal
         keys = torch.arange(L, device=q.device)
         bias = alibi_bias(self.slopes, keys[L - T:], keys)
         return bias.masked_fill(~causal, float('-inf')).to(q.dtype)
+
+    def maps(self, x, x0):
+        """The attention weights over the initial states, and the output, as the training forward computes them."""
+        T = x.size(1)
+        (wq, bq), (wk, bk), (wv, bv) = self.projections()
+        s = self.ln_kv(x0)
+        q, k, v = self.heads(F.linear(x, wq, bq)), self.heads(F.linear(s, wk, bk)), self.heads(F.linear(s, wv, bv))
+        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+        mask = self.mask(T, T, q)
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float('-inf'))
+        elif mask is not None:
+            scores = scores + mask
+        att = torch.softmax(scores, dim=-1)
+        return dict(att=att, y=att @ v)
 
     def reprojected(self, q, xhat, mask):
         """Reference decode: rebuild this layer's K and V from the cached x̂0, then attend as in training."""

@@ -60,10 +60,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-try:
-    import kernels
-except ImportError:  # kernels.py needs triton; without it the reference below runs everywhere
-    kernels = None
+import kernels
+from positions import causal_mask, rope, rope_angles
 
 UPDATES = ('linear', 'delta')
 READ_NORMS = ('z', 'rms')  # the paper's sigma(q) z (eq. 3); that, then unit RMS per head (module docstring)
@@ -111,6 +109,26 @@ def normalize_read(a_mem, read_norm='z'):
     return a_mem * torch.rsqrt(a_mem.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
 
 
+def memory_over_segments(q, k, v, segment_len, update='delta', M=None, z=None):
+    """The memory alone, the plain reference of kernels.infini_memory: every query's read A_mem (eq. 3) before its
+    segment is written, and M, z after every complete segment of k, v is (eq. 4, 5). q are the last Tq of the T
+    positions of k and v, as in infini_attention (which runs the same reads and writes, with the local attention
+    between them); sigma here is the paper's (feature_scale 1: the kernel's callers scale q and k first)."""
+    B, H, T, D = k.shape
+    offset = T - q.size(-2)
+    if M is None:
+        M = k.new_zeros(B, H, D, D, dtype=memory_dtype(k))
+        z = k.new_zeros(B, H, D, dtype=memory_dtype(k))
+    reads = []
+    for s in range(0, T, segment_len):
+        e = min(s + segment_len, T)
+        if e > offset:  # this segment's queries read the memory of the segments before it
+            reads.append(read_memory(sigma(q[:, :, max(s, offset) - offset:e - offset].to(M.dtype)), M, z))
+        if e - s == segment_len:  # a complete segment is written; a partial one waits
+            M, z = write_memory(sigma(k[:, :, s:e].to(M.dtype)), v[:, :, s:e].to(M.dtype), M, z, update)
+    return torch.cat(reads, dim=2), M, z
+
+
 def memory_weights(sq, sk):
     """How much each stored token weighs in a read: w_j = sigma(q).sigma(k_j) / sum_i sigma(q).sigma(k_i).
 
@@ -133,24 +151,18 @@ def gated_output(a_mem, a_dot, beta, memory_read='on'):
     return gate * a_mem + (1 - gate) * a_dot
 
 
-def rope(x, start):
-    """Rotate x (B, H, n, d) by RoPE at positions start..start+n-1 (rotate-half form, base 10000)."""
-    n, d = x.size(-2), x.size(-1)
-    dtype = memory_dtype(x)
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
-    angles = torch.arange(start, start + n, device=x.device, dtype=dtype)[:, None] * inv_freq
-    cos, sin = (f(angles).repeat(1, 2).to(x.dtype) for f in (torch.cos, torch.sin))
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def segment_positions(start, n, like):
+    """The positions start..start+n-1 inside a segment: RoPE turns queries and keys by these (positions.rope)."""
+    return torch.arange(start, start + n, device=like.device)
 
 
 def local_attention(q, k, v, q_start, dropout_p):
     """A_dot of one segment: q are the segment's positions q_start.. (of k's 0..n-1), RoPE inside the segment."""
     tq, tk = q.size(-2), k.size(-2)
-    q, k = rope(q, q_start), rope(k, 0)
+    q, k = rope(q, segment_positions(q_start, tq, q)), rope(k, segment_positions(0, tk, k))
     if tq == tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    mask = None if tq == 1 else torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)  # last tq of tk
+    mask = None if tq == 1 else causal_mask(tq, tk, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -210,8 +222,9 @@ def segment_attention(q, k, v, segment_len):
     n_segments = -(-T // segment_len)
     offset, tail = T - q.size(2), n_segments * segment_len - T
     fold = lambda x: x.reshape(B, H * n_segments, segment_len, D)  # noqa: E731
-    q = rope(fold(F.pad(q, (0, 0, offset, tail))), 0)
-    k = rope(fold(F.pad(k, (0, 0, 0, tail))), 0)
+    angles = rope_angles(segment_positions(0, segment_len, k), D, memory_dtype(k))  # once for every segment
+    q = rope(fold(F.pad(q, (0, 0, offset, tail))), angles=angles)
+    k = rope(fold(F.pad(k, (0, 0, 0, tail))), angles=angles)
     y = causal_sdpa(q, k, fold(F.pad(v, (0, 0, 0, tail))))
     return y.reshape(B, H, n_segments * segment_len, D)[:, :, offset:T]  # fp32 SDPA gives a (B, N, H, D) layout
 
@@ -233,7 +246,23 @@ def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=
 # The module.
 
 class InfiniAttention(nn.Module):
+    # what the model and the scripts ask (model.py's docstring)
+    position_schemes = ('rope', 'learned')
+    refused_because = ("Infini-attention always brings its own positions, RoPE inside each segment with a "
+                       "position-free memory; 'rope' and 'learned' both leave it so")
+    own_head_size = False  # the memory is d x d per head of n_embd / n_head
     streams = True  # no context limit: the GPT has no position table and never crops
+    cache_options = ()
+    maps_note = ' (local, in segments)'
+
+    @staticmethod
+    def new_cache(config, batch_size, max_len=None):
+        return InfiniCache(config, batch_size, max_len)
+
+    @staticmethod
+    def keys_per_query(config):
+        """A query's softmax sees its segment; the memory's d x d products are left out of the count."""
+        return min(config.block_size, config.segment_len)
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -270,31 +299,67 @@ class InfiniAttention(nn.Module):
         self.beta = nn.Parameter(torch.zeros(config.n_head))
         self.beta.lr_mult = config.gate_lr_mult
 
-    def forward(self, x, x0, cache=None):
+    def qkv(self, x):
+        """Queries, keys and values (B, H, T, d), un-rotated: RoPE is applied inside each segment."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x, x0, cache=None, memory_read=None):
+        """memory_read: this call's read ('on', 'off', 'local', or one per layer) instead of the config's."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x)
+        read = self.read_of(memory_read)
         if cache is None:
-            y, _, _ = self.attend(q, k, v)
+            y, _, _ = self.attend(q, k, v, read=read)
         else:
             k, v, M, z = cache.read(self.layer_idx, k, v)  # the cached partial segment, then the new tokens
-            y, M, z = self.attend(q, k, v, M, z)
+            y, M, z = self.attend(q, k, v, M, z, read)
             cache.write(self.layer_idx, k, v, M, z)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q, k, v, M=None, z=None):
+    def read_of(self, memory_read):
+        """This layer's memory read: the config's, or a call's (one for every layer, or a list of one per layer)."""
+        if memory_read is None:
+            return self.memory_read
+        read = memory_read if isinstance(memory_read, str) else memory_read[self.layer_idx]
+        if read not in MEMORY_READS:
+            raise ValueError(f"unknown memory_read '{read}', choose one of: {', '.join(MEMORY_READS)}")
+        return read
+
+    def attend(self, q, k, v, M=None, z=None, read='on'):
         dropout_p = self.dropout if self.training else 0.0
         repeats = None
         if self.training and self.memory_boost > 0 and M is None:  # a training sequence: boost its first write
             repeats = 1 + self.memory_boost * torch.rand(q.size(0), device=q.device, dtype=memory_dtype(q))
         if (self.use_kernels and dropout_p == 0.0 and repeats is None
-                and getattr(kernels, 'infini_available', None) is not None and kernels.infini_available(q)):
+                and kernels.infini_available(q)):
             return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z,
-                                         feature_scale=self.feature_scale, memory_read=self.memory_read,
+                                         feature_scale=self.feature_scale, memory_read=read,
                                          read_norm=self.read_norm)
         return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p,
-                                self.feature_scale, self.memory_read, repeats, self.read_norm)
+                                self.feature_scale, read, repeats, self.read_norm)
+
+    def maps(self, x, x0):
+        """The local softmax weights of each segment (eq. 2), the gates, and the share of each token's output read
+        from memory. The reference at gate 1 (beta = +inf) returns A_mem alone (eq. 3), at gate 0 A_dot alone
+        (eq. 2); the output mixes them linearly (eq. 6), so the share of each in it can be measured."""
+        q, k, v = self.qkv(x)
+        def part(logit):
+            return infini_attention(q, k, v, torch.full_like(self.beta, logit), self.segment_len, self.update,
+                                    feature_scale=self.feature_scale, read_norm=self.read_norm)[0]
+        a_mem, a_dot = part(float('inf')), part(float('-inf'))
+        mem = gated_output(a_mem, torch.zeros_like(a_dot), self.beta, self.memory_read)
+        loc = gated_output(torch.zeros_like(a_mem), a_dot, self.beta, self.memory_read)
+        share = mem.norm(dim=-1) / (mem.norm(dim=-1) + loc.norm(dim=-1)).clamp_min(1e-12)
+        T, N = q.size(-2), self.segment_len
+        att = torch.zeros(*q.shape[:2], T, T, dtype=v.dtype, device=v.device)
+        for s in range(0, T, N):  # softmax(...) @ I is the softmax itself: the weights of each segment
+            e = min(s + N, T)
+            eye = torch.eye(e - s, dtype=v.dtype, device=v.device).expand(*v.shape[:2], e - s, e - s)
+            att[..., s:e, s:e] = local_attention(q[..., s:e, :], k[..., s:e, :], eye, 0, 0.0)
+        return dict(att=att, y=mem + loc, gate=torch.sigmoid(self.beta.float())[None], memory_share=share)
 
     def extra_log(self):
         """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory."""

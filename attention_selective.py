@@ -16,24 +16,20 @@ Config (GPTConfig fields used here):
                   from the content logits q.k / sqrt(d), after any rotation and before any additive bias: the
                   selecting head votes on what a token says, not on how far away it is.
 
-Inference-only options: SelectiveCache(..., budget=K) prunes each layer to K entries while decoding; setting
-`attn.budget = K` on a module simulates that pruning in one parallel forward (used to measure pruned val loss).
-The eviction rule is evict='F' (the most-masked entry goes, the method's own) or evict='window' (the oldest goes:
-the first token plus a sliding window of the latest K-1, the baseline that tells F's part from recency's); set
-`attn.evict` to simulate it. Every cached entry keeps its absolute position, so rope and alibi stay exact after
-evictions.
+Inference-only options: the cache option budget=K (model.generate(..., budget=K)) prunes each layer to K entries
+while decoding; the same option of a forward without a cache (model(idx, budget=K)) simulates that pruning in one
+parallel forward (used to measure pruned val loss). The eviction rule is evict='F' (the most-masked entry goes,
+the method's own) or evict='window' (the oldest goes: the first token plus a sliding window of the latest K-1, the
+baseline that tells F's part from recency's), an option of both. Every cached entry keeps its absolute position,
+so rope and alibi stay exact after evictions.
 """
 
 import torch
 import torch.nn as nn
 from torch.nn.functional import dropout, pad, softplus
 
-from positions import alibi_bias, alibi_slopes, rope
-
-try:
-    import kernels
-except ImportError:  # kernels.py needs triton; without it the reference below runs everywhere
-    kernels = None
+import kernels
+from positions import alibi_bias, alibi_slopes, causal_mask, rope
 
 SELECTION_FNS = {'relu': torch.relu, 'softplus': softplus, 'sigmoid': torch.sigmoid}
 EVICTIONS = ('F', 'window')  # what a budgeted cache evicts: the most masked entry, or the oldest
@@ -49,12 +45,16 @@ def score_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def scaled_logits(q, k):
+    """L = q k^T / sqrt(d) in fp32 (fp64 for fp64 inputs), every query against every key: (..., Tq, Tk)."""
+    return (q @ k.transpose(-1, -2)).to(score_dtype(q)) * q.size(-1) ** -0.5
+
+
 def causal_logits(q, k):
-    """L = q k^T / sqrt(d) in fp32 (fp64 for fp64 inputs), with -inf on future keys: (B, H, T, T)."""
+    """L = q k^T / sqrt(d) with -inf on future keys: (B, H, T, T)."""
     T = q.size(-2)
-    logits = (q @ k.transpose(-1, -2)).to(score_dtype(q)) * q.size(-1) ** -0.5
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return logits.masked_fill(future, float('-inf'))
+    logits = scaled_logits(q, k)
+    return logits.masked_fill(~causal_mask(T, T, q.device), float('-inf'))
 
 
 def votes(logits, k, j, selection_fn='relu'):
@@ -80,6 +80,12 @@ def accumulated_masks(S):
     subtracting S from it) keeps F exactly non-decreasing down each column in floating point.
     """
     return pad(S.cumsum(dim=-2)[..., :-1, :], (0, 0, 1, 0))
+
+
+def check_evict(evict):
+    if evict not in EVICTIONS:
+        raise ValueError(f"unknown evict '{evict}', choose one of: {', '.join(EVICTIONS)}")
+    return evict
 
 
 def eviction_scores(F, evict):
@@ -135,7 +141,21 @@ def selective_attention(q, k, v, selection_head=0, selection_fn='relu', budget=N
 # The module.
 
 class SelectiveAttention(nn.Module):
+    # what the model and the scripts ask (model.py's docstring): rope first, as docs/selective.md measures best
+    position_schemes = ('rope', 'alibi', 'learned')
+    refused_because = ''
+    own_head_size = True
     streams = False
+    cache_options = ('budget', 'evict')
+    maps_note = ''
+
+    @staticmethod
+    def new_cache(config, batch_size, max_len, budget=None, evict='F'):
+        return SelectiveCache(config, batch_size, max_len, budget, evict)
+
+    @staticmethod
+    def keys_per_query(config):
+        return config.block_size
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -154,8 +174,6 @@ class SelectiveAttention(nn.Module):
         self.selection_loss = config.selection_loss
         self.use_kernels = config.use_kernels
         self.positions = config.positions
-        self.budget = None  # set by a caller to evaluate pruning in parallel (eviction_schedule)
-        self.evict = 'F'    # the eviction rule that simulation replays: 'F' or 'window'
         self.aux_loss = 0.0
         self.c_attn = nn.Linear(config.n_embd, 3 * self.width, bias=config.bias)
         self.c_proj = nn.Linear(self.width, config.n_embd, bias=config.bias)
@@ -163,14 +181,15 @@ class SelectiveAttention(nn.Module):
         if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
             self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
-    def qkv(self, x, start):
-        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at positions start.., rotated with rope."""
+    def qkv(self, x, start, rotary=None):
+        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at positions start.., rotated with rope
+        (by rotary, their angles, when the model computed them already)."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(self.width, dim=2)
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
             positions = torch.arange(start, start + T, device=x.device)
-            q, k = rope(q, positions), rope(k, positions)
+            q, k = rope(q, positions, rotary), rope(k, positions, rotary)
         return q, k, v
 
     def selection_masks(self, x):
@@ -179,12 +198,14 @@ class SelectiveAttention(nn.Module):
         q, k, _ = self.qkv(x, 0)
         return self.head_masks(q, k)[1]
 
-    def forward(self, x, x0, cache=None):
+    def forward(self, x, x0, cache=None, budget=None, evict='F', rotary=None):
+        """budget, evict: without a cache, simulate a cache pruned to budget entries (an int, or one per layer) that
+        evicts by evict, in one parallel forward (eviction_schedule). A cache has its own (SelectiveCache)."""
         B, T, C = x.size()
-        q, k, v = self.qkv(x, 0 if cache is None else cache.length)
+        q, k, v = self.qkv(x, 0 if cache is None else cache.length, rotary)
         self.aux_loss = 0.0
         if cache is None:
-            y = self.attend(q, k, v, self.budget, evict=self.evict)
+            y = self.attend(q, k, v, self.layer_budget(budget), evict=check_evict(evict))
             if self.training and self.selection_loss > 0:
                 self.aux_loss = self.memory_loss(q, k)
         elif cache.length == 0 and cache.budget[self.layer_idx] is None:  # a prefill with nothing to evict
@@ -198,6 +219,25 @@ class SelectiveAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, self.width)
         return self.resid_dropout(self.c_proj(y))
 
+    def layer_budget(self, budget):
+        """This layer's entry of a budget given for one call: an int for every layer, or a list of one per layer."""
+        return budget if budget is None or isinstance(budget, int) else budget[self.layer_idx]
+
+    def maps(self, x, x0, budget=None, evict='F'):
+        """The attention weights, from the reference itself, and its steps (Figure 2) kept to be shown: 'F' the
+        mask on each token (column) when each query (row) runs, 'keep' whether the budgeted cache still holds it
+        then, 'F_end' the mask the cache holds after the text (F plus the last query's votes)."""
+        q, k, v = self.qkv(x, 0)
+        T, budget = q.size(-2), self.layer_budget(budget)
+        S, F = self.head_masks(q, k)
+        keep = (eviction_schedule(F, budget, evict=check_evict(evict)) if budget and budget < T else
+                torch.ones_like(F, dtype=torch.bool))
+        eye = torch.eye(T, dtype=v.dtype, device=v.device).expand(*v.shape[:2], T, T)  # softmax(...) @ I: weights
+        positions = torch.arange(T, device=q.device)
+        att = selective_attention(q, k, eye, self.selection_head, self.selection_fn, budget or None,
+                                  bias=self.distance_bias(positions, positions), evict=evict)
+        return dict(att=att, y=att.to(v.dtype) @ v, F=F, keep=keep, F_end=F[:, -1] + S[:, -1])
+
     def distance_bias(self, query_positions, key_positions):
         """ALiBi's bias for these queries and keys (positions.alibi_bias), or None without alibi."""
         if self.positions != 'alibi':
@@ -207,7 +247,7 @@ class SelectiveAttention(nn.Module):
     def attend(self, q, k, v, budget, vote_totals=False, evict='F'):
         """Selective attention of q, k, v; with vote_totals also S's column sums (B, T), the F a cache keeps."""
         dropout_p = self.dropout if self.training else 0.0
-        if (self.use_kernels and kernels is not None and budget is None and dropout_p == 0.0
+        if (self.use_kernels and budget is None and dropout_p == 0.0
                 and self.selection_fn == 'relu' and self.positions != 'alibi' and kernels.selective_available(q)):
             return kernels.selective_attention(q, k, v, self.selection_head, vote_totals=vote_totals)
         positions = torch.arange(q.size(-2), device=q.device)
@@ -239,7 +279,7 @@ class SelectiveAttention(nn.Module):
         positions = torch.arange(T, device=q.device)
         total = torch.zeros(q.size(0), T, dtype=score_dtype(q), device=q.device)
         for i in range(0, T, CHUNK):
-            logits = (q[:, h, i:i + CHUNK] @ k[:, h].transpose(-1, -2)).to(total.dtype) * q.size(-1) ** -0.5
+            logits = scaled_logits(q[:, h, i:i + CHUNK], k[:, h])
             total += votes(logits, positions[i:i + CHUNK, None], positions, self.selection_fn).sum(dim=1)
         return total
 
@@ -252,7 +292,7 @@ class SelectiveAttention(nn.Module):
         positions = torch.arange(start, start + n_new, device=q.device)
         K, V = torch.cat([K, k], dim=2), torch.cat([V, v], dim=2)
         pos = torch.cat([pos, positions.expand(q.size(0), n_new)], dim=1)
-        logits = (q @ K.transpose(-1, -2)).to(f.dtype) * q.size(-1) ** -0.5  # (B, H, n_new, n + n_new)
+        logits = scaled_logits(q, K)  # (B, H, n_new, n + n_new)
         S = votes(logits[:, self.selection_head], positions[:, None], pos[:, None, :], self.selection_fn)
         F = pad(f, (0, n_new))[:, None] + accumulated_masks(S)  # the cached F, then the chunk's own votes
         visible = pos[:, None, :] <= positions[:, None]
@@ -269,7 +309,7 @@ class SelectiveAttention(nn.Module):
     def decode(self, cache, q, k, v, position):
         """One token (q, k, v: (B, H, 1, D)) at an absolute position, against the cached tokens."""
         K, V, f, pos = cache.insert(self.layer_idx, k, v, position)  # evicts first if over budget
-        logits = (q @ K.transpose(-1, -2)).to(f.dtype) * q.size(-1) ** -0.5
+        logits = scaled_logits(q, K)
         logits = logits.masked_fill((pos < 0)[:, None, None], float('-inf'))  # empty slots
         scores = logits - f[:, None, None]
         bias = self.distance_bias(torch.tensor([position], device=q.device), pos)  # (B, H, 1, slots)
@@ -295,9 +335,7 @@ class SelectiveCache:
     last_token_only = False
 
     def __init__(self, config, batch_size, max_len, budget=None, evict='F'):
-        if evict not in EVICTIONS:
-            raise ValueError(f"unknown evict '{evict}', choose one of: {', '.join(EVICTIONS)}")
-        self.evict = evict
+        self.evict = check_evict(evict)
         budgets = budget if isinstance(budget, (list, tuple)) else [budget] * config.n_layer
         if len(budgets) != config.n_layer:
             raise ValueError(f"budget lists {len(budgets)} values for {config.n_layer} layers; give one per layer "

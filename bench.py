@@ -30,14 +30,15 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from configurator import autocast, configure, device_type_of, flags_of, resolve_dtype
+from configurator import configure, flags_of, parse_ints
+from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import ATTENTIONS, GPT, GPTConfig
 from report import (FORMATS, GrowingTable, cell, check_out_dir, context_list, fmt_context, fmt_ratio, free_memory,
-                    guarded, header_lines, markdown_table, parse_ints, write_report)
+                    guarded, header_lines, markdown_table, write_report)
 
 # -----------------------------------------------------------------------------------------------------------
 mode = 'speed'             # speed | kernels | check
-device = ''                # '' = cuda if available, else cpu
+device = ''                # '' = cuda if available, else cpu (devices.default_device; MPS has no memory counters)
 dtype = ''                 # '' = bfloat16 on CUDA (float16 where bf16 is missing), float32 on the CPU
 attentions = ','.join(ATTENTIONS)
 contexts = ''              # comma-separated, k/M suffixes allowed (1k = 1024); '' = the mode's default list
@@ -71,13 +72,15 @@ def attention_list(settings):
 
 
 def cache_options(name, settings):
-    """Inference-time cache settings: selective's pruning budget, InAttention's decode path."""
-    if name == 'in' and not settings.absorb:
-        return {'absorb': False}
-    if not settings.budget or name != 'selective':
-        return {}
-    b = parse_ints('budget', settings.budget, '256 or 16,8,8,4')
-    return {'budget': b[0] if len(b) == 1 else b}
+    """The inference options this attention takes (its cache_options) of the flags: selective's pruning budget,
+    InAttention's decode path."""
+    takes, options = ATTENTIONS[name].cache_options, {}
+    if 'absorb' in takes and not settings.absorb:
+        options['absorb'] = False
+    if 'budget' in takes and settings.budget:
+        b = parse_ints('budget', settings.budget, '256 or 16,8,8,4')
+        options['budget'] = b[0] if len(b) == 1 else b
+    return options
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -130,13 +133,13 @@ def timed_runs(run, settings):
 # -----------------------------------------------------------------------------------------------------------
 # --mode=speed
 
-def build_model(name, block_size, dtype_, settings):
+def random_model(name, block_size, weights_dtype, settings):
     config = GPTConfig(block_size=block_size, vocab_size=settings.vocab_size, n_layer=settings.n_layer,
                        n_head=settings.n_head, n_embd=settings.n_embd, attention=name,
                        segment_len=settings.segment_len, use_kernels=settings.use_kernels)
     with torch.device(settings.device):  # initialise on the device: a GPT-2 sized init on the CPU is slow
         model = GPT(config)
-    return model.to(dtype_)
+    return model.to(weights_dtype)
 
 
 @torch.no_grad()
@@ -212,8 +215,8 @@ def run_speed(names, Ts, settings, table=None):
     bar = tqdm(total=2 * len(names) * len(Ts), desc='bench', dynamic_ncols=True)
     for name in names:
         # inference in the bench dtype; training keeps fp32 weights under autocast, as train.py does
-        for phase, dtype_ in (('inference', settings.ptdtype), ('training', torch.float32)):
-            model, status, message = guarded(lambda: build_model(name, Ts[0] + N, dtype_, settings), settings)
+        for phase, weights_dtype in (('inference', settings.ptdtype), ('training', torch.float32)):
+            model, status, message = guarded(lambda: random_model(name, Ts[0] + N, weights_dtype, settings), settings)
             if status:
                 messages.setdefault((f'{name} {phase}', status), message)
 
@@ -287,7 +290,8 @@ def speed_row(name, phase, T, result, settings):
     """One case as a row of bench_speed.csv: its status ('ok' or why not) and its phase's metrics."""
     row = dict(attention=name, phase=phase, context=T, status='ok' if isinstance(result, dict) else result,
                batch_size=settings.batch_size, device=settings.device, dtype=settings.dtype,
-               budget=settings.budget if name == 'selective' else '', absorb=settings.absorb if name == 'in' else '')
+               **{key: getattr(settings, key) if key in ATTENTIONS[name].cache_options else ''
+                  for key in ('budget', 'absorb')})
     if isinstance(result, dict):
         row.update(result)
     return row
@@ -404,11 +408,8 @@ def measure_kernel(fn, available, shape, settings):
 
 
 def bench_kernels(settings):
-    try:
-        import kernels
-    except ImportError:
-        kernels = None
-    if kernels is None or kernels.triton is None or settings.device_type != 'cuda':
+    import kernels  # imports without triton too: kernels.triton is then None
+    if kernels.triton is None or settings.device_type != 'cuda':
         return write_report(settings, 'bench_kernels.md', header_lines(settings) + [
             '--mode=kernels times the Triton kernels of kernels.py, which need CUDA and triton: skipped here.'])
     H, D = settings.n_head, settings.n_embd // settings.n_head
@@ -595,8 +596,8 @@ def setup(argv):
     settings, _ = configure(argv, FLAGS, __doc__)
     if settings.mode not in ('speed', 'kernels', 'check'):
         raise SystemExit(f"--mode is speed, kernels or check, not '{settings.mode}' (checkpoints: python evaluate.py; "
-                         f"the compiler's report: python kernels.py --report)")
-    settings.device = settings.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+                         f"the compiler's report: python kernel_report.py)")
+    settings.device = settings.device or default_device().replace('mps', 'cpu')  # it measures CUDA or the CPU
     settings.device_type = device_type_of(settings.device)
     if settings.device_type != 'cuda' and settings.device != 'cpu':
         raise SystemExit(f"--device is cuda, cuda:N or cpu, not '{settings.device}'")
@@ -610,7 +611,7 @@ def setup(argv):
     if settings.n_embd % settings.n_head:
         raise SystemExit(f'n_embd={settings.n_embd} must be divisible by n_head={settings.n_head}')
     attention_list(settings)
-    cache_options('selective', settings)  # a bad --budget fails now, not when the first selective case runs
+    parse_ints('budget', settings.budget, '256 or 16,8,8,4')  # a bad --budget fails now, not at its first case
     if settings.case_seconds < 0:
         raise SystemExit(f'--case_seconds is a time limit in seconds (0: none), not {settings.case_seconds:g}')
     check_out_dir(settings.out_dir)  # a bad --out_dir fails now, not after the measuring

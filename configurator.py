@@ -1,5 +1,6 @@
 """
-What the scripts share: --key=value flags, the device and its dtype, and checkpoints.
+The scripts' flags: --key=value, as in nanoGPT's configurator. It imports neither torch nor the model, so reading
+a flag is quick; devices.py and checkpoints.py hold what the scripts share besides.
 
 Flags work as in nanoGPT's configurator: every plain global at the top of a script (a bool, int, float or str)
 is a flag, its value the default. `configure(argv, flags_of(globals()))` applies files of flags (python files of
@@ -8,11 +9,6 @@ assignments, given without --) and then --key=value flags, keeping each flag's t
 
 import os
 import types
-from contextlib import nullcontext
-
-import torch
-
-from model import GPT, GPTConfig
 
 
 def flags_of(namespace):
@@ -86,100 +82,30 @@ def configure(argv, defaults, doc=''):
     return types.SimpleNamespace(**settings), given
 
 
-def encode_prompt(start, tok):
-    """The token ids of a --start flag: the text itself, or a file's text when it reads FILE:path."""
-    prompt = start
-    if start.startswith('FILE:'):
-        path = start[len('FILE:'):]
-        if not os.path.isfile(path):
-            raise SystemExit(f"--start=FILE:{path}: no such file")
-        with open(path, encoding='utf-8', errors='replace') as f:
-            prompt = f.read()
+def parse_ints(flag, text, example='1024,4k,1M'):
+    """A flag's comma-separated ints, k and M suffixes allowed: '128,1k,1M' -> [128, 1024, 1048576]."""
+    scale = {'k': 2 ** 10, 'm': 2 ** 20}
     try:
-        ids = tok.encode(prompt)
-    except ValueError as e:  # a character the char-level vocabulary lacks
-        raise SystemExit(str(e)) from None
-    if not ids:
-        raise SystemExit("--start is empty: give at least one character to start from")
-    return ids
+        return [int(n[:-1]) * scale[n[-1].lower()] if n[-1].lower() in scale else int(n)
+                for n in text.replace(' ', '').split(',') if n]
+    except ValueError:
+        raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Devices
-
-def default_device():
-    return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-
-
-def device_type_of(device):
-    """'cuda', 'mps' or 'cpu' for a --device flag; a one-line error for a CUDA device torch cannot see."""
-    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
-    return device_type
-
-
-def resolve_dtype(dtype, device_type):
-    """The --dtype flag's name, '' meaning: bfloat16 on CUDA where the GPU has it natively, else float16 there;
-    float32 elsewhere."""
-    if not dtype:
-        if device_type != 'cuda':
-            return 'float32'
-        return 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"--dtype={dtype}: use float32, bfloat16 or float16")
-    return dtype
-
-
-def autocast(device_type, dtype):
-    """Mixed precision for a dtype name: none in float32."""
-    return nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-def load_checkpoint(path):
-    """A checkpoint dict (its tensors on the CPU, whatever device wrote them), or a one-line error saying why it
-    cannot be read."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}")
+def inference_options(model, budget, evict='F'):
+    """The attention options of the --budget and --evict flags, {} when both are at their defaults ('', 'F'):
+    budget an int or one per layer. The model's cache checks them: a one-line error for an attention that takes no
+    budget, a budget below 2 or an unknown eviction rule."""
+    options = {}
+    if budget:
+        values = parse_ints('budget', budget, '32 or 8,16,16,8 (one per layer)')
+        options['budget'] = values[0] if len(values) == 1 else values
+    if budget or evict != 'F':
+        options['evict'] = evict
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        reason = ('' if isinstance(checkpoint, dict) and {'model', 'model_args'} <= checkpoint.keys()
-                  and isinstance(checkpoint['model_args'], dict) else "no 'model' and 'model_args' in it")
-    except PermissionError:
-        raise SystemExit(f"cannot read {path}: permission denied") from None
-    except Exception:  # torch's messages here (a paragraph on weights_only, a zip reader's, an IndexError) say little
-        reason = 'not a complete torch.save file of tensors and plain values'
-    if reason:
-        raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from another "
-                         f"program: train again or point at another file")
-    # checkpoints written before GPTConfig had a positions field all used GPT-2's learned table
-    checkpoint['model_args'].setdefault('positions', 'learned')
-    # a compiled model's state_dict names its weights _orig_mod.*
-    checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
-    return checkpoint
-
-
-def load_model(path, device='cpu', **overrides):
-    """The eval-mode GPT of a checkpoint on device, and the checkpoint dict. overrides change model settings that
-    do not touch the weights (use_kernels, dropout)."""
-    checkpoint = load_checkpoint(path)
-    try:
-        model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, ValueError, RuntimeError) as e:  # settings or weights from another version of model.py
-        raise SystemExit(f"cannot build the model of {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-    return model.to(device).eval(), checkpoint
-
-
-def save_checkpoint(checkpoint, path):
-    """Write to a temp file in the same folder, fsync, then rename over path: the rename is atomic, so a run
-    killed mid-write leaves the previous checkpoint whole."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        model.new_cache(1, **options)  # allocates nothing: a cache checks its options when it is made
+    except ValueError as e:
+        flags = ' '.join(f'--{key}={value}' for key, value in (('budget', budget), ('evict', evict))
+                         if key in options and (key != 'evict' or value != 'F'))
+        raise SystemExit(f"{flags}: {e}") from None
+    return options

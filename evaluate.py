@@ -4,13 +4,14 @@ How good are trained checkpoints at each context? Each evaluation is one functio
     python evaluate.py --ckpt=out/ckpt.pt                                    # val loss at 1/2, 1, 2, 4 x block_size
     python evaluate.py --ckpt=out-in/ckpt.pt,out/ckpt.pt --contexts=256,512,1k    # a column per checkpoint
     python evaluate.py --ckpt=out-passkey-infini/ckpt.pt --contexts=256,1k,4k,16k  # + passkey accuracy table
-    python evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --budgets=True    # selective's KV budgets
+    python evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --search_budgets=True    # selective's KV budgets
 
-  --loss     val loss at each context: the mean next-token loss over the same seeded windows of val.bin for
-             every checkpoint. Past block_size a fixed-context model is n/a (--extend=True tiles its positions).
-  --passkey  passkey retrieval accuracy by length and depth, greedy decoding (on by itself for checkpoints
-             trained on data/passkey).
-  --budgets  Selective Attention: the smallest per-layer KV-cache budgets that keep val loss under --target.
+  --loss            val loss at each context: the mean next-token loss over the same seeded windows of val.bin
+                    for every checkpoint. Past block_size a fixed-context model is n/a (--extend=True tiles its
+                    positions).
+  --passkey         passkey retrieval accuracy by length and depth, greedy decoding (on by itself for
+                    checkpoints trained on data/passkey).
+  --search_budgets  Selective Attention: the smallest per-layer KV-cache budgets that keep val loss under --target.
 
 Each evaluation prints a markdown table and writes it, with a CSV of its numbers, to out_dir/<name>.md and .csv.
 Both grow as the cases finish, so a stopped run keeps what it measured. A case that runs out of memory is OOM, a
@@ -24,14 +25,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import autocast, configure, default_device, device_type_of, flags_of, load_model, resolve_dtype
+from checkpoints import load_model
+from configurator import configure, flags_of
+from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import cross_entropy
 from report import (GrowingTable, check_out_dir, context_list, fmt_bytes, fmt_context, guarded, header_lines,
                     markdown_table)
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'       # a train.py checkpoint, or several separated by commas (one column each)
-device = ''                # '' = cuda if available, else mps, else cpu
+device = ''                # '' = cuda if available, else mps, else cpu (devices.default_device)
 dtype = ''                 # autocast dtype; '' = bfloat16 on CUDA (float16 where bf16 is missing), else float32
 use_kernels = True         # False forces every attention's PyTorch reference
 memory_read = ''           # infini's memory-read ablation: '' = as trained, 'off' (A_mem = 0) or 'local' (gate 0)
@@ -47,7 +50,7 @@ loss = True                # val loss at each context
 passkey = False            # passkey accuracy even if no checkpoint was trained on data/passkey
 depths = '0,0.25,0.5,0.75,1'   # passkey: where the key sits, as a fraction of the filler
 passkey_trials = 4         # passkey: examples per (length, depth) cell
-budgets = False            # selective: search the per-layer KV budgets
+search_budgets = False     # selective: search the per-layer KV budgets
 # budgets: the val loss the pruned model may reach: '+0.02' (an increase over its own unpruned loss), '1.95' (a
 # loss), or a checkpoint whose full-cache val loss is the target (the paper's criterion: a standard model's loss)
 target = '+0.02'
@@ -71,7 +74,7 @@ def load_val_data(checkpoint, data_dir=''):
     return np.memmap(path, dtype=np.uint16, mode='r'), load_meta(folder)
 
 
-def load_run(path, settings):
+def load_evaluated(path, settings):
     """One checkpoint to evaluate: its model, val data, dataset meta and a label for the tables."""
     ablation = {'memory_read': settings.memory_read} if settings.memory_read else {}  # attention_infini.py
     model, checkpoint = load_model(path, settings.device, use_kernels=settings.use_kernels, **ablation)
@@ -97,8 +100,9 @@ def fit_context(run, T, extend):
 # val loss by context
 
 @torch.no_grad()
-def val_loss(model, data, T, settings, example_len=None):
+def val_loss(model, data, T, settings, example_len=None, **options):
     """Mean next-token loss over eval_windows windows of T tokens, the same seeded windows for every model.
+    options go to every forward (selective's budget and evict: a pruned cache simulated in parallel).
 
     When the dataset is made of fixed-length examples (passkey), windows start on example boundaries and, as in
     train.py, the first token of an example is no target: nothing before it predicts it."""
@@ -116,7 +120,7 @@ def val_loss(model, data, T, settings, example_len=None):
         if targets is not None:
             y = y.masked_fill(~targets, -1)  # ignored by the loss (out of place: y may share x's storage)
         with autocast(settings.device_type, settings.dtype):
-            logits, _ = model(x, y)
+            logits, _ = model(x, y, **options)
         # the language-model loss alone: GPT's loss would add an attention's auxiliary training loss
         total += cross_entropy(logits.float(), y, reduction='sum').item()
         n += (y != -1).sum().item()
@@ -158,7 +162,7 @@ def failures(rows, key):
 @torch.no_grad()
 def passkey_accuracy(model, tok, length, depth, settings):
     """Fraction of passkey_trials examples of `length` tokens whose answer greedy decoding gets exactly right."""
-    from data.passkey.prepare import make_passkey
+    from data.passkey.task import make_passkey
     rng = np.random.default_rng([settings.seed, length, int(depth * 1000)])
     examples = [make_passkey(length, depth, rng, tok) for _ in range(settings.passkey_trials)]
     correct = 0
@@ -220,19 +224,13 @@ def depth_list(text):
 
 # -----------------------------------------------------------------------------------------------------------
 # Selective Attention's KV budgets: the smallest per-layer budgets that keep val loss under a target, chosen
-# greedily on validation data. The pruning is simulated in one parallel forward (attn.budget): within a layer, F
-# depends only on that layer's queries and keys, so which tokens the evicting cache holds at each step can be
-# replayed from the full F. tests/test_selective.py checks that it equals token-by-token decoding.
+# greedily on validation data. The pruning is simulated in one parallel forward (the forward's budget option):
+# within a layer, F depends only on that layer's queries and keys, so which tokens the evicting cache holds at
+# each step can be replayed from the full F. tests/test_selective.py checks that it equals token-by-token decoding.
 
 def pruned_val_loss(model, data, budgets, settings, example_len=None):
     """val_loss at block_size with layer l's cache pruned to budgets[l] entries."""
-    for block, budget in zip(model.transformer.h, budgets):
-        block.attn.budget, block.attn.evict = budget, settings.evict
-    try:
-        return val_loss(model, data, model.config.block_size, settings, example_len)
-    finally:
-        for block in model.transformer.h:
-            block.attn.budget = None
+    return val_loss(model, data, model.config.block_size, settings, example_len, budget=budgets, evict=settings.evict)
 
 
 def choose_budgets(full, loss_of, target, shrink=0.8, progress=None, first_loss=None):
@@ -260,9 +258,9 @@ def selective_budgets(run, settings):
     """The budget search on one selective checkpoint, and its KV memory: out_dir/budgets.md and .csv (a row per
     greedy step, as it is taken)."""
     model, data, example_len = run.model, run.data, run.example_len
-    if model.config.attention != 'selective':
-        raise SystemExit(f"--budgets prunes Selective Attention's cache; {run.path} is "
-                         f"'{model.config.attention}': give a checkpoint trained with --attention=selective")
+    if 'budget' not in model.attention.cache_options:
+        raise SystemExit(f"--search_budgets prunes a cache to a budget; {run.path}'s attention "
+                         f"'{model.config.attention}' takes none: give a checkpoint trained with --attention=selective")
     N, L = model.config.block_size, model.config.n_layer
     table = GrowingTable(settings, 'budgets', ['step', 'entries', 'val_loss', 'budgets'])
 
@@ -356,16 +354,16 @@ def main(argv):
     paths = [p for p in settings.ckpt.split(',') if p]
     if not paths:
         raise SystemExit('--ckpt is a train.py checkpoint (several: comma-separated), like out/ckpt.pt')
-    if settings.budgets and len(paths) > 1:
-        raise SystemExit("--budgets searches one checkpoint's budgets: give one --ckpt")
-    runs = [load_run(path, settings) for path in paths]
+    if settings.search_budgets and len(paths) > 1:
+        raise SystemExit("--search_budgets searches one checkpoint's budgets: give one --ckpt")
+    runs = [load_evaluated(path, settings) for path in paths]
     Ts = context_list(settings, ','.join(str(runs[0].trained * m // 2) for m in (1, 2, 4, 8)))
     trained_on_passkey = any(str(run.meta.get('dataset', '')).startswith('passkey') for run in runs)
     if settings.loss:
         loss_by_context(runs, Ts, settings)
     if settings.passkey or trained_on_passkey:
         passkey_by_length_and_depth(runs, Ts, settings)
-    if settings.budgets:
+    if settings.search_budgets:
         selective_budgets(runs[0], settings)
 
 

@@ -120,7 +120,7 @@ step pytest 90 env TEST_TIMEOUT=30 python -m pytest -q -rfE -p no:cacheprovider 
 note "$(grep -E '(passed|failed|error)' "$out/pytest.log" | tail -n 1)"
 
 # 7. Sampling from a checkpoint of step 3 past its block size (Infini streams)
-step sample 10 python sample.py --out_dir="$work/train-infini" --max_new_tokens=300 --num_samples=1 $cpu
+step sample 10 python sample.py --ckpt="$work/train-infini"/ckpt.pt --max_new_tokens=300 --num_samples=1 $cpu
 note "$(wc -c < "$out/sample.log") bytes of output"
 
 # 8. The graph breaks torch.compile finds in each model (the kernels are opaque to it)

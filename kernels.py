@@ -11,22 +11,18 @@ through Triton's interpreter (TRITON_INTERPRET=1) and natively on a GPU.
                                                   (reference: attention_selective.selective_attention)
   infini_memory(q, k, v, M, z, segment_len, update)
                                                   Infini-attention's memory without the Python loop over
-                                                  segments, forward and backward (reference: the memory read and
-                                                  update of attention_infini.infini_attention)
+                                                  segments, forward and backward (reference:
+                                                  attention_infini.memory_over_segments, the memory alone)
 
 Without Triton (macOS, Windows, CPU-only installs) this file still imports: the kernels stay plain, never
 called functions and every `*_available` returns False.
 
-`python kernels.py --report` compiles every kernel for several GPUs, with no GPU needed, and prints the
-registers, spills and shared memory each one takes (the last section of this file).
+`python kernel_report.py` compiles every kernel for several GPUs, with no GPU needed, and prints the registers,
+spills and shared memory each one takes.
 """
 
 from __future__ import annotations  # kernel signatures name tl.constexpr, which must not be looked up without Triton
 
-import os
-import subprocess
-import sys
-import tempfile
 import warnings
 
 import torch
@@ -37,18 +33,14 @@ try:
 except ImportError:
     triton = tl = None
 
-BLOCK_M = 64  # query rows per program
-BLOCK_N = 64  # keys per inner-loop step (the selective kernels: see selective_block_n)
-BLOCK_T = 32  # rows of a segment per step of the Infini memory kernels
-FP32_SELECTIVE_SHARED = 113 * 1024  # bytes of shared memory the fp32 selective backward needs (--report)
-CARRY_ROWS = 16384  # selective: query rows whose carry exists at once (a T-vector per 64 of them), so memory ~ T
-# tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward needs more than a gaming
-# GPU's 99 KiB of shared memory, or does not compile (python kernels.py --report), and Infini's M leaves registers
+# What every kernel takes. tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward
+# needs more than a gaming GPU's 99 KiB of shared memory, or does not compile (python kernel_report.py), and
+# Infini's M leaves registers
 HEAD_DIMS = (16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # launch settings: 4 warps (128 threads) per program, and 2 pipeline stages, so that the next key block loads while
 # the current one is computed; the kernels that hold three or more fp32 tiles get 8 warps, which keeps them from
-# spilling registers on an H100 (python kernels.py --report).
+# spilling registers on an H100 (python kernel_report.py).
 # Fused multiply-adds, Triton's default until 3.10 changes it, stated so that the numbers do not change with it.
 NARROW = dict(num_warps=4, num_stages=2, enable_fp_fusion=True)
 WIDE = dict(num_warps=8, num_stages=2, enable_fp_fusion=True)
@@ -150,6 +142,12 @@ def tiny_like(q, n=1, length=64):
 # heads into the dF tile (the one place all heads meet), carries dF's column sums upward, and adds G's
 # contributions to head h0. The chunks run bottom-up, so that those column sums pass from one chunk to the next;
 # dK_h and dV_h add up over the chunks in fp32.
+
+# Tuning: the blocks of the selective kernels (docs/kernels.md measures them)
+BLOCK_M = 64  # query rows per program
+BLOCK_N = 64  # keys per inner-loop step (the selective kernels: see selective_block_n)
+CARRY_ROWS = 16384  # query rows whose carry exists at once (a T-vector per 64 of them), so memory ~ T
+FP32_SELECTIVE_SHARED = 113 * 1024  # bytes of shared memory the fp32 selective backward needs (kernel_report.py)
 
 @jit
 def _load_rows(ptr, offs, T, BLOCK_D: tl.constexpr):
@@ -381,7 +379,7 @@ def selective_carry(q, k, running, q_start, q_end, selection_head, block_m, bloc
     return carry
 
 
-class SelectiveAttention(torch.autograd.Function):
+class FusedSelective(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, selection_head, block_m, block_n, carry_rows):
@@ -435,7 +433,7 @@ class SelectiveAttention(torch.autograd.Function):
 
 def selective_block_n(capability_major):
     """Keys per inner step of the selective kernels on a GPU of this compute capability: 64 on an H100 (sm_90);
-    32 on the others, where 64 makes three of the four kernels spill registers (python kernels.py --report;
+    32 on the others, where 64 makes three of the four kernels spill registers (python kernel_report.py;
     chosen from the compiler's report, not from timings)."""
     return BLOCK_N if capability_major == 9 else BLOCK_N // 2
 
@@ -468,7 +466,7 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None
     if block_n is None:
         block_n = selective_block_n(torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9)
     with torch.cuda.device_of(q):  # Triton launches on the current GPU (cuda:1 too); the backward is on q's already
-        o, totals = SelectiveAttention.apply(q, k, v, selection_head, block_m, block_n, carry_rows)
+        o, totals = FusedSelective.apply(q, k, v, selection_head, block_m, block_n, carry_rows)
     return (o, totals) if vote_totals else o
 
 
@@ -485,7 +483,7 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None
 #     values (eq. 4 linear, eq. 5 delta). Nothing larger than a block of one segment is loaded at a time.
 # The gate (eq. 6) is elementwise, left to PyTorch. M and z are fp32 (they sum every segment); on a GPU their
 # products run in tf32, as train.py's fp32 matmuls do (allow_tf32): exact fp32 products (input_precision="ieee")
-# compile to spilling code (ptxas, sm_90: 18 KB of spills per program).
+# compile to spilling code (docs/kernels.md).
 #
 # Backward: when a gradient is needed, the memory kernel stores M and z before each segment (a d x d matrix per
 # segment and head: T d^2 / segment_len numbers, K's size in fp32 at segment_len = d). _infini_memory_bwd_kernel
@@ -495,6 +493,9 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None
 #   where g = -rowsum(dR * R) / denom where sigma(X) z > 1e-6 (else 0: the clamp).
 # An update M' = M + sigma(K)^T U with U = V (linear) or U = V - R(K) (delta), z' = z + colsum(sigma(K)):
 #   dV = sigma(K) dM',  dsigma(K) = U dM'^T + dz',  and for delta the read R(K) gets dR = -dV.
+
+# Tuning: the block of the memory kernels
+BLOCK_T = 32  # rows of a segment per step
 
 @jit
 def _sigma(x):
@@ -685,122 +686,3 @@ def infini_memory(q, k, v, M=None, z=None, segment_len=64, update='delta', block
         z = torch.zeros(B, H, D, dtype=torch.float32, device=q.device)
     with torch.cuda.device_of(q):  # Triton launches on the current GPU (cuda:1 too); the backward is on q's already
         return InfiniMemory.apply(q, k, v, M.float(), z.float(), segment_len, update, block_t)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The compiler's report: what each kernel costs a GPU, read from the compiler, with no GPU needed.
-#
-#   python kernels.py --report                          A100, RTX 30, RTX 40, H100, RTX 50; head dim 64, bf16
-#   python kernels.py --report --archs=86,90 --head_dim=32 --dtype=float32
-#
-# Triton ships NVIDIA's ptxas and cuobjdump, so the kernels compile here for any GPU. A kernel that needs more
-# shared memory than a GPU gives a block does not launch there ("out of resources"), and registers spilled to
-# local memory ("spill", bytes per thread) make it slow.
-
-SHARED_MEMORY_KIB = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}  # a block's most, per arch
-INTEGER_ARGS = {'H', 'T', 'N', 'Tq', 'h0', 'q_start', 'q_end', 'n_segments'}  # the kernels' integer arguments
-
-
-def kernel_launches(D, arch):
-    """(what, kernel, its pointers in the data dtype (the others are fp32), constexprs, launch settings), as this
-    file launches them on a GPU of compute capability arch (86 = 8.6)."""
-    selective = dict(BLOCK_M=BLOCK_M, BLOCK_N=selective_block_n(arch // 10), BLOCK_D=D)
-    infini = dict(BLOCK_T=BLOCK_T, BLOCK_D=D)
-    data = 'Q K V O DO DQ'.split()
-    launches = [('selective carry', _selective_carry_kernel, data, selective, NARROW),
-                ('selective forward', _selective_fwd_kernel, data, selective, NARROW),
-                ('selective backward dK dV', _selective_bwd_dkdv_kernel, data, selective, WIDE),
-                ('selective backward dQ', _selective_bwd_dq_kernel, data, selective, NARROW),
-                ('selective backward selection', _selective_bwd_selection_kernel, data, selective, WIDE)]
-    for update in ('linear', 'delta'):
-        rule = dict(infini, DELTA_RULE=update == 'delta')
-        launches += [(f'infini memory forward, {update}{", saving for backward" * save}', _infini_memory_fwd_kernel,
-                      ['Q', 'K', 'V'], dict(rule, SAVE=save), WIDE) for save in (False, True)]
-        launches.append((f'infini memory backward, {update}', _infini_memory_bwd_kernel, ['Q', 'K', 'V'], rule, WIDE))
-    return launches
-
-
-def compile_kernel(fn, data, constexprs, launch, arch, dtype):
-    """Compile one kernel for one compute capability: (registers, spill bytes per thread, shared memory bytes)."""
-    import triton.backends.nvidia
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    pointer = {torch.bfloat16: '*bf16', torch.float16: '*fp16', torch.float32: '*fp32'}[dtype]
-    signature = {a: 'constexpr' if a in constexprs else 'fp32' if a == 'scale' else 'i32' if a in INTEGER_ARGS else
-                 pointer if a in data else '*fp32' for a in fn.arg_names}
-    values = {(i,): constexprs[a] for i, a in enumerate(fn.arg_names) if a in constexprs}
-    aligned = {(i,): [['tt.divisibility', 16]] for i, a in enumerate(fn.arg_names) if signature[a][0] == '*'}
-    compiled = triton.compile(ASTSource(fn, signature, values, aligned), target=GPUTarget('cuda', arch, 32),
-                              options=dict(launch))
-    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), 'bin', 'cuobjdump')
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, 'kernel.cubin')
-        with open(path, 'wb') as f:
-            f.write(compiled.asm['cubin'])
-        usage = subprocess.run([tool, '-res-usage', path], capture_output=True, text=True, check=True).stdout
-    fields = dict(item.split(':') for line in usage.splitlines() if 'REG:' in line for item in line.split())
-    return int(fields['REG']), int(fields['STACK']), compiled.metadata.shared
-
-
-def compiler_report(archs, head_dim=64, dtype=torch.bfloat16):
-    """Every kernel compiled for every arch: {(what, arch): (registers, spill, shared bytes) or 'fails: why'}."""
-    results = {}
-    for arch in archs:
-        for what, fn, data, constexprs, launch in kernel_launches(head_dim, arch):
-            try:
-                results[what, arch] = compile_kernel(fn, data, constexprs, launch, arch, dtype)
-            except Exception as e:  # a compiler failure is a result: report it and go on
-                results[what, arch] = f"fails: {(str(e).strip().splitlines() or [''])[-1][:80]}"
-    return results
-
-
-def fits(result, arch):
-    """'ok', 'TOO MUCH' (more shared memory than the GPU gives a block) or the compiler's failure."""
-    if isinstance(result, str):
-        return result
-    return 'ok' if result[2] <= SHARED_MEMORY_KIB.get(arch, 99) * 1024 else 'TOO MUCH'
-
-
-def report_table(results, archs, head_dim, dtype):
-    """The report as markdown: a row per kernel, a column per arch."""
-    limits = ', '.join(f'sm_{arch} {SHARED_MEMORY_KIB.get(arch, 99)} KiB' for arch in archs)
-    lines = [f'triton {triton.__version__}, head dim {head_dim}, {str(dtype).removeprefix("torch.")}; cells: '
-             f'registers per thread, bytes per thread spilled to local memory, shared memory per block (TOO MUCH: '
-             f'more than the GPU has, {limits})', '',
-             '| kernel | ' + ' | '.join(f'sm_{arch}' for arch in archs) + ' |', '|' + '---:|' * (len(archs) + 1)]
-    for what in dict.fromkeys(what for what, _ in results):
-        cells = []
-        for arch in archs:
-            r, status = results[what, arch], fits(results[what, arch], arch)
-            cells.append(f'{r[0]} reg, {r[1]} B spill, {r[2] / 1024:.3g} KiB' + (' TOO MUCH' if status != 'ok' else '')
-                         if isinstance(r, tuple) else r)
-        lines.append(f'| {what} | ' + ' | '.join(cells) + ' |')
-    return lines
-
-
-def main(argv):
-    """python kernels.py --report [--archs=80,86,89,90,120] [--head_dim=64] [--dtype=bfloat16]"""
-    if argv[:1] != ['--report']:
-        raise SystemExit(f'usage: {main.__doc__}')
-    flags = dict(archs='80,86,89,90,120', head_dim='64', dtype='bfloat16')
-    for arg in argv[1:]:
-        key, eq, value = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not eq or key not in flags:
-            raise SystemExit(f"unknown flag '{arg}'; usage: {main.__doc__}")
-        flags[key] = value
-    try:
-        archs = [int(a) for a in flags['archs'].split(',')]
-        head_dim, dtype = int(flags['head_dim']), getattr(torch, flags['dtype'])
-    except (ValueError, AttributeError):
-        raise SystemExit(f"--archs is a comma-separated list like 86,90, --head_dim an int, --dtype one of float32, "
-                         f"float16, bfloat16: got {flags}") from None
-    if head_dim not in HEAD_DIMS or dtype not in DTYPES:
-        raise SystemExit(f'the kernels take head dims {HEAD_DIMS} and dtypes {DTYPES}')
-    if triton is None or os.environ.get('TRITON_INTERPRET') == '1':
-        raise SystemExit('--report needs the Triton compiler with its CUDA backend (pip install triton, on Linux '
-                         'x86_64), and TRITON_INTERPRET unset')
-    print('\n'.join(report_table(compiler_report(archs, head_dim, dtype), archs, head_dim, dtype)))
-
-
-if __name__ == '__main__':
-    main(sys.argv[1:])

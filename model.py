@@ -4,7 +4,8 @@ A GPT language model in the style of nanoGPT, with the attention chosen by name.
 The attention interface (every attention file implements it):
 
   Attention(config, layer_idx)          an nn.Module; projections keep nanoGPT's names (c_attn, c_proj)
-  attention(x, x0, cache=None) -> y     x:  (B, T, C) this block's input after ln_1: queries come from it
+  attention(x, x0, cache=None, **options) -> y
+                                        x:  (B, T, C) this block's input after ln_1: queries come from it
                                         x0: (B, T0, C) the initial token states (the input of block 0), T0 >= T.
                                             InAttention makes keys and values from x0; the others ignore it.
                                         cache=None: a full forward over positions 0..T0-1 (training).
@@ -12,25 +13,37 @@ The attention interface (every attention file implements it):
                                             already cached, x the same tokens (only the last one when the
                                             cache's last_token_only); the attention appends them to its part
                                             of the cache and returns x's outputs (prefill and one-step decode).
-  Cache(config, batch_size, max_len, **options)
-                                        the attention's inference cache, for all layers together, so an
-                                        attention may share it across layers (InAttention does). It has
-                                        .length (tokens seen), .nbytes() (bytes held) and .last_token_only
-                                        (True when earlier tokens never need to run through the blocks).
-                                        options are inference-time settings (selective's budget), passed
-                                        through generate(..., **cache_options).
+                                        options: settings of this one call (selective's simulated budget),
+                                            passed through GPT.forward(idx, targets, cache, **options).
+                                        rotary: with positions='rope', the cos and sin of the tokens' positions
+                                            (positions.rope_angles), computed once per forward for every layer.
   Attention.aux_loss                    optional: an extra training loss term set by forward (selective's
                                         memory loss); GPT adds it to the language-model loss.
-  Attention.streams                     True when the attention has no context limit (Infini-attention): it
-                                        then brings its own positions and the model has no position table.
+
+What an attention knows about itself, it declares as class attributes; the model and the scripts ask it and never
+branch on its name (a new attention answers the same questions, then register_attention adds it in one line):
+
+  position_schemes                      the positions it takes (positions.py), its default first
+  refused_because                       why it refuses the other schemes ('' when it takes them all)
+  own_head_size                         True when it takes GPTConfig.head_size apart from n_embd / n_head
+  streams                               True when it has no context limit (Infini-attention): it then brings its
+                                        own positions, the model has no position table and never crops
+  cache_options                         the inference options its cache takes (selective's budget and evict)
+  new_cache(config, batch_size, max_len, **options)
+                                        its inference cache, for all layers together, so an attention may share it
+                                        across layers (InAttention does). A cache has .length (tokens seen),
+                                        .nbytes() (bytes held) and .last_token_only (True when earlier tokens never
+                                        need to run through the blocks).
+  keys_per_query(config)                the keys one query attends to in training: PaLM's T in the attention's
+                                        12 L H Q T flops per token (estimate_mfu)
+  maps(x, x0, **options)                what it can show (visualize.py): 'att' its attention weights (B, H, T, T),
+                                        'y' its output before c_proj (B, H, T, D) to check them against the
+                                        model, and whatever else is its own (selective's F, Infini's gates)
+  maps_note                             what its weights are over, in a few words ('' for plain tokens)
 
 Positions (GPTConfig.positions, functions in positions.py): 'learned' adds GPT-2's table (wpe) to the initial
 states; 'rope' rotates queries and keys by their position; 'alibi' adds a distance bias to the scores. Without
-'learned' there is no table. Each attention takes the schemes its cache allows (ATTENTION_POSITIONS, whose
-first entry is its default):
-InAttention keeps one cache of initial states for all layers, so a position must live in x0 or in the scores,
-never in a rotated key. Infini-attention streams past block_size, so it always rotates queries and keys inside
-each segment (RoPE) and keeps its memory position-free, as its paper does: the field does not change it.
+'learned' there is no table.
 """
 
 import inspect
@@ -41,25 +54,15 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from attention_in import InAttention, InCache
-from attention_infini import InfiniAttention, InfiniCache
-from attention_selective import SelectiveAttention, SelectiveCache
-from positions import POSITIONS, alibi_bias, alibi_slopes, rope
+from attention_in import InAttention
+from attention_infini import InfiniAttention
+from attention_selective import SelectiveAttention
+from positions import POSITIONS, alibi_bias, alibi_slopes, causal_mask, rope, rope_angles
 
-ATTENTIONS = ('causal', 'in', 'infini', 'selective')
-# the position schemes each attention takes, and why it refuses the others
-# the position schemes each attention takes, its default first, and why it refuses the others. The defaults are
-# what the numbers say (docs/selective.md, docs/inattention.md): at train.py's CPU defaults, rotary positions
-# beat the learned table by about 0.5 nats for causal and selective, and ALiBi beats it by 0.23 for InAttention
-ATTENTION_POSITIONS = {
-    'causal': (('rope', 'alibi', 'learned'), ''),
-    'selective': (('rope', 'alibi', 'learned'), ''),
-    'in': (('alibi', 'learned'), "InAttention keeps one cache of initial states x0 for every layer and folds each "
-           "layer's key projection into its query (the absorbed decode); a rotation applied after the key "
-           "projection would need a key cache per layer again"),
-    'infini': (('rope', 'learned'), "Infini-attention always brings its own positions, RoPE inside each segment "
-               "with a position-free memory; 'rope' and 'learned' both leave it so"),
-}
+ATTENTIONS = {}  # name -> attention class, filled by register_attention below the classes
+# what every attention declares (the module docstring says what each means)
+DECLARATIONS = ('position_schemes', 'refused_because', 'own_head_size', 'streams', 'cache_options', 'new_cache',
+                'keys_per_query', 'maps', 'maps_note')
 LOSS_PIECE = 2 ** 31 - 1  # logits per cross-entropy call: CUDA's kernel indexes them with int32
 
 
@@ -73,7 +76,7 @@ class GPTConfig:
     head_size: int = 0           # width of one head; 0 = n_embd // n_head. Wider attention: more heads of this size
     dropout: float = 0.0
     bias: bool = True
-    attention: str = 'causal'    # one of ATTENTIONS
+    attention: str = 'causal'    # a name in ATTENTIONS
     use_kernels: bool = True     # Triton kernels on CUDA where they exist; False forces the PyTorch reference
     # infini: segment length, memory update rule ('linear' or 'delta'), learning-rate multiplier of the gates
     segment_len: int = 64
@@ -91,14 +94,15 @@ class GPTConfig:
     selection_loss: float = 0.0
     selection_fn: str = 'relu'
     # how tokens know their position: 'learned' (GPT-2's table), 'rope' (rotary) or 'alibi' (distance bias)
-    positions: str = ''  # '' = the attention's default, the first of ATTENTION_POSITIONS
+    positions: str = ''  # '' = the attention's default, the first of its position_schemes
     # the MLP's GELU: 'none' is the exact one (nanoGPT's), 'tanh' the approximation GPT-2 was trained with
     gelu: str = 'none'
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention '{self.attention}', choose one of: {', '.join(ATTENTIONS)}")
-        allowed, why = ATTENTION_POSITIONS[self.attention]
+        attention = ATTENTIONS[self.attention]
+        allowed, why = attention.position_schemes, attention.refused_because
         self.positions = self.positions or allowed[0]
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions '{self.positions}', choose one of: {', '.join(POSITIONS)}")
@@ -110,15 +114,19 @@ class GPTConfig:
         self.head_size = self.head_size or self.n_embd // self.n_head
         if self.gelu not in ('none', 'tanh'):
             raise ValueError(f"gelu='{self.gelu}': use 'none' (exact) or 'tanh' (GPT-2's approximation)")
-        if self.head_size != self.n_embd // self.n_head and self.attention not in ('causal', 'selective'):
-            raise ValueError(f"head_size={self.head_size} differs from n_embd/n_head: only causal and selective "
-                             f"attention take a separate head size (in and infini tie their caches to n_embd)")
+        if self.head_size != self.n_embd // self.n_head and not attention.own_head_size:
+            takers = ', '.join(name for name, a in ATTENTIONS.items() if a.own_head_size)
+            raise ValueError(f"head_size={self.head_size} differs from n_embd/n_head: attention='{self.attention}' "
+                             f"ties its head size to n_embd; these take a separate one: {takers}")
 
 
-def attention_classes(name):
-    """The (Attention, Cache) classes of an attention, by name."""
-    return {'causal': (CausalSelfAttention, KVCache), 'in': (InAttention, InCache),
-            'infini': (InfiniAttention, InfiniCache), 'selective': (SelectiveAttention, SelectiveCache)}[name]
+def register_attention(name, attention_class):
+    """Make an attention choosable by name (GPTConfig.attention, train.py --attention=name)."""
+    missing = [d for d in DECLARATIONS if not hasattr(attention_class, d)]
+    if missing:
+        raise TypeError(f"{attention_class.__name__} does not declare {', '.join(missing)} (model.py's docstring "
+                        f"says what each is)")
+    ATTENTIONS[name] = attention_class
 
 
 def cross_entropy(logits, targets, reduction='mean'):
@@ -133,16 +141,24 @@ def cross_entropy(logits, targets, reduction='mean'):
     return total if reduction == 'sum' else total / (targets != -1).sum()
 
 
-def causal_mask(t_q, t_k, device):
-    """Boolean mask letting the last t_q of t_k positions see themselves and everything before them."""
-    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The baseline: plain causal self-attention with a standard KV cache.
 
 class CausalSelfAttention(nn.Module):
+    position_schemes = ('rope', 'alibi', 'learned')  # rope first: docs/selective.md measures it best here
+    refused_because = ''
+    own_head_size = True
     streams = False
+    cache_options = ()
+    maps_note = ''
+
+    @staticmethod
+    def new_cache(config, batch_size, max_len):
+        return KVCache(config, batch_size, max_len)
+
+    @staticmethod
+    def keys_per_query(config):
+        return config.block_size
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -157,22 +173,27 @@ class CausalSelfAttention(nn.Module):
         if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
             self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
-    def forward(self, x, x0, cache=None):
+    def qkv(self, x, positions, rotary=None):
+        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at these positions (T,); rotary: their
+        rope angles if the model computed them already."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(self.width, dim=2)
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
+            q, k = rope(q, positions, rotary), rope(k, positions, rotary)
+        return q, k, v
+
+    def forward(self, x, x0, cache=None, rotary=None):
+        B, T, _ = x.size()
         start = 0 if cache is None else cache.length
         positions = torch.arange(start, start + T, device=x.device)
-        if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
-            q, k = rope(q, positions), rope(k, positions)
+        q, k, v = self.qkv(x, positions, rotary)
         dropout_p = self.dropout if self.training else 0.0
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)
         if self.positions == 'alibi':  # the distance bias, with -inf on future keys, as one float mask
-            keys = torch.arange(k.size(2), device=x.device)
-            bias = alibi_bias(self.slopes, positions, keys).masked_fill(~causal_mask(T, k.size(2), x.device),
-                                                                        float('-inf'))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.alibi_mask(positions, k.size(2)).to(q.dtype),
+                                               dropout_p=dropout_p)
         elif cache is None or T == k.size(2):  # training, or prefill of an empty cache: no T x T mask in memory
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
@@ -180,6 +201,23 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, self.width)
         return self.resid_dropout(self.c_proj(y))
+
+    def alibi_mask(self, positions, n_keys):
+        """ALiBi's distance bias of these queries over keys 0..n_keys-1, with -inf on future keys: (H, T, n_keys)."""
+        bias = alibi_bias(self.slopes, positions, torch.arange(n_keys, device=positions.device))
+        return bias.masked_fill(~causal_mask(positions.size(0), n_keys, positions.device), float('-inf'))
+
+    def maps(self, x, x0):
+        """The attention weights softmax(q k^T / sqrt(d) + causal mask (+ ALiBi's bias)), and the output."""
+        positions = torch.arange(x.size(1), device=x.device)
+        q, k, v = self.qkv(x, positions)
+        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+        if self.positions == 'alibi':
+            scores = scores + self.alibi_mask(positions, k.size(2))
+        else:
+            scores = scores.masked_fill(~causal_mask(q.size(2), k.size(2), x.device), float('-inf'))
+        att = torch.softmax(scores, dim=-1)
+        return dict(att=att, y=att @ v)
 
 
 class KVCache:
@@ -206,6 +244,12 @@ class KVCache:
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
+register_attention('causal', CausalSelfAttention)
+register_attention('in', InAttention)
+register_attention('infini', InfiniAttention)
+register_attention('selective', SelectiveAttention)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The shared parts: nanoGPT's MLP, Block and GPT.
 
@@ -226,14 +270,13 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        attention_class, _ = attention_classes(config.attention)
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = attention_class(config, layer_idx)
+        self.attn = ATTENTIONS[config.attention](config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, x0, cache=None):
-        x = x + self.attn(self.ln_1(x), x0, cache)
+    def forward(self, x, x0, cache=None, **options):
+        x = x + self.attn(self.ln_1(x), x0, cache, **options)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -244,8 +287,8 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
-        attention_class, self.cache_class = attention_classes(config.attention)
-        self.streams = attention_class.streams
+        self.attention = ATTENTIONS[config.attention]  # the attention's class: what it declares about itself
+        self.streams = self.attention.streams
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=(nn.Embedding(config.block_size, config.n_embd)
@@ -282,10 +325,21 @@ class GPT(nn.Module):
                              f"with a larger --block_size")
 
     def new_cache(self, batch_size, max_len=None, **options):
-        """An empty inference cache for up to max_len tokens (default block_size)."""
-        return self.cache_class(self.config, batch_size, max_len or self.config.block_size, **options)
+        """An empty inference cache for up to max_len tokens (default block_size); options are the attention's
+        cache_options (selective's budget), a ValueError for any other."""
+        self.check_options(options)
+        return self.attention.new_cache(self.config, batch_size, max_len or self.config.block_size, **options)
 
-    def forward(self, idx, targets=None, cache=None):
+    def check_options(self, options):
+        """A ValueError naming any inference option the attention does not take (its cache_options)."""
+        unknown = [key for key in options if key not in self.attention.cache_options]
+        if unknown:
+            takes = ', '.join(self.attention.cache_options) or 'none'
+            raise ValueError(f"attention='{self.config.attention}' takes no option {', '.join(unknown)} "
+                             f"(it takes: {takes})")
+
+    def forward(self, idx, targets=None, cache=None, **options):
+        """Logits and loss of idx (b, t); options go to every layer's attention (selective's budget, evict)."""
         b, t = idx.size()
         start = 0 if cache is None else cache.length
         self.check_length(start + t)
@@ -295,10 +349,14 @@ class GPT(nn.Module):
             x0 = x0 + self.transformer.wpe(pos)
         x0 = self.transformer.drop(x0)
         x = x0
+        if self.config.positions == 'rope' and not self.streams:  # the rotation of each position, for every layer
+            pos = torch.arange(start, start + t, device=idx.device)
+            options = {**options, 'rotary': rope_angles(pos, self.config.head_size,
+                                                        torch.promote_types(x0.dtype, torch.float32))}
         if cache is not None and targets is None and cache.last_token_only:
             x = x[:, -1:]  # InAttention: keys and values come from x0 alone, so only the last token runs
         for block in self.transformer.h:
-            x = block(x, x0, cache)
+            x = block(x, x0, cache, **options)
         if cache is not None:
             cache.length += t
         x = self.transformer.ln_f(x)
@@ -340,45 +398,63 @@ class GPT(nn.Module):
         N = self.get_num_params()
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.block_size
-        # the attention term 12 L H Q T counts the context each query sees (PaLM's T); infini's softmax sees one
-        # segment, and its memory's d x d products are left out
-        seen = min(T, cfg.segment_len) if cfg.attention == 'infini' else T
+        # the attention term 12 L H Q T counts the keys each query sees (PaLM's T): the attention says how many
+        seen = self.attention.keys_per_query(cfg)
         flops_per_token = 6 * N + 12 * L * H * Q * seen
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, **cache_options):
         """Sample max_new_tokens after idx (b, t), with the attention's cache: the prefix is never recomputed.
-        temperature=0 takes the most likely token each step (greedy decoding).
+        temperature=0 takes the most likely token each step (greedy decoding); cache_options go to new_cache.
 
         Attentions with a context limit keep nanoGPT's semantics past block_size: the context is the last
         block_size tokens, so the cache is rebuilt from that window each step. Streaming ones never crop, and
         read the prompt in chunks.
         """
+        if max_new_tokens == 0:
+            return idx
+        cache, logits = self.prefill(idx, max_new_tokens, **cache_options)
+        return self.decode_n_tokens(idx, logits, cache, max_new_tokens, temperature, top_k, cache_options)
+
+    def prefill(self, idx, max_new_tokens, **cache_options):
+        """A new cache holding the context of idx, and the logits (b, vocab) after it. The context is idx, or its
+        last block_size tokens for a model with a context limit; a streaming model reads it block_size tokens at a
+        time, so its memory stays bounded."""
         limit = None if self.streams else self.config.block_size
-        cache = None
-        for _ in range(max_new_tokens):
-            if cache is None or (limit is not None and cache.length >= limit):
-                context = idx if limit is None else idx[:, -limit:]
-                max_len = context.size(1) + max_new_tokens
-                if limit is not None:
-                    max_len = min(max_len, limit)
-                cache = self.new_cache(idx.size(0), max_len, **cache_options)
-                # a streaming model reads a long prompt block_size tokens at a time, so memory stays bounded
-                step = context.size(1) if limit is not None else self.config.block_size
-                for start in range(0, context.size(1), step):
-                    logits, _ = self(context[:, start:start + step], cache=cache)
+        context = idx if limit is None else idx[:, -limit:]
+        max_len = context.size(1) + max_new_tokens
+        cache = self.new_cache(idx.size(0), max_len if limit is None else min(max_len, limit), **cache_options)
+        step = self.config.block_size if limit is None else context.size(1)
+        for start in range(0, context.size(1), step):
+            logits, _ = self(context[:, start:start + step], cache=cache)
+        return cache, logits[:, -1, :].float()  # fp32: bf16 would tie close logits, even for top_k=1
+
+    def decode_one_token(self, token, cache):
+        """The logits (b, vocab) after one more token (b, 1), which the cache takes in."""
+        logits, _ = self(token, cache=cache)
+        return logits[:, -1, :].float()
+
+    def decode_n_tokens(self, idx, logits, cache, n, temperature, top_k, cache_options):
+        """Sample n tokens one at a time from the logits after idx and its cache; returns idx with them."""
+        for i in range(n):
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
+            if i == n - 1:
+                break
+            if not self.streams and cache.length >= self.config.block_size:  # the window moves: rebuild it
+                cache, logits = self.prefill(idx, n, **cache_options)
             else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            logits = logits[:, -1, :].float()  # fp32: bf16 would tie close logits, even for top_k=1
-            if temperature == 0:  # greedy decoding: the most likely token
-                idx = torch.cat((idx, logits.argmax(dim=-1, keepdim=True)), dim=1)
-                continue
-            logits = logits / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('Inf')
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+                logits = self.decode_one_token(idx[:, -1:], cache)
         return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """The next token (b, 1) from the logits (b, vocab): the likeliest at temperature 0, else a draw from the
+    softmax at that temperature over the top_k likeliest (all of them when top_k is None)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('Inf')
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

@@ -19,22 +19,29 @@ POSITIONS = ('learned', 'rope', 'alibi')
 ROPE_BASE = 10000.0  # RoFormer's theta base (section 3.2.2)
 
 
-def rope(x, positions):
-    """Rotate x (..., T, D) by its positions (T,) or (B, T): pairs (x[2i], x[2i+1]) turn by position * base^(-2i/D)
-    (RoFormer eq. 34). D must be even. Computed in x's dtype at least fp32, returned in x's dtype."""
-    D = x.size(-1)
-    if D % 2:
-        raise ValueError(f"rotary positions need an even head size, got {D}")
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    freqs = ROPE_BASE ** (-torch.arange(0, D, 2, device=x.device, dtype=dtype) / D)  # (D/2,)
-    angles = positions.to(dtype)[..., None] * freqs  # (T, D/2) or (B, T, D/2)
+def rope_angles(positions, head_size, dtype=torch.float32):
+    """cos and sin of the rotation of each position (T,) or (B, T): (T, D) or (B, 1, T, D), in dtype. Frequency i
+    is base^(-2i/D) (RoFormer eq. 15), written twice: dims i and i + D/2 turn together (rope's layout)."""
+    if head_size % 2:
+        raise ValueError(f"rotary positions need an even head size, got {head_size}")
+    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_size, 2, device=positions.device, dtype=dtype) / head_size)
+    angles = positions.to(dtype)[..., None] * inv_freq  # (T, D/2) or (B, T, D/2)
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, D/2): the same angles for every head
-    cos, sin = angles.cos(), angles.sin()
-    pairs = x.to(dtype).unflatten(-1, (D // 2, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rope(x, positions=None, angles=None):
+    """Rotate x (..., T, D) by the positions (T,) or (B, T) of its rows, or by their rope_angles given once for
+    every layer. The pairs (x[i], x[i + D/2]) turn by position * base^(-2i/D) (RoFormer eq. 34, in the
+    rotate-half layout of GPT-NeoX: the same rotation with the dims of each pair half a head apart). Computed in
+    x's dtype, the angles in fp32 at least."""
+    if angles is None:
+        angles = rope_angles(positions, x.size(-1), torch.promote_types(x.dtype, torch.float32))
+    cos, sin = (t.to(x.dtype) for t in angles)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def alibi_slopes(n_head, device=None, dtype=torch.float32):
@@ -59,3 +66,9 @@ def alibi_bias(slopes, query_positions, key_positions):
         return -slopes[:, None, None] * distance.to(slopes.dtype)
     distance = query_positions[None, :, None] - key_positions[:, None, :]  # (B, Tq, Tk)
     return -slopes[None, :, None, None] * distance[:, None].to(slopes.dtype)
+
+
+def causal_mask(t_q, t_k, device):
+    """Which keys each query sees (t_q, t_k), boolean: the last t_q of t_k positions see themselves and every
+    earlier position, never a later one."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)

@@ -19,6 +19,8 @@ import threading
 
 import torch
 
+from configurator import parse_ints
+
 
 def free_memory(settings):
     gc.collect()
@@ -80,16 +82,6 @@ def guarded(fn, settings, seconds=0.0):
             signal.signal(signal.SIGALRM, previous)
     free_memory(settings)  # outside the except block, so the traceback no longer holds the case's tensors
     return result, status, message
-
-
-def parse_ints(flag, text, example='1024,4k,1M'):
-    """'128,1k,1M' -> [128, 1024, 1048576]."""
-    scale = {'k': 2 ** 10, 'm': 2 ** 20}
-    try:
-        return [int(n[:-1]) * scale[n[-1].lower()] if n[-1].lower() in scale else int(n)
-                for n in text.replace(' ', '').split(',') if n]
-    except ValueError:
-        raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None
 
 
 def context_list(settings, default):

@@ -2,7 +2,7 @@
 Sample from a trained model, nanoGPT style; every global below is a flag:
 
   python sample.py                                           # out/ckpt.pt, prompted with a newline
-  python sample.py --out_dir=out-selective --start="def main(" --budget=32
+  python sample.py --ckpt=out-selective/ckpt.pt --start="def main(" --budget=32
   python sample.py --start=FILE:prompt.txt --max_new_tokens=200
   python sample.py --init_from=gpt2 --start="It was a dark and stormy night"   # GPT-2 itself (docs/gpt2.md)
 """
@@ -12,39 +12,27 @@ import sys
 
 import torch
 
-from configurator import (autocast, configure, default_device, device_type_of, encode_prompt, flags_of, load_model,
-                          resolve_dtype)
-from data.common import tokenizer_from_meta
+from checkpoints import load_model
+from configurator import configure, flags_of, inference_options
+from data.common import encode_prompt, tokenizer_from_meta
+from devices import autocast, default_device, device_type_of, resolve_dtype
 from gpt2 import is_gpt2, load_model as load_gpt2
 
 # -----------------------------------------------------------------------------------------------------------
-out_dir = 'out'         # the run whose ckpt.pt to sample from
-init_from = ''          # '' = out_dir's checkpoint; gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local GPT-2 folder
+ckpt = 'out/ckpt.pt'    # the checkpoint to sample from (train.py writes out_dir/ckpt.pt)
+init_from = ''          # '' = --ckpt; gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local GPT-2 folder
 start = '\n'            # the prompt, or 'FILE:path' to read it from a file
 num_samples = 3
 max_new_tokens = 500
 temperature = 0.8       # 1.0 = the model's distribution, lower is more predictable, 0 = always the likeliest
 top_k = 200             # keep only the top_k most likely tokens; 0 = all
 seed = 1337
-device = default_device()
+device = ''             # '' = cuda if available, else mps, else cpu (devices.default_device)
 dtype = ''              # '' = bfloat16 on CUDA where supported, else float16; float32 elsewhere
-budget = ''             # selective only: KV entries each layer keeps, an int or one per layer ('8,16,...'); '' = all
+budget = ''             # selective only: KV entries each layer keeps, an int or one per layer ('8,16'); '' = all
+evict = 'F'             # selective with a budget: evict the most masked entry ('F') or the oldest ('window')
 FLAGS = flags_of(globals())
 # -----------------------------------------------------------------------------------------------------------
-
-
-def parse_budget(text, config):
-    """The cache options for --budget: {} when off, else {'budget': an int or a list of one int per layer}."""
-    if not text:
-        return {}
-    if config.attention != 'selective':
-        raise SystemExit(f"--budget prunes Selective Attention's cache; this checkpoint's attention is "
-                         f"'{config.attention}': drop --budget")
-    try:
-        values = [int(v) for v in text.split(',')]
-    except ValueError:
-        raise SystemExit(f"--budget={text}: give an int, or a comma list of {config.n_layer} ints (one per layer)")
-    return {'budget': values[0] if len(values) == 1 else values}
 
 
 def main(argv):
@@ -53,25 +41,26 @@ def main(argv):
         raise SystemExit("--temperature, --top_k, --num_samples and --max_new_tokens must be >= 0 "
                          "(temperature 0 is greedy decoding, top_k 0 keeps every token)")
     torch.manual_seed(cfg.seed)
-    device_type = device_type_of(cfg.device)
+    device = cfg.device or default_device()
+    device_type = device_type_of(device)
     ctx = autocast(device_type, resolve_dtype(cfg.dtype, device_type))
-    path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    path = cfg.ckpt
     if cfg.init_from and not is_gpt2(cfg.init_from):
         raise SystemExit(f"--init_from={cfg.init_from}: give gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local GPT-2 "
-                         f"folder (a run's checkpoint is read with --out_dir)")
+                         f"folder (a run's checkpoint is read with --ckpt)")
     if not cfg.init_from and not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={cfg.out_dir}), or "
-                         f"set --out_dir to a run's folder")
-    model, checkpoint = load_gpt2(cfg.init_from, cfg.device) if cfg.init_from else load_model(path, cfg.device)
+        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir=DIR writes "
+                         f"DIR/ckpt.pt), or set --ckpt to a run's ckpt.pt")
+    model, checkpoint = load_gpt2(cfg.init_from, device) if cfg.init_from else load_model(path, device)
     config = model.config
     tok = tokenizer_from_meta(checkpoint['tokenizer'])
-    cache_options = parse_budget(cfg.budget, config)
+    cache_options = inference_options(model, cfg.budget, cfg.evict)
 
     ids = encode_prompt(cfg.start, tok)
     if len(ids) > config.block_size and not model.streams:
         print(f"the prompt has {len(ids)} tokens, more than block_size={config.block_size}: the model sees its "
               f"last {config.block_size}")
-    x = torch.tensor(ids, dtype=torch.long, device=cfg.device)[None, ...]
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
 
     with torch.no_grad(), ctx:
         for _ in range(cfg.num_samples):

@@ -24,9 +24,10 @@ from torch.distributed import barrier, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import (autocast, configure, default_device, device_type_of, flags_of, load_checkpoint,
-                          resolve_dtype, save_checkpoint)
+from checkpoints import ROPE_LAYOUT, load_checkpoint, save_checkpoint
+from configurator import configure, flags_of
 from data.common import load_meta
+from devices import autocast, default_device, device_type_of, resolve_dtype
 from gpt2 import gpt2_checkpoint, is_gpt2
 from model import GPT, GPTConfig
 
@@ -67,7 +68,7 @@ warmup_iters = 100 if _gpu else 20
 lr_decay_iters = 0              # 0 = max_iters
 min_lr = 1e-4
 # system
-device = default_device()
+device = ''                     # '' = cuda if available, else mps, else cpu (devices.default_device)
 dtype = ''                      # '' = bfloat16 on CUDA where supported, else float16; float32 elsewhere
 compile = _gpu                  # torch.compile the model
 seed = 1337
@@ -99,18 +100,18 @@ def check_settings(cfg):
         raise SystemExit("--max_iters, --warmup_iters and --lr_decay_iters must be >= 0")
 
 
-def get_batch(cfg, split, rng, device):
-    """cfg.batch_size windows of cfg.block_size tokens and their next tokens, drawn with rng (a numpy Generator).
-    Targets of -1 are ignored by the loss."""
+def get_batch(data_dir, split, batch_size, block_size, rng, device, example_len=0, answer_len=0):
+    """batch_size windows of block_size tokens of data_dir/split.bin and their next tokens, drawn with rng (a numpy
+    Generator). Targets of -1 are ignored by the loss. example_len, answer_len: the dataset's (meta.pkl), 0 = none."""
     # recreate the memmap every batch to avoid a memory leak, as nanoGPT does
-    data = np.memmap(os.path.join(cfg.data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    B, T = cfg.batch_size, cfg.block_size
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    B, T = batch_size, block_size
     y = torch.full((B, T), -1, dtype=torch.int64)
-    if cfg.example_len:  # examples back to back (passkey): windows start at an example, targets stay inside it
-        starts = rng.integers(0, len(data) // cfg.example_len, size=B) * cfg.example_len
-        last = min(T, cfg.example_len - 1)  # targets at positions 0..last-1
+    if example_len:  # examples back to back (passkey): windows start at an example, targets stay inside it
+        starts = rng.integers(0, len(data) // example_len, size=B) * example_len
+        last = min(T, example_len - 1)  # targets at positions 0..last-1
         # answer_len: only the targets of the example's last answer_len tokens count (the answer of a task)
-        first = cfg.example_len - 1 - cfg.answer_len if cfg.answer_len else 0
+        first = example_len - 1 - answer_len if answer_len else 0
     else:
         starts = rng.integers(0, len(data) - T, size=B)
         first, last = 0, T
@@ -136,14 +137,16 @@ def get_lr(cfg, it):
 
 
 @torch.no_grad()
-def estimate_loss(cfg, model, ctx, device):
-    """Mean loss over eval_iters batches of each split; the same batches at every eval, so evals compare."""
+def estimate_loss(cfg, model, ctx, device, examples):
+    """Mean loss over eval_iters batches of each split; the same batches at every eval, so evals compare.
+    examples: the dataset's example_len and answer_len, as get_batch takes them."""
     out = {}
     model.eval()
     for split_id, split in enumerate(('train', 'val')):
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
-            X, Y = get_batch(cfg, split, np.random.default_rng([cfg.seed, 1, split_id, k]), device)
+            X, Y = get_batch(cfg.data_dir, split, cfg.batch_size, cfg.block_size,
+                             np.random.default_rng([cfg.seed, 1, split_id, k]), device, **examples)
             with ctx:
                 _, loss = model(X, Y)
             losses[k] = loss.item()
@@ -197,7 +200,7 @@ def model_args_from(checkpoint, cfg, given, fine_tune):
     return args
 
 
-def load_run(cfg, given):
+def checkpoint_to_start_from(cfg, given):
     """The checkpoint to resume or fine-tune from (None from scratch). A resumed run takes its settings back
     from the checkpoint, except the flags given now and the machine's own (device, dtype, compile, ...)."""
     if cfg.init_from == 'scratch':
@@ -215,6 +218,9 @@ def load_run(cfg, given):
                          f"the run to resume")
     checkpoint = load_checkpoint(path)
     missing = {'optimizer', 'iter_num', 'best_val_loss', 'config'} - checkpoint.keys()
+    if checkpoint.get('converted'):
+        raise SystemExit(f"{path} was written with an older rope layout: its weights load converted, its optimizer "
+                         f"state does not; fine-tune from its weights instead: --init_from={path} --out_dir=NEW")
     if missing:
         raise SystemExit(f"{path} has no {', '.join(sorted(missing))} to resume a run with; fine-tune from its "
                          f"weights instead: --init_from={path} --out_dir=NEW")
@@ -256,6 +262,7 @@ def main(argv):
 
     # DDP (torchrun sets RANK): one process per GPU, or per CPU process with gloo
     ddp = int(os.environ.get('RANK', -1)) != -1
+    cfg.device = cfg.device or default_device()  # the flag's '' resolved, as every script resolves it
     run_device, accum_steps, rank, world_size = cfg.device, cfg.gradient_accumulation_steps, 0, 1
     if ddp:
         init_process_group(backend='nccl' if 'cuda' in cfg.device else 'gloo')
@@ -271,7 +278,7 @@ def main(argv):
     device_type = device_type_of(run_device)
 
     # the run to continue or fine-tune from
-    checkpoint = load_run(cfg, given)
+    checkpoint = checkpoint_to_start_from(cfg, given)
 
     # data
     cfg.data_dir = cfg.data_dir or os.path.join(ROOT, 'data', cfg.dataset)
@@ -289,13 +296,14 @@ def main(argv):
     model = build_model(cfg, checkpoint, given)
     if cfg.vocab_size < meta['vocab_size']:
         raise SystemExit(f"--vocab_size={cfg.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
-    cfg.example_len, cfg.answer_len = meta.get('example_len', 0), meta.get('answer_len', 0)
-    if cfg.example_len and cfg.block_size > cfg.example_len:
-        raise SystemExit(f"--block_size={cfg.block_size} is longer than the {cfg.example_len}-token examples of "
-                         f"{cfg.data_dir}; use --block_size={cfg.example_len} or prepare longer examples")
-    if cfg.answer_len and cfg.block_size < cfg.example_len:
-        raise SystemExit(f"{cfg.data_dir} scores only the answer at the end of each {cfg.example_len}-token example: "
-                         f"use --block_size={cfg.example_len}")
+    examples = dict(example_len=meta.get('example_len', 0), answer_len=meta.get('answer_len', 0))
+    example_len = examples['example_len']
+    if example_len and cfg.block_size > example_len:
+        raise SystemExit(f"--block_size={cfg.block_size} is longer than the {example_len}-token examples of "
+                         f"{cfg.data_dir}; use --block_size={example_len} or prepare longer examples")
+    if examples['answer_len'] and cfg.block_size < example_len:
+        raise SystemExit(f"{cfg.data_dir} scores only the answer at the end of each {example_len}-token example: "
+                         f"use --block_size={example_len}")
     for split in ('train', 'val'):
         n = os.path.getsize(os.path.join(cfg.data_dir, f'{split}.bin')) // 2
         if n <= cfg.block_size:
@@ -336,7 +344,7 @@ def main(argv):
     t0, timed_iters = time.time(), 0
     while True:
         if master_process and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only):
-            losses = estimate_loss(cfg, model, ctx, run_device)
+            losses = estimate_loss(cfg, model, ctx, run_device, examples)
             extra = extra_log(raw_model)
             tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                        + (f", {extra}" if extra else ''))
@@ -345,7 +353,8 @@ def main(argv):
                 save_checkpoint({'model_args': dataclasses.asdict(raw_model.config), 'model': raw_model.state_dict(),
                                  'optimizer': optimizer.state_dict(), 'iter_num': iter_num,
                                  'best_val_loss': best_val_loss, 'config': {k: getattr(cfg, k) for k in FLAGS},
-                                 'tokenizer': meta['tokenizer']}, os.path.join(cfg.out_dir, 'ckpt.pt'))
+                                 'tokenizer': meta['tokenizer'], 'rope_layout': ROPE_LAYOUT},
+                                os.path.join(cfg.out_dir, 'ckpt.pt'))
             t0, timed_iters = time.time(), 0  # tokens/s counts training only
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break
@@ -355,8 +364,8 @@ def main(argv):
             group['lr'] = lr * group['lr_mult']
         for micro_step in range(accum_steps):
             # batches depend only on (seed, iter_num, rank, micro_step): a resumed run draws what this one would
-            X, Y = get_batch(cfg, 'train', np.random.default_rng([cfg.seed, 0, iter_num, rank, micro_step]),
-                             run_device)
+            X, Y = get_batch(cfg.data_dir, 'train', cfg.batch_size, cfg.block_size,
+                             np.random.default_rng([cfg.seed, 0, iter_num, rank, micro_step]), run_device, **examples)
             if ddp:  # sync gradients on the last micro step only
                 train_model.require_backward_grad_sync = micro_step == accum_steps - 1
             with ctx:

@@ -1,9 +1,9 @@
 """
 See what each attention does in a trained model, on a prompt; every global below is a flag:
 
-  python visualize.py --out_dir=out-selective --budget=32
-  python visualize.py --out_dir=out-infini --start=FILE:prompt.txt --layer=2 --head=1
-  python visualize.py --out_dir=out-in --token=10 --max_new_tokens=40
+  python visualize.py --ckpt=out-selective/ckpt.pt --budget=32
+  python visualize.py --ckpt=out-infini/ckpt.pt --start=FILE:prompt.txt --layer=2 --head=1
+  python visualize.py --ckpt=out-in/ckpt.pt --token=10 --max_new_tokens=40
 
 The text is printed with each token shaded by what the attention did to it (docs/visualize.md reads an example):
   selective  the mask F on the token at the end of the text, in nats: e^-F multiplies its attention weight in
@@ -14,8 +14,9 @@ The text is printed with each token shaded by what the attention did to it (docs
 Colours on a terminal unless NO_COLOR is set; elsewhere (a pipe, a log) a row of digits 0-9 under each line.
 With matplotlib, PNGs too: every layer's and head's attention map, selective's F, infini's gates.
 
-The maps are recomputed from each block's inputs (caught by forward hooks) with the attention files' reference
-functions, and each layer's recomputed output is checked against the model's own.
+Each attention shows what it can (its maps method, model.py): the maps are recomputed from each block's inputs
+(caught by forward hooks) with the attention file's own reference, and each layer's recomputed output is checked
+against the model's own.
 """
 
 import os
@@ -23,29 +24,27 @@ import sys
 
 import torch
 
-from attention_infini import gated_output, infini_attention, local_attention
-from attention_selective import (EVICTIONS, accumulated_masks, causal_logits, eviction_schedule, selection_matrix,
-                                 selective_attention)
-from configurator import configure, device_type_of, encode_prompt, flags_of, load_checkpoint
-from data.common import tokenizer_from_meta
+from checkpoints import load_checkpoint
+from configurator import configure, flags_of, inference_options
+from data.common import encode_prompt, tokenizer_from_meta
+from devices import default_device, device_type_of
 from model import GPT, GPTConfig
-from positions import alibi_bias, rope
 
 # -----------------------------------------------------------------------------------------------------------
-out_dir = 'out'         # the run whose ckpt.pt to look at
+ckpt = 'out/ckpt.pt'    # the checkpoint to look at (train.py writes out_dir/ckpt.pt)
 start = 'import os\n\n\ndef join(a, b):\n    """Join two paths."""\n    return os.path.join(a, b)\n'  # or FILE:path
 max_new_tokens = 0      # tokens to generate after the prompt, looked at with it
 temperature = 0.8
 top_k = 200
 seed = 1337
-budget = 0              # selective only: the KV entries each layer's pruned cache keeps; 0 = all
+budget = ''             # selective only: KV entries each layer keeps, an int or one per layer ('8,16'); '' = all
 evict = 'F'             # selective with a budget: evict the most masked entry ('F') or the oldest ('window')
 layer = -1              # the layer to show, 0..n_layer-1; -1 = the mean over layers
 head = -1               # the head to show, 0..n_head-1; -1 = the mean over heads
 token = -1              # the token whose attention is shown: its index in the text, negative from the end
 png = True              # write pictures (needs matplotlib)
-png_dir = ''            # where the pictures go; '' = out_dir
-device = 'cpu'
+png_dir = ''            # where the pictures go; '' = the checkpoint's folder
+device = ''             # '' = cuda if available, else mps, else cpu (devices.default_device)
 FLAGS = flags_of(globals())  # every setting above, with its default
 # -----------------------------------------------------------------------------------------------------------
 
@@ -57,105 +56,29 @@ MAX_TOKENS = 2048  # the longest text looked at by a streaming model (infini): t
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The maps: each block's inputs from one forward, then its attention recomputed by the reference functions.
+# The maps: each block's inputs from one forward, then what its attention shows of itself.
 
-def capture(model, idx):
+def capture(model, idx, options):
     """The inputs (x, x0) and output of every layer's attention in one forward over idx, by forward hooks."""
     seen = []
     hooks = [block.attn.register_forward_hook(lambda module, args, out: seen.append((args[0], args[1], out)))
              for block in model.transformer.h]
     try:
-        model(idx)
+        model(idx, **options)
     finally:
         for hook in hooks:
             hook.remove()
     return seen
 
 
-def qkv(attn, x, x0, attention):
-    """The queries, keys and values (B, H, T, d) that the attention's forward makes from its inputs."""
-    width = attn.c_attn.out_features // 3  # n_head * head_size
-    q, k, v = attn.c_attn(x).split(width, dim=2)
-    if attention == 'in':  # keys and values from the initial states, through this layer's ln_kv
-        _, k, v = attn.c_attn(attn.ln_kv(x0)).split(width, dim=2)
-    B, T, _ = x.size()
-    q, k, v = (t.view(B, T, attn.n_head, -1).transpose(1, 2) for t in (q, k, v))
-    if getattr(attn, 'positions', 'learned') == 'rope':  # rotated before the logits, as the module does
-        q, k = rope(q, torch.arange(T, device=x.device)), rope(k, torch.arange(T, device=x.device))
-    return q, k, v
-
-
-def distance_bias(attn, T, device):
-    """ALiBi's bias on the logits (H, T, T) where the model has it, else None."""
-    if getattr(attn, 'positions', 'learned') != 'alibi':
-        return None
-    positions = torch.arange(T, device=device)
-    return alibi_bias(attn.slopes, positions, positions)
-
-
-def identity(v, n):
-    """Values that make an attention return its weights: softmax(...) @ I is the softmax itself."""
-    return torch.eye(n, dtype=v.dtype, device=v.device).expand(*v.shape[:2], n, n)
-
-
-def selective_maps(attn, q, k, v, budget, evict):
-    """The maps from the reference itself, and its steps (Figure 2) kept to be shown: F and the cache."""
-    T = q.size(-2)
-    S = selection_matrix(causal_logits(q, k)[:, attn.selection_head], attn.selection_fn)  # the votes
-    F = accumulated_masks(S)  # F[i, j]: the mask on token j when query i runs
-    keep = (eviction_schedule(F, budget, evict=evict) if budget and budget < T else
-            torch.ones_like(F, dtype=torch.bool))  # keep[i, j]: token j is in the pruned cache when query i runs
-    att = selective_attention(q, k, identity(v, T), attn.selection_head, attn.selection_fn, budget or None,
-                              bias=distance_bias(attn, T, q.device), evict=evict)
-    # after the text, the cache holds F plus the last query's votes (F_end), and the tokens of keep's last row
-    return dict(att=att, y=att @ v, F=F, keep=keep, F_end=F[:, -1] + S[:, -1])
-
-
-def infini_maps(attn, q, k, v):
-    """Infini-attention's two parts, from its reference: at gate 1 (beta = +inf) it returns A_mem alone (eq. 3),
-    at gate 0 A_dot alone (eq. 2). The output mixes them (eq. 6), so the share of each in it can be measured."""
-    def part(logit):
-        return infini_attention(q, k, v, torch.full_like(attn.beta, logit), attn.segment_len, attn.update,
-                                feature_scale=attn.feature_scale)[0]
-    a_mem, a_dot = part(float('inf')), part(float('-inf'))
-    mem = gated_output(a_mem, torch.zeros_like(a_dot), attn.beta, attn.memory_read)  # eq. 6 is linear in both
-    loc = gated_output(torch.zeros_like(a_mem), a_dot, attn.beta, attn.memory_read)
-    share = mem.norm(dim=-1) / (mem.norm(dim=-1) + loc.norm(dim=-1)).clamp_min(1e-12)
-    T, N = q.size(-2), attn.segment_len
-    att = torch.zeros(*q.shape[:2], T, T, dtype=v.dtype, device=v.device)
-    for s in range(0, T, N):  # the weights of each segment's local softmax (eq. 2)
-        e = min(s + N, T)
-        att[..., s:e, s:e] = local_attention(q[..., s:e, :], k[..., s:e, :], identity(v, e - s), 0, 0.0)
-    return dict(att=att, y=mem + loc, gate=torch.sigmoid(attn.beta.float())[None], memory_share=share)
-
-
-def layer_maps(attn, x, x0, attention, budget, evict):
-    q, k, v = qkv(attn, x, x0, attention)
-    if attention == 'selective':
-        return selective_maps(attn, q, k, v, budget, evict)
-    if attention == 'infini':
-        return infini_maps(attn, q, k, v)
-    logits = causal_logits(q, k)  # causal and in: softmax(q k^T / sqrt(d) + causal mask (+ ALiBi's bias))
-    bias = distance_bias(attn, q.size(-2), q.device)
-    att = torch.softmax(logits if bias is None else logits + bias, dim=-1)
-    return dict(att=att, y=att.to(v.dtype) @ v)
-
-
 @torch.no_grad()
-def analyse(model, idx, budget=0, evict='F'):
-    """Per layer a dict of maps, batch dimension dropped. A budget prunes selective's layers as the cache would."""
-    attention = model.config.attention
-    selective = [block.attn for block in model.transformer.h if attention == 'selective']
-    for attn in selective:  # the module's own simulation of a pruned cache, in one parallel forward
-        attn.budget, attn.evict = budget or None, evict
-    try:
-        seen = capture(model, idx)
-    finally:
-        for attn in selective:
-            attn.budget, attn.evict = None, 'F'
+def analyse(model, idx, **options):
+    """Per layer a dict of maps, batch dimension dropped. options are the attention's (selective's budget and
+    evict: its layers are pruned as the cache would be, in one parallel forward)."""
+    seen = capture(model, idx, options)
     maps = []
     for i, (block, (x, x0, out)) in enumerate(zip(model.transformer.h, seen)):
-        m = layer_maps(block.attn, x, x0, attention, budget, evict)
+        m = block.attn.maps(x, x0, **options)
         mine = block.attn.c_proj(m.pop('y').transpose(1, 2).reshape(out.shape).to(out.dtype))
         error = float((mine - out).abs().max() / out.abs().max().clamp_min(1e-12))
         if error > CHECK_TOLERANCE:
@@ -260,9 +183,8 @@ def report_infini(maps, pieces, color, layer, head, marks, memory_read, segment_
             print(f'layer {i}: {row:.0%} of the output read from memory, mean over the tokens after the first segment')
 
 
-def report_focus(maps, pieces, color, layer, head, query, marks, attention):
+def report_focus(maps, pieces, color, layer, head, query, marks, attention, what):
     att = torch.stack([pick(m['att'][:, query], head) for m in maps])  # (L, T): row `query` of each map
-    what = ' (local attention only)' if attention == 'infini' else ' in the initial states' if attention == 'in' else ''
     print(f'\n== {attention}, {where(layer, head)}: where token {query} {shown(pieces[query])!r} put its '
           f'attention{what} ==')
     focus, struck = pick(att, layer), evicted(maps, layer, query)
@@ -281,7 +203,7 @@ def report_focus(maps, pieces, color, layer, head, query, marks, attention):
 # -----------------------------------------------------------------------------------------------------------
 # Pictures (matplotlib, an optional extra)
 
-def pictures(maps, pieces, config, folder, budget):
+def pictures(maps, pieces, config, what, folder, budget):
     """PNGs of the maps, written into folder; returns their paths (none without matplotlib)."""
     try:
         import matplotlib
@@ -315,14 +237,13 @@ def pictures(maps, pieces, config, folder, budget):
     for i in range(L):
         for h in range(H):
             axs[i][h].imshow(maps[i]['att'][h], cmap='viridis', norm=PowerNorm(0.5, 0, 1))
-            selects = ' (selects)' if attention == 'selective' and h == config.selection_head else ''
+            selects = ' (selects)' if 'F' in maps[i] and h == config.selection_head else ''
             label(axs[i][h], f'layer {i} head {h}{selects}')
-    what = ' (local, in segments)' if attention == 'infini' else ' over the initial states' if attention == 'in' else ''
     axs[-1][0].set(xlabel='token', ylabel='query')
     fig.suptitle(f'{attention} attention{what}: query (row) to token (column)', fontsize=10)
     save(fig, f'{attention}_maps.png')
 
-    if attention == 'selective':  # F as each query sees it; under a budget, grey where the cache has evicted
+    if 'F' in maps[0]:  # selective's F as each query sees it; under a budget, grey where the cache has evicted
         fig, axs = plt.subplots(1, L, figsize=(3.2 * L + 0.5, 3.8), squeeze=False, layout='constrained')
         causal = np.tril(np.ones((T, T), dtype=bool))
         for i in range(L):
@@ -336,7 +257,7 @@ def pictures(maps, pieces, config, folder, budget):
                      + (f'; grey: evicted, budget {budget}' if budget else ''), fontsize=9)
         save(fig, 'selective_masks.png')
 
-    if attention == 'infini':  # the gates, and per layer the memory share of every token (mean over heads)
+    if 'gate' in maps[0]:  # infini's gates, and per layer the memory share of every token (mean over heads)
         gates, share = np.stack([m['gate'] for m in maps]), np.stack([m['memory_share'].mean(0) for m in maps])
         fig, (ax_g, ax_s) = plt.subplots(1, 2, figsize=(3 + 0.5 * H + min(12, T / 16), 0.5 * L + 2),
                                          gridspec_kw={'width_ratios': [H, max(H, min(24, T // 8))]},
@@ -366,32 +287,26 @@ def check_index(flag, value, count, what, low=-1):
 
 def main(argv):
     cfg, _ = configure(argv, FLAGS, __doc__)
-    device_type_of(cfg.device)  # a one-line error for a CUDA device torch cannot see
+    device = cfg.device or default_device()
+    device_type_of(device)  # a one-line error for a CUDA device torch cannot see
     torch.manual_seed(cfg.seed)
-    path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    path = cfg.ckpt
     if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={cfg.out_dir}), or "
-                         f"set --out_dir to a run's folder")
+        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir=DIR writes "
+                         f"DIR/ckpt.pt), or set --ckpt to a run's ckpt.pt")
     checkpoint = load_checkpoint(path)
     model = GPT(GPTConfig(**{**checkpoint['model_args'], 'use_kernels': False}))  # the references, as recomputed
     model.load_state_dict(checkpoint['model'])
-    model.eval().to(cfg.device)
+    model.eval().to(device)
     config, tok = model.config, tokenizer_from_meta(checkpoint['tokenizer'])
     check_index('layer', cfg.layer, config.n_layer, 'this model has {} layers')
     check_index('head', cfg.head, config.n_head, 'this model has {} heads')
-    if cfg.budget and config.attention != 'selective':
-        raise SystemExit(f"--budget prunes Selective Attention's cache; this checkpoint's attention is "
-                         f"'{config.attention}': drop --budget")
-    if cfg.evict not in EVICTIONS:
-        raise SystemExit(f"--evict={cfg.evict}: choose one of {', '.join(EVICTIONS)}")
-    if cfg.budget and cfg.budget < 2:
-        raise SystemExit(f"--budget={cfg.budget}: a budget counts the first token and the current one, give >= 2")
+    options = inference_options(model, cfg.budget, cfg.evict)
 
     ids = encode_prompt(cfg.start, tok)
-    idx = torch.tensor([ids], dtype=torch.long, device=cfg.device)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
     if cfg.max_new_tokens > 0:
-        idx = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                             **({'budget': cfg.budget, 'evict': cfg.evict} if cfg.budget else {}))
+        idx = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, **options)
     first_new, limit = len(ids), MAX_TOKENS if model.streams else config.block_size
     if idx.size(1) > limit:
         why = f'the {MAX_TOKENS} that T x T maps are drawn for' if model.streams else f'block_size={limit}'
@@ -401,20 +316,23 @@ def main(argv):
     T = idx.size(1)
     check_index('token', cfg.token, T, 'the text has {} tokens', low=-T)
 
-    maps = analyse(model, idx, cfg.budget, cfg.evict)
+    maps = analyse(model, idx, **options)
     pieces = [tok.decode([i]) for i in idx[0].tolist()]
     color = sys.stdout.isatty() and not os.environ.get('NO_COLOR')
     marks = {first_new: '»'} if 0 < first_new < T else {}
     generated = f'; {T - first_new} generated after »' if marks else ''
     print(f"{config.attention} attention, {config.n_layer} layers x {config.n_head} heads; {T} tokens{generated}")
-    if config.attention == 'selective':
+    # what an attention shows beyond its weights: selective's F, infini's gates and memory share
+    if 'F_end' in maps[0]:
         report_selective(maps, pieces, color, cfg.budget, cfg.evict, cfg.layer, marks)
-    if config.attention == 'infini':
+    if 'memory_share' in maps[0]:
         marks = {**{s: '|' for s in range(config.segment_len, T, config.segment_len)}, **marks}
         report_infini(maps, pieces, color, cfg.layer, cfg.head, marks, config.memory_read, config.segment_len)
-    report_focus(maps, pieces, color, cfg.layer, cfg.head, cfg.token % T, marks, config.attention)
+    report_focus(maps, pieces, color, cfg.layer, cfg.head, cfg.token % T, marks, config.attention,
+                 model.attention.maps_note)
     if cfg.png:
-        for path in pictures(maps, pieces, config, cfg.png_dir or cfg.out_dir, cfg.budget):
+        for path in pictures(maps, pieces, config, model.attention.maps_note, cfg.png_dir or os.path.dirname(path),
+                             cfg.budget):
             print(f'wrote {path}')
 
 

@@ -187,3 +187,21 @@ def write_dataset(out_dir, train_ids, val_ids, tok, dataset, **extra):
     print(f'{dataset}: train {len(train_ids):,} tokens, val {len(val_ids):,} tokens, '
           f'vocab {tok.vocab_size:,} ({tok.identity["kind"]}) -> {out_dir}')
     return meta
+
+
+def encode_prompt(start, tok):
+    """The token ids of a --start flag: the text itself, or a file's text when it reads FILE:path."""
+    prompt = start
+    if start.startswith('FILE:'):
+        path = start[len('FILE:'):]
+        if not os.path.isfile(path):
+            raise SystemExit(f"--start=FILE:{path}: no such file")
+        with open(path, encoding='utf-8', errors='replace') as f:
+            prompt = f.read()
+    try:
+        ids = tok.encode(prompt)
+    except ValueError as e:  # a character the char-level vocabulary lacks
+        raise SystemExit(str(e)) from None
+    if not ids:
+        raise SystemExit("--start is empty: give at least one character to start from")
+    return ids

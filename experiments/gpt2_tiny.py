@@ -23,7 +23,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import gpt2  # noqa: E402
-from configurator import configure, flags_of, load_model  # noqa: E402
+from checkpoints import load_model  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
 from train import estimate_loss, get_batch  # noqa: E402
 
 out_dir = 'out-gpt2-tiny'       # the tiny GPT-2's run, its Hugging Face folder and results.md

@@ -43,9 +43,10 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from attention_infini import gate_values, memory_weights, read_memory, sigma  # noqa: E402
-from configurator import configure, flags_of, load_checkpoint, load_model  # noqa: E402
+from checkpoints import load_checkpoint, load_model  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
-from data.passkey.prepare import NEEDLE, make_passkey  # noqa: E402
+from data.passkey.task import NEEDLE, make_passkey  # noqa: E402
 from model import cross_entropy  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
@@ -144,14 +145,14 @@ def prepare_data(folder, length=DATA_LENGTH):
                         '--n_train=20000', '--n_val=200', f'--out_dir={folder}'], check=True, cwd=ROOT)
 
 
-def train_run(run_dir, flags, seed_, iters, data_dir, base=None):
+def train_run(run_dir, flags, run_seed, iters, data_dir, base=None):
     """Train (or resume) one run; base: the checkpoint a fine-tuning run starts from."""
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
     if finished(ckpt_path, iters):
         return
     os.makedirs(run_dir, exist_ok=True)
     start_from = ['--init_from=resume'] if os.path.isfile(ckpt_path) else [f'--init_from={base}'] if base else []
-    cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={seed_}',
+    cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={run_seed}',
            f'--max_iters={iters}', f'--out_dir={run_dir}', *start_from]
     print(' '.join(cmd[1:]), flush=True)
     start = time.time()
@@ -166,13 +167,13 @@ def train_run(run_dir, flags, seed_, iters, data_dir, base=None):
 # -----------------------------------------------------------------------------------------------------------
 # Evaluation
 
-def examples(length, depth_list, trials, seed_):
+def examples(length, depth_list, trials, run_seed):
     """trials examples per depth: (prompt ids, answer ids, needle start, needle length), the same for every model."""
     tok = ByteTokenizer()
     needle_head = tok.encode(NEEDLE.split('{key}')[0])  # '\nThe pass key is ': only the needle starts so
     out = []
     for depth in depth_list:
-        rng = np.random.default_rng([seed_, length, int(depth * 1000)])
+        rng = np.random.default_rng([run_seed, length, int(depth * 1000)])
         for _ in range(trials):
             prompt, answer = make_passkey(length, depth, rng, tok)
             start = next(i for i in range(len(prompt)) if prompt[i:i + len(needle_head)] == needle_head)
@@ -182,17 +183,17 @@ def examples(length, depth_list, trials, seed_):
 
 
 @torch.no_grad()
-def score(model, batch):
+def score(model, batch, **options):
     """Accuracy and digit loss of a batch of same-length examples, in one forward over prompt + answer.
 
     Greedy decoding gets all 5 digits right exactly when each digit is the most likely token given the prompt and
     the right digits before it (by induction over the digits), so one teacher-forced forward decides it. The
-    streaming cache gives the same logits as this forward (tests/test_infini.py)."""
+    streaming cache gives the same logits as this forward (tests/test_infini.py). options go to the forward."""
     ids = torch.tensor([p + a for p, a, _, _ in batch])
     n_answer = len(batch[0][1])
     x, y = ids[:, :-1], ids[:, 1:].clone()
     y[:, :-n_answer] = -1  # only the digits are targets
-    logits, _ = model(x, y)
+    logits, _ = model(x, y, **options)
     digits = logits[:, -n_answer:]
     correct = (digits.argmax(-1) == y[:, -n_answer:]).all(-1)
     losses = cross_entropy(digits, y[:, -n_answer:], reduction='none').view(len(batch), n_answer).mean(-1)
@@ -227,7 +228,7 @@ def needle_shares(model, batch):
 
 
 @torch.no_grad()
-def stream_score(model, batch, chunk=4096, probe=False, bar=None):
+def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
     """score() through the streaming cache: the prompt is read `chunk` tokens at a time, then the answer, so memory
     stays bounded whatever the length (the cache holds M, z and one segment). Returns correct and losses as score()
     does, digits (B, 5) bools: which digits are the most likely token, and with probe=True read_probe's numbers.
@@ -235,7 +236,7 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None):
     probe=True measures the memory read of every head at the last prompt token (the query that predicts the first
     digit), split into what the needle wrote and what everything else wrote (read_probe). Each segment that holds
     needle tokens is read as a chunk of its own, so the memory before it is the cache's, and what its tokens wrote
-    is exact."""
+    is exact. options go to every forward."""
     config = model.config
     N, H, C = config.segment_len, config.n_head, config.n_embd
     D = C // H
@@ -264,7 +265,7 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None):
             needle_here = probe and bool(mask.any())
             before = (cache.M.clone(), cache.z.clone()) if needle_here and cache.M is not None else None
             captured.clear()
-            model(prompts[:, a:b], cache=cache)
+            model(prompts[:, a:b], cache=cache, **options)
             if bar is not None:
                 bar.update(B * (b - a))
             if not needle_here:
@@ -280,7 +281,7 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None):
         memory = None if cache.M is None else (cache.M.clone().float(), cache.z.clone().float())
         captured.clear()
         x = torch.cat((prompts[:, -1:], answers[:, :-1]), dim=1)  # each predicts the next digit
-        logits, _ = model(x, answers, cache=cache)
+        logits, _ = model(x, answers, cache=cache, **options)
     finally:
         for hook in hooks:
             hook.remove()
@@ -337,19 +338,19 @@ def evaluate_length(model, length, cases, reads, trained_read, settings, depth_l
     bar = tqdm(total=len(reads) * len(cases) * (length - 1), unit='tok', unit_scale=True, dynamic_ncols=True,
                desc=f'{length} tokens', disable=length < 16384, leave=False)
     for read in reads:
-        for layer, block in enumerate(model.transformer.h):
-            if infini:
-                block.attn.memory_read = {'on': trained_read, f'off L{layer}': 'off'}.get(
-                    read, read if read in ('off', 'local') else 'on')
+        options = {}  # the memory read of each layer, passed to every forward (attention_infini.py)
+        if infini:
+            options['memory_read'] = [{'on': trained_read, f'off L{layer}': 'off'}.get(
+                read, read if read in ('off', 'local') else 'on') for layer in range(model.config.n_layer)]
         probe = read == 'on' and trained_read == 'on'
         correct, losses, digits, probes = [], [], [], []
         started = time.time()
         for i in range(0, len(cases), settings.batch_size):
             batch = cases[i:i + settings.batch_size]
             if model.streams:
-                c, l_, d, p = stream_score(model, batch, settings.chunk, probe, bar)
+                c, l_, d, p = stream_score(model, batch, settings.chunk, probe, bar, **options)
             else:  # a fixed-context model reads its whole (short) prompt in one forward
-                c, l_ = score(model, batch)
+                c, l_ = score(model, batch, **options)
                 d, p = None, None
             correct, losses = correct + c, losses + l_
             digits += [] if d is None else [d]

@@ -35,7 +35,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import configure, flags_of, load_model  # noqa: E402
+from checkpoints import load_model  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
 from data.common import load_meta  # noqa: E402
 
 TASKS = ('varassign', 'parity', 'copy')
@@ -195,7 +196,7 @@ def train_run(settings, name, seed, folders, iters):
     return ckpts
 
 
-def score(settings, ckpt, data):
+def score_run(settings, ckpt, data):
     """(accuracy, unmasked tokens per layer, prompt length) of one checkpoint on its stage's val set."""
     model, _ = load_model(ckpt, 'cpu')
     model.eval()
@@ -230,7 +231,7 @@ def main(argv):
         for name in names:
             # each stage's checkpoint on its own stage's val set: how far along the curriculum the lookup holds
             ckpts = train_run(settings, name, seed, folders, iters)
-            results[name, seed] = [score(settings, c, d) for c, d in zip(ckpts, folders)]
+            results[name, seed] = [score_run(settings, c, d) for c, d in zip(ckpts, folders)]
     about = f', {settings.n_vars} variable names' if settings.task == 'varassign' else ''
     shown = [load_meta(d)['example_len'] for d in folders]
     lines = [f'{settings.task}{about}, stages of {",".join(map(str, shown))} tokens per example, {iters} iterations '

@@ -15,6 +15,7 @@ from data.common import (ByteTokenizer, CharTokenizer, TiktokenTokenizer, get_to
                          tokenizer_from_meta)
 from data.copy import prepare as copy_task
 from data.passkey import prepare as passkey
+from data.passkey.task import NEEDLE, QUESTION, make_passkey
 from data.pg19 import prepare as pg19
 from data.python_stdlib import prepare as stdlib
 from data.shakespeare_char import prepare as shakespeare
@@ -235,8 +236,8 @@ def check_passkey(prompt, answer, length, depth, tok):
     assert len(prompt) + len(answer) == length and all(isinstance(i, int) for i in prompt + answer)
     key = tok.decode(answer)
     assert len(key) == 5 and key.isdigit()
-    needle = tok.encode(passkey.NEEDLE.format(key=key))
-    question = tok.encode(passkey.QUESTION)
+    needle = tok.encode(NEEDLE.format(key=key))
+    question = tok.encode(QUESTION)
     n_filler = length - len(needle) - len(question) - len(answer)
     start = round(depth * n_filler)
     assert prompt[start:start + len(needle)] == needle  # the key sits exactly at its depth
@@ -245,33 +246,33 @@ def check_passkey(prompt, answer, length, depth, tok):
     assert 'pass key' not in filler and key not in filler
 
 
-SHORTEST = len(passkey.NEEDLE.format(key='12345')) + len(passkey.QUESTION) + 5  # no filler at all, in bytes
+SHORTEST = len(NEEDLE.format(key='12345')) + len(QUESTION) + 5  # no filler at all, in bytes
 
 
 @pytest.mark.parametrize('length', [SHORTEST, SHORTEST + 1, 1000, 4096])
 @pytest.mark.parametrize('depth', [0, 0.1, 0.5, 0.77, 1])
 def test_make_passkey_length_and_depth(length, depth):
     tok = ByteTokenizer()
-    prompt, answer = passkey.make_passkey(length, depth, np.random.default_rng(length), tok)
+    prompt, answer = make_passkey(length, depth, np.random.default_rng(length), tok)
     check_passkey(prompt, answer, length, depth, tok)
 
 
 def test_make_passkey_long_fast_and_any_tokenizer():
     tok = ByteTokenizer()
     t0 = time.time()
-    prompt, answer = passkey.make_passkey(10 ** 6, 0.3, np.random.default_rng(0), tok)
+    prompt, answer = make_passkey(10 ** 6, 0.3, np.random.default_rng(0), tok)
     assert time.time() - t0 < 1
     check_passkey(prompt, answer, 10 ** 6, 0.3, tok)
     tiktok = TiktokenTokenizer(local_encoding())
-    check_passkey(*passkey.make_passkey(777, 0.6, np.random.default_rng(1), tiktok), 777, 0.6, tiktok)
+    check_passkey(*make_passkey(777, 0.6, np.random.default_rng(1), tiktok), 777, 0.6, tiktok)
 
 
 def test_make_passkey_bad_arguments():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match='needs at least'):
-        passkey.make_passkey(50, 0.5, rng, ByteTokenizer())
+        make_passkey(50, 0.5, rng, ByteTokenizer())
     with pytest.raises(ValueError, match='between 0 and 1'):
-        passkey.make_passkey(1000, 1.5, rng, ByteTokenizer())
+        make_passkey(1000, 1.5, rng, ByteTokenizer())
 
 
 def test_passkey_prepare(tmp_path):

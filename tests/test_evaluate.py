@@ -42,7 +42,7 @@ def make_checkpoint(path, attention, block_size, model=None):
     state = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}  # as torch.compile saves them
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(dict(model_args=dataclasses.asdict(model.config), model=state, config=dict(dataset='tiny'),
-                    tokenizer={'kind': 'byte'}), path)
+                    tokenizer={'kind': 'byte'}, rope_layout='half'), path)
     return path
 
 
@@ -128,7 +128,7 @@ def test_choose_budgets_is_greedy_and_stops_at_the_target():
 
 
 def test_budgets_end_to_end(tmp_path, capsys):
-    """--budgets on a tiny selective checkpoint whose selecting head votes hard: budgets, loss within target, KV
+    """--search_budgets on a tiny selective checkpoint whose selecting head votes hard: budgets, loss within target, KV
     memory."""
     data = tiny_dataset(tmp_path / 'tiny', 2000)
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_budgets_end_to_end(tmp_path, capsys):
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(8.0)  # large votes, so that F and pruning really matter
     path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'selective', 32, model)
-    evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--budgets=True',
+    evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--search_budgets=True',
                    '--target=+0.05', '--shrink=0.5', '--eval_windows=2', '--batch_size=2', f'--out_dir={tmp_path}/ev'])
     out = capsys.readouterr().out
     assert 'reached' in out and 'fewer KV entries' in out
@@ -152,7 +152,7 @@ def test_budgets_end_to_end(tmp_path, capsys):
     (['--ckpt=nowhere/ckpt.pt'], 'no checkpoint at nowhere/ckpt.pt'),
     (['--depths=0,2'], "--depths is a comma-separated list of fractions between 0 and 1, not '0,2'"),
     (['--shrink=1.5'], '--shrink is a fraction between 0 and 1, not 1.5'),
-    (['--ckpt=a.pt,b.pt', '--budgets=True'], "--budgets searches one checkpoint's budgets: give one --ckpt"),
+    (['--ckpt=a.pt,b.pt', '--search_budgets=True'], "--search_budgets searches one checkpoint's budgets: give one"),
 ])
 def test_bad_flags_are_one_line_errors(args, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
@@ -162,8 +162,8 @@ def test_bad_flags_are_one_line_errors(args, message):
 def test_budgets_refuse_a_checkpoint_that_is_not_selective(tmp_path):
     data = tiny_dataset(tmp_path / 'tiny', 500)
     path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'causal', 32)
-    with pytest.raises(SystemExit, match="--budgets prunes Selective Attention's cache; .* is 'causal'"):
-        evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--budgets=True'])
+    with pytest.raises(SystemExit, match="--search_budgets prunes a cache to a budget; .* 'causal' takes none"):
+        evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--search_budgets=True'])
 
 
 def test_a_stopped_evaluation_keeps_the_cases_it_finished(tmp_path, monkeypatch):

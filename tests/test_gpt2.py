@@ -129,7 +129,7 @@ def test_every_attention_fine_tunes_and_samples(tiny_gpt2, gpt2_data, tmp_path, 
     checkpoint = torch.load(out_dir / 'ckpt.pt', weights_only=True)
     assert checkpoint['tokenizer'] == gpt2.TOKENIZER and checkpoint['model_args']['n_embd'] == 16
     assert checkpoint['model_args']['block_size'] == 16  # the table cropped from GPT-2's 32 positions
-    fresh_module('sample').main([f'--out_dir={out_dir}', '--device=cpu', '--max_new_tokens=5', '--num_samples=1',
+    fresh_module('sample').main([f'--ckpt={out_dir}/ckpt.pt', '--device=cpu', '--max_new_tokens=5', '--num_samples=1',
                                  '--start=def '])
     assert capsys.readouterr().out.count('---------------') == 1
 

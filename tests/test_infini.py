@@ -1,12 +1,15 @@
 """Infini-attention: the memory against hand computations, segments in one call against streaming, the cache."""
+import importlib.util
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 import attention_infini
-from attention_infini import (gate_values, infini_attention, memory_weights, read_memory, rope, sigma,
+from attention_infini import (gate_values, infini_attention, memory_weights, read_memory, sigma,
                               write_memory)
 from model import GPT, GPTConfig
+from positions import rope
 
 
 def tiny(**kw):
@@ -33,7 +36,8 @@ def test_one_segment_with_empty_memory_is_gated_causal_attention():
     q, k, v = qkv()
     beta = torch.tensor([0.3, -1.2], dtype=torch.float64)
     y, M, z = infini_attention(q, k, v, beta, segment_len=16)  # 8 tokens: one partial segment, nothing written
-    causal = F.scaled_dot_product_attention(rope(q, 0), rope(k, 0), v, is_causal=True)
+    positions = torch.arange(q.size(-2))
+    causal = F.scaled_dot_product_attention(rope(q, positions), rope(k, positions), v, is_causal=True)
     torch.testing.assert_close(y, (1 - torch.sigmoid(beta)).view(1, 2, 1, 1) * causal, rtol=1e-12, atol=1e-12)
     assert not M.any() and not z.any()
     assert torch.equal(read_memory(q.abs(), M, z), torch.zeros_like(q))  # 0/0 reads as exactly 0
@@ -146,13 +150,32 @@ def test_bad_config_is_a_one_line_error():
         GPT(tiny(memory_boost=-1.0))
 
 
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+def test_the_memory_alone_is_the_full_loops_memory(update):
+    """memory_over_segments (the memory kernel's plain reference) reads and writes what infini_attention does:
+    at gate 1 the full loop's output is A_mem alone, and its M, z are the same."""
+    q, k, v = qkv(T=11)  # segments of 4, the last one partial
+    a_mem, M, z = attention_infini.memory_over_segments(q, k, v, 4, update)
+    y, M_full, z_full = infini_attention(q, k, v, torch.full((2,), float('inf'), dtype=q.dtype), 4, update)
+    torch.testing.assert_close(a_mem.to(y.dtype), y)
+    torch.testing.assert_close(M, M_full)
+    torch.testing.assert_close(z, z_full)
+    q2 = q[:, :, -3:]  # streaming: only the last queries, into a memory that has seen something
+    M0, z0 = M.clone(), z.clone()
+    a2, _, _ = attention_infini.memory_over_segments(q2, k, v, 4, update, M0, z0)
+    y2, _, _ = infini_attention(q2, k, v, torch.full((2,), float('inf'), dtype=q.dtype), 4, update, M0, z0)
+    torch.testing.assert_close(a2.to(y2.dtype), y2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The options that are not in the paper: memory_read (the ablation), feature_scale, memory_boost.
 
 def per_segment_causal(q, k, v, segment_len):
     """A_dot of every segment, by hand: causal attention inside each segment, RoPE from each segment's start."""
-    return torch.cat([F.scaled_dot_product_attention(rope(q[:, :, s:s + segment_len], 0),
-                                                     rope(k[:, :, s:s + segment_len], 0),
+    def at(x, s, n):  # the positions inside the segment starting at s
+        return torch.arange(min(n, x.size(2) - s))
+    return torch.cat([F.scaled_dot_product_attention(rope(q[:, :, s:s + segment_len], at(q, s, segment_len)),
+                                                     rope(k[:, :, s:s + segment_len], at(k, s, segment_len)),
                                                      v[:, :, s:s + segment_len], is_causal=True)
                       for s in range(0, q.size(2), segment_len)], dim=2)
 
@@ -236,7 +259,7 @@ def test_memory_boost_is_training_only_and_boosts_the_first_write():
     assert (repeats > 1).all() and not torch.allclose(z, infini_attention(q, k, v, attn.beta, 4, 'delta')[2])
 
 
-@pytest.mark.skipif(attention_infini.kernels is None, reason='the fast path needs triton')
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='the fast path needs triton')
 @pytest.mark.parametrize('memory_read,read_norm', [('on', 'z'), ('off', 'z'), ('local', 'z'), ('on', 'rms')])
 def test_fast_path_takes_feature_scale_and_memory_read(memory_read, read_norm):
     """The Triton path (its interpreter on a CPU) against the reference, with the options it supports."""
@@ -251,7 +274,7 @@ def test_fast_path_takes_feature_scale_and_memory_read(memory_read, read_norm):
         assert (a.double() - b).norm() / b.norm() < 1e-5
 
 
-@pytest.mark.skipif(attention_infini.kernels is None, reason='the fast path needs triton')
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='the fast path needs triton')
 def test_module_takes_the_fast_path_with_its_options_and_the_reference_for_the_boost(monkeypatch):
     """The module passes feature_scale to the fast path (same loss and cached logits as the
     reference); training with memory_boost, which the kernel lacks, falls back to the reference."""

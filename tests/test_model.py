@@ -1,14 +1,18 @@
 """The core: config errors, forward/backward and cached generation for every attention."""
+import dataclasses
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 import model as model_module
-from model import ATTENTION_POSITIONS, ATTENTIONS, GPT, GPTConfig, cross_entropy
-from positions import alibi_bias, alibi_slopes, rope
+from checkpoints import load_checkpoint
+from model import ATTENTIONS, GPT, GPTConfig, cross_entropy
+from positions import alibi_bias, alibi_slopes, rope, rope_angles
 
 # every (attention, positions) pair a model can be built with; infini's own RoPE is the same for both it takes
-PAIRS = [(a, p) for a in ATTENTIONS for p in ATTENTION_POSITIONS[a][0] if not (a == 'infini' and p == 'rope')]
+PAIRS = [(a, p) for a, cls in ATTENTIONS.items() for p in cls.position_schemes if not (a == 'infini' and p == 'rope')]
 
 
 def tiny(attention, **kw):
@@ -51,6 +55,53 @@ def test_rope_depends_on_the_distance_only():
     # per-row positions (a cache whose entries keep their own) rotate as the same positions given flat
     pos = torch.tensor([[3, 7]])
     torch.testing.assert_close(rope(k.expand(1, 3, 2, 8), pos), rope(k.expand(1, 3, 2, 8), pos[0]))
+    # angles computed once (the model does, for every layer) rotate as the positions do
+    angles = rope_angles(torch.tensor([5]), 8, torch.float64)
+    torch.testing.assert_close(rope(q, angles=angles), rope(q, torch.tensor([5])))
+
+
+def test_rope_turns_dims_half_a_head_apart():
+    """The rotate-half layout: dims i and i + D/2 form a pair, turned by position * 10000^(-2i/D)."""
+    x = torch.zeros(1, 1, 8, dtype=torch.float64)
+    x[..., 1] = 1.0  # the first coordinate of pair 1
+    y = rope(x, torch.tensor([3]))
+    angle = 3 * 10000 ** (-2 / 8)
+    expected = torch.zeros_like(x)
+    expected[..., 1], expected[..., 5] = math.cos(angle), math.sin(angle)
+    torch.testing.assert_close(y, expected)
+
+
+def interleaved_rope(x, positions):
+    """Rotary positions as checkpoints before the rotate-half layout had them: pairs (x[2i], x[2i+1])."""
+    D = x.size(-1)
+    angles = positions.to(x.dtype)[:, None] * 10000.0 ** (-torch.arange(0, D, 2, dtype=x.dtype) / D)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)
+
+
+@pytest.mark.parametrize('attention', ['causal', 'selective'])
+def test_checkpoints_of_the_interleaved_rope_load_as_the_same_model(attention, tmp_path):
+    """An old checkpoint (interleaved pairs) loads with its query and key rows moved to the rotate-half layout:
+    every score is the same, so the model is the same."""
+    model = GPT(tiny(attention, positions='rope', n_head=2, n_embd=16)).double()
+    w = model.transformer.h[0].attn.c_attn.weight.detach()
+    old = w.clone()
+    for h in range(4):  # q and k rows of each head: today's dims (i, i + D/2) were the old (2i, 2i+1)
+        old[h * 8:(h + 1) * 8][0::2], old[h * 8:(h + 1) * 8][1::2] = w[h * 8:h * 8 + 4], w[h * 8 + 4:(h + 1) * 8]
+    x, pos = torch.randn(5, 16, dtype=torch.float64), torch.arange(5)
+    q_old, k_old = (x @ old[i * 16:(i + 1) * 16].T for i in (0, 1))
+    q_new, k_new = (x @ w[i * 16:(i + 1) * 16].T for i in (0, 1))
+    for h in range(2):  # the old layout's scores are today's
+        head = slice(h * 8, (h + 1) * 8)
+        s_old = interleaved_rope(q_old[:, head], pos) @ interleaved_rope(k_old[:, head], pos).T
+        s_new = rope(q_new[:, head], pos) @ rope(k_new[:, head], pos).T
+        torch.testing.assert_close(s_old, s_new)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state['transformer.h.0.attn.c_attn.weight'] = old
+    torch.save({'model_args': dataclasses.asdict(model.config), 'model': state}, tmp_path / 'old.pt')
+    loaded = load_checkpoint(str(tmp_path / 'old.pt'))
+    assert torch.equal(loaded['model']['transformer.h.0.attn.c_attn.weight'], w) and loaded['rope_layout'] == 'half'
 
 
 def test_alibi_slopes_and_bias():
@@ -142,7 +193,7 @@ def test_head_size_widens_the_attention_and_its_cache(attention):
     if attention == 'causal':
         assert cache.nbytes() == 2 * 2 * 2 * (4 * 8) * 32 * 8  # k, v x 2 layers x batch 2 x 4 heads of 8 x 32 x fp64
     for other in ('in', 'infini'):
-        with pytest.raises(ValueError, match='only causal and selective attention take a separate head size'):
+        with pytest.raises(ValueError, match="ties its head size to n_embd; these take a separate one: causal, sel"):
             tiny(other, head_size=4)
 
 

@@ -152,16 +152,12 @@ def test_cache_equals_full_forward(chunks):
 
 @pytest.mark.parametrize('budget', [2, 3, 8, [3, 11], 40])
 def test_pruned_decoding_equals_parallel_simulation(budget):
-    """Token-by-token decoding with the evicting cache == one forward with attn.budget set: the eviction schedule
+    """Token-by-token decoding with the evicting cache == one forward given the budget: the eviction schedule
     replayed on the full F, layer by layer."""
     model = model_with_votes()
     idx = torch.randint(0, 23, (3, 32))
     budgets = budget if isinstance(budget, list) else [budget] * 2
-    for block, b in zip(model.transformer.h, budgets):
-        block.attn.budget = b
-    simulated, _ = model(idx, idx)
-    for block in model.transformer.h:
-        block.attn.budget = None
+    simulated, _ = model(idx, idx, budget=budget)
     for prefill in (1, 12):
         cache = model.new_cache(3, budget=budget)
         logits = [model(idx[:, :prefill], cache=cache)[0][:, -1]]
@@ -184,9 +180,7 @@ def test_pruned_decoding_equals_simulation_with_each_position_scheme_and_evictio
     positions (ALiBi's distance and RoPE's rotation), so the pruned cache still equals the simulation."""
     model = model_with_votes(positions=positions)
     idx = torch.randint(0, 23, (3, 32))
-    for block, b in zip(model.transformer.h, [3, 11]):
-        block.attn.budget, block.attn.evict = b, evict
-    simulated, _ = model(idx, idx)
+    simulated, _ = model(idx, idx, budget=[3, 11], evict=evict)
     cache = model.new_cache(3, budget=[3, 11], evict=evict)
     logits = [model(idx[:, :12], cache=cache)[0][:, -1]]
     for t in range(12, 32):
@@ -195,8 +189,6 @@ def test_pruned_decoding_equals_simulation_with_each_position_scheme_and_evictio
     if evict == 'window':  # the first token and the latest budget-1, whatever F says
         assert sorted(cache.pos[0][0].tolist()) == [0, 30, 31]
         assert sorted(cache.pos[1][0].tolist()) == [0] + list(range(22, 32))
-    for block in model.transformer.h:
-        block.attn.budget = None
     assert not torch.allclose(model(idx, idx)[0], simulated)
 
 
@@ -279,11 +271,9 @@ def test_generate_with_budget_equals_pruned_recomputation():
     prompt = torch.randint(0, 23, (2, 5))
     new = 40  # past block_size: the window is cropped and the cache rebuilt, as nanoGPT does
     out = model.generate(prompt, new, top_k=1, budget=6)
-    for block in model.transformer.h:
-        block.attn.budget = 6
     ref = prompt
     for _ in range(new):
-        logits, _ = model(ref[:, -32:])
+        logits, _ = model(ref[:, -32:], budget=6)
         ref = torch.cat((ref, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     assert torch.equal(out, ref)
 
@@ -340,7 +330,7 @@ def test_bad_settings_are_clear_errors():
 
 
 def test_window_eviction_through_evaluate(tmp_path, capsys):
-    """evaluate.py --budgets --evict=window: the search runs with the sliding-window cache and says so."""
+    """evaluate.py --search_budgets --evict=window: the search runs with the sliding-window cache and says so."""
     import evaluate
     data = tmp_path / 'tiny'
     data.mkdir()
@@ -349,9 +339,9 @@ def test_window_eviction_through_evaluate(tmp_path, capsys):
         pickle.dump(dict(vocab_size=257, tokenizer={'kind': 'byte'}, eot_token=256, dataset='tiny'), f)
     model = model_with_votes(vocab_size=257, positions='rope').float()
     torch.save(dict(model_args=vars(model.config), model=model.state_dict(), config=dict(dataset='tiny'),
-                    tokenizer={'kind': 'byte'}), tmp_path / 'ckpt.pt')
+                    tokenizer={'kind': 'byte'}, rope_layout='half'), tmp_path / 'ckpt.pt')
     flags = ['--device=cpu', f'--data_dir={data}', f'--ckpt={tmp_path / "ckpt.pt"}', '--loss=False',
-             '--budgets=True', '--target=+0.05', '--shrink=0.5', '--eval_windows=2', '--batch_size=2']
+             '--search_budgets=True', '--target=+0.05', '--shrink=0.5', '--eval_windows=2', '--batch_size=2']
     evaluate.main(flags + ['--evict=window', f'--out_dir={tmp_path}/window'])
     assert 'eviction: window' in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--evict is 'F'.* or 'window'"):
@@ -465,7 +455,7 @@ def test_synthetic_experiment_runs_a_curriculum_of_lengths(tmp_path, monkeypatch
         open(os.path.join(folder, 'ckpt.pt'), 'w').close()
         return types.SimpleNamespace(returncode=0)
     monkeypatch.setattr(synthetic.subprocess, 'run', fake_run)
-    monkeypatch.setattr(synthetic, 'score', lambda settings, ckpt, data: (0.5, [3.0], 15))
+    monkeypatch.setattr(synthetic, 'score_run', lambda settings, ckpt, data: (0.5, [3.0], 15))
     synthetic.main([f'--out_dir={tmp_path}', '--stages=16,32', '--models=selective', '--iters=10'])
     first, second = commands
     assert {'--block_size=16', '--batch_size=128', '--max_iters=10', '--n_layer=3'} <= set(first)

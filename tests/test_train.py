@@ -1,5 +1,4 @@
 """train.py: end to end on a tiny dataset, resume, fine-tune at a longer context, clear errors, crash-safe saves."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from conftest import ROOT, TINY_FLAGS, fresh_module
 from configurator import configure
 from model import ATTENTIONS
 
-WRITTEN = [a for a in ATTENTIONS if a == 'causal' or importlib.util.find_spec(f'attention_{a}') is not None]
+WRITTEN = list(ATTENTIONS)
 
 
 def load(out_dir):
@@ -162,12 +161,12 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(train_tiny, tmp_pat
     train_tiny(tmp_path)
     before = load(tmp_path)
     script = (
-        "import os, signal, torch, configurator\n"
+        "import os, signal, torch, checkpoints\n"
         "def dying_save(obj, f):\n"
         "    f.write(b'the first half of a checkpoint'); f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = dying_save\n"
-        f"configurator.save_checkpoint({{'model': {{}}}}, {str(tmp_path / 'ckpt.pt')!r})\n")
+        f"checkpoints.save_checkpoint({{'model': {{}}}}, {str(tmp_path / 'ckpt.pt')!r})\n")
     out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == -9, out.stderr
     after = load(tmp_path)
@@ -175,18 +174,12 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(train_tiny, tmp_pat
     assert all(torch.equal(t, after['model'][k]) for k, t in before['model'].items())
 
 
-def settings(**values):
-    """train.py's default settings with some changed, as main() sees them after the flags."""
-    train = fresh_module('train')
-    return train, SimpleNamespace(**{**train.FLAGS, 'example_len': 0, 'answer_len': 0, **values})
-
-
 def test_batches_of_fixed_length_examples(tmp_path):
     """With example_len (passkey), windows start at an example and targets never cross into the next one."""
     np.tile(np.arange(8, dtype=np.uint16), 10).tofile(tmp_path / 'train.bin')  # 10 examples of 8 tokens: 0..7
+    train = fresh_module('train')
     for block_size, last_target in ((8, -1), (6, 6)):
-        train, cfg = settings(data_dir=str(tmp_path), example_len=8, batch_size=5, block_size=block_size)
-        x, y = train.get_batch(cfg, 'train', np.random.default_rng(0), 'cpu')
+        x, y = train.get_batch(str(tmp_path), 'train', 5, block_size, np.random.default_rng(0), 'cpu', example_len=8)
         assert (x == torch.arange(block_size)).all()
         assert (y[:, :-1] == torch.arange(1, block_size)).all() and (y[:, -1] == last_target).all()
 
@@ -194,13 +187,14 @@ def test_batches_of_fixed_length_examples(tmp_path):
 def test_batches_that_score_only_the_answer(tmp_path):
     """answer_len (a task's answer at the end of each example): the other targets are -1, ignored by the loss."""
     np.tile(np.arange(8, dtype=np.uint16), 10).tofile(tmp_path / 'train.bin')
-    train, cfg = settings(data_dir=str(tmp_path), example_len=8, answer_len=2, batch_size=3, block_size=8)
-    x, y = train.get_batch(cfg, 'train', np.random.default_rng(0), 'cpu')
+    x, y = fresh_module('train').get_batch(str(tmp_path), 'train', 3, 8, np.random.default_rng(0), 'cpu',
+                                           example_len=8, answer_len=2)
     assert (y[:, :5] == -1).all() and (y[:, 5:7] == torch.tensor([6, 7])).all() and (y[:, 7] == -1).all()
 
 
 def test_learning_rate_schedule():
-    train, cfg = settings(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    train = fresh_module('train')
+    cfg = SimpleNamespace(**{**train.FLAGS, 'learning_rate': 1.0, 'min_lr': 0.1, 'warmup_iters': 10, 'max_iters': 110})
     assert train.get_lr(cfg, 0) < train.get_lr(cfg, 9) < 1.0
     assert train.get_lr(cfg, 10) == 1.0 and train.get_lr(cfg, 60) == pytest.approx(0.55)
     assert train.get_lr(cfg, 110) == 0.1

@@ -26,13 +26,13 @@ def tiny_checkpoint(folder, attention, **options):
         for block in model.transformer.h:
             block.attn.beta.data = torch.tensor([-1.0, 2.0])
     os.makedirs(folder, exist_ok=True)
-    torch.save({'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(), 'tokenizer': {'kind': 'byte'}},
-               os.path.join(folder, 'ckpt.pt'))
+    torch.save({'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(),
+                'tokenizer': {'kind': 'byte'}, 'rope_layout': 'half'}, os.path.join(folder, 'ckpt.pt'))
     return model.eval()
 
 
 def visualize(folder, *flags):
-    fresh_module('visualize').main([f'--out_dir={folder}', f'--start={TEXT}', '--png=False', *flags])
+    fresh_module('visualize').main([f'--ckpt={folder}/ckpt.pt', f'--start={TEXT}', '--png=False', *flags])
 
 
 def rows(out, header):
@@ -52,7 +52,7 @@ def test_maps_reproduce_the_model(tmp_path, attention, budget, options, capsys):
     model = tiny_checkpoint(tmp_path, attention, **options)
     viz = fresh_module('visualize')
     idx = torch.tensor([list(TEXT.encode())])
-    maps = viz.analyse(model, idx, budget)
+    maps = viz.analyse(model, idx, **({'budget': budget} if budget else {}))
     assert 'warning' not in capsys.readouterr().out  # every layer's recomputed output is the block's
     T = idx.size(1)
     for m in maps:
@@ -63,7 +63,7 @@ def test_maps_reproduce_the_model(tmp_path, attention, budget, options, capsys):
     if attention == 'selective':  # the budget was applied: no layer attends to more than `budget` tokens
         assert all(((m['att'] > 0).sum(-1) <= (budget or T)).all() for m in maps)
     viz.CHECK_TOLERANCE = -1.0  # a recomputation that disagrees is reported, not drawn quietly
-    viz.analyse(model, idx, budget)
+    viz.analyse(model, idx, **({'budget': budget} if budget else {}))
     assert "layer 0's recomputed attention differs from the model's" in capsys.readouterr().out
 
 
@@ -171,8 +171,8 @@ def test_pictures(tmp_path, attention, names, capsys):
     ('--head=-2', '--head=-2: this model has 2 heads; give 0..1, or -1 for the mean over them'),
     ('--token=99', f'--token=99: the text has {len(TEXT)} tokens; give 0..{len(TEXT) - 1}, or a negative index'),
     ('--token=-99', f'--token=-99: the text has {len(TEXT)} tokens'),
-    ('--budget=1', '--budget=1: a budget counts the first token and the current one'),
-    ('--evict=LRU', '--evict=LRU: choose one of F, window'),
+    ('--budget=1', "--budget=1: budget=1: each layer's budget must be an int >= 2 (it counts the first token"),
+    ('--evict=LRU', "--evict=LRU: unknown evict 'LRU', choose one of: F, window"),
 ])
 def test_one_line_errors(tmp_path, flag, message):
     tiny_checkpoint(tmp_path, 'selective')
@@ -190,7 +190,7 @@ def test_a_missing_gpu_is_one_line(tmp_path):
 
 def test_budget_is_for_selective_only(tmp_path):
     tiny_checkpoint(tmp_path, 'infini')
-    with pytest.raises(SystemExit, match="--budget prunes Selective Attention's cache; .* 'infini'"):
+    with pytest.raises(SystemExit, match="--budget=.*: attention='infini' takes no option budget"):
         visualize(tmp_path, '--budget=8')
 
 

@@ -7,9 +7,9 @@ hidden at some depth in repeated filler text, and the example ends by asking for
   The grass is green. ... There and back again. The gr
   What is the pass key? The pass key is 12345
 
-make_passkey builds one example of any length (evaluate.py measures retrieval accuracy with it); this script
-writes train/val sets of examples of one length, byte-level, back to back, with example_len in meta.pkl so
-train.py samples windows that start at an example.
+data/passkey/task.py builds one example of any length (evaluate.py measures retrieval accuracy with it); this
+script writes train/val sets of examples of one length, byte-level, back to back, with example_len in meta.pkl
+so train.py samples windows that start at an example.
 
   python data/passkey/prepare.py --length=1024 --n_train=2000 --n_val=100
 """
@@ -22,32 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.common import ByteTokenizer, write_dataset  # noqa: E402
-
-FILLER = 'The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. '
-NEEDLE = '\nThe pass key is {key}. Remember it. {key} is the pass key.\n'
-QUESTION = '\nWhat is the pass key? The pass key is '
-
-
-def make_passkey(length, depth, rng, tok):
-    """One example of exactly `length` tokens: (prompt_ids, answer_ids), two lists of ints, the answer being the
-    key's 5 digits. The needle starts after round(depth * F) filler tokens, F being all the filler there is.
-    Pieces are joined as ids, not as text, so the length is exact with any tokenizer (filler may end mid-word)."""
-    key = str(rng.integers(10000, 100000))
-    needle = tok.encode(NEEDLE.format(key=key))
-    question = tok.encode(QUESTION)
-    answer = tok.encode(key)
-    n_filler = length - len(needle) - len(question) - len(answer)
-    if n_filler < 0:
-        raise ValueError(f'a passkey example needs at least {length - n_filler} tokens, asked for length={length}')
-    if not 0 <= depth <= 1:
-        raise ValueError(f'depth={depth} must be a fraction of the filler, between 0 and 1')
-    n_before = round(depth * n_filler)
-    filler = np.array(tok.encode(FILLER))
-    before = np.resize(filler, n_before)  # np.resize repeats the filler to the size asked for
-    after = np.resize(filler, n_filler - n_before)
-    prompt = np.concatenate([before, needle, after, question]).astype(np.int64)
-    return prompt.tolist(), answer
-
+from data.passkey.task import make_passkey  # noqa: E402
 
 def make_set(n, length, rng, tok):
     """n examples with uniformly random depths and keys, back to back, as one flat array of ids."""
