@@ -361,9 +361,10 @@ class InfiniAttention(nn.Module):
             att[..., s:e, s:e] = local_attention(q[..., s:e, :], k[..., s:e, :], eye, 0, 0.0)
         return dict(att=att, y=mem + loc, gate=torch.sigmoid(self.beta.float())[None], memory_share=share)
 
-    def extra_log(self):
-        """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory."""
-        return 'gates ' + ' '.join(f'{g:.2f}' for g in torch.sigmoid(self.beta.detach().float()).tolist())
+    def log_stats(self, x):
+        """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory.
+        x (this layer's input) is not needed: the gates are weights."""
+        return {f'gate{h}': g for h, g in enumerate(torch.sigmoid(self.beta.detach().float()).tolist())}
 
 
 def gate_values(model):

@@ -198,6 +198,17 @@ class SelectiveAttention(nn.Module):
         q, k, _ = self.qkv(x, 0)
         return self.head_masks(q, k)[1]
 
+    def log_stats(self, x):
+        """What train.py's log records of this layer, for its input x (B, T, C, after ln_1): `masked`, the share of
+        (query, earlier token) pairs with F >= MEMORY_TAU (the token counts as gone, as in the memory loss), and
+        `visible`, how many tokens the last query still sees (F < MEMORY_TAU, itself included)."""
+        F = self.selection_masks(x).float()
+        T = F.size(-1)
+        earlier = torch.ones(T, T, dtype=torch.bool, device=F.device).tril(-1)  # j < i
+        masked = (F >= MEMORY_TAU) & earlier
+        return {'masked': masked.sum().item() / (earlier.sum().item() * F.size(0) or 1),
+                'visible': (F[:, -1] < MEMORY_TAU).sum(-1).float().mean().item()}
+
     def forward(self, x, x0, cache=None, budget=None, evict='F', rotary=None):
         """budget, evict: without a cache, simulate a cache pruned to budget entries (an int, or one per layer) that
         evicts by evict, in one parallel forward (eviction_schedule). A cache has its own (SelectiveCache)."""

@@ -608,6 +608,8 @@ def setup(argv):
     if min(shape + (settings.repeats,)) < 1 or min(settings.decode_tokens, settings.warmup) < 0:
         raise SystemExit('n_layer, n_head, n_embd, vocab_size, batch_size, repeats must be >= 1, decode_tokens '
                          'and warmup >= 0')
+    if not math.isfinite(settings.vram_gb) or settings.vram_gb < 0:
+        raise SystemExit(f'--vram_gb={settings.vram_gb} must be 0 (no cap) or a number of GiB')
     if settings.n_embd % settings.n_head:
         raise SystemExit(f'n_embd={settings.n_embd} must be divisible by n_head={settings.n_head}')
     attention_list(settings)

@@ -3,9 +3,11 @@ Checkpoints: read one with a one-line error when it cannot be, build its model, 
 """
 
 import os
+import warnings
 
 import torch
 
+from data.common import tokenizer_from_meta
 from model import GPT, GPTConfig
 
 
@@ -15,7 +17,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle before failing on it: the error says it
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         reason = ('' if isinstance(checkpoint, dict) and {'model', 'model_args'} <= checkpoint.keys()
                   and isinstance(checkpoint['model_args'], dict) else "no 'model' and 'model_args' in it")
     except PermissionError:
@@ -25,6 +29,11 @@ def load_checkpoint(path):
     if reason:
         raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from another "
                          f"program: train again or point at another file")
+    if not isinstance(checkpoint['model'], dict):
+        raise SystemExit(f"{path} is not a readable checkpoint (its 'model' is not a state_dict)")
+    if not all(torch.isfinite(t).all() for t in checkpoint['model'].values() if torch.is_floating_point(t)):
+        raise SystemExit(f"{path} holds NaN or infinite weights: the run that wrote it diverged; train again with "
+                         f"a lower --learning_rate")
     # checkpoints written before GPTConfig had a positions field all used GPT-2's learned table
     checkpoint['model_args'].setdefault('positions', 'learned')
     # a compiled model's state_dict names its weights _orig_mod.*
@@ -69,12 +78,26 @@ def load_model(path, device='cpu', **overrides):
     return model.to(device).eval(), checkpoint
 
 
+def checkpoint_tokenizer(checkpoint, path):
+    """The tokenizer a checkpoint records (train.py saves it), or a one-line error when it records none."""
+    try:
+        return tokenizer_from_meta(checkpoint['tokenizer'])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise SystemExit(f"{path} records no tokenizer train.py knows, so its token ids cannot become text; "
+                         f"was it written by train.py?") from None
+
+
 def save_checkpoint(checkpoint, path):
     """Write to a temp file in the same folder, fsync, then rename over path: the rename is atomic, so a run
-    killed mid-write leaves the previous checkpoint whole."""
+    killed mid-write leaves the previous checkpoint whole. train.py's lock on out_dir keeps a second run from
+    writing the same temp file."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder gone: the previous checkpoint is still whole
+        raise SystemExit(f"cannot write {path} ({e.strerror or e}); the checkpoint there before, if any, is "
+                         f"untouched") from None

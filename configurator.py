@@ -7,6 +7,7 @@ is a flag, its value the default. `configure(argv, flags_of(globals()))` applies
 assignments, given without --) and then --key=value flags, keeping each flag's type, and returns the settings.
 """
 
+import math
 import os
 import types
 
@@ -92,10 +93,20 @@ def parse_ints(flag, text, example='1024,4k,1M'):
         raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None
 
 
+def check_sampling(temperature, top_k, max_new_tokens):
+    """One line for sampling settings no generation could use."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise SystemExit(f"--temperature={temperature} must be a finite number >= 0 (0 is greedy decoding)")
+    if top_k < 0 or max_new_tokens < 0:
+        raise SystemExit("--top_k and --max_new_tokens must be >= 0 (top_k 0 keeps every token)")
+
+
 def inference_options(model, budget, evict='F'):
     """The attention options of the --budget and --evict flags, {} when both are at their defaults ('', 'F'):
     budget an int or one per layer. The model's cache checks them: a one-line error for an attention that takes no
     budget, a budget below 2 or an unknown eviction rule."""
+    if evict != 'F' and not budget:
+        raise SystemExit(f"--evict={evict} chooses what a pruned cache drops; it needs --budget=N (selective only)")
     options = {}
     if budget:
         values = parse_ints('budget', budget, '32 or 8,16,16,8 (one per layer)')

@@ -12,10 +12,18 @@ def default_device():
 
 
 def device_type_of(device):
-    """'cuda', 'mps' or 'cpu' for a --device flag; a one-line error for a CUDA device torch cannot see."""
-    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    """'cuda', 'mps' or 'cpu' for a --device flag; a one-line error for a device torch does not know or cannot
+    see."""
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, ValueError):
+        device_type = None
+    if device_type not in ('cuda', 'mps', 'cpu'):
+        raise SystemExit(f"--device={device}: use cpu, cuda, cuda:N or mps")
     if device_type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device={device} but this machine has no Apple GPU (MPS); use --device=cpu")
     return device_type
 
 
@@ -34,5 +42,3 @@ def resolve_dtype(dtype, device_type):
 def autocast(device_type, dtype):
     """Mixed precision for a dtype name: none in float32."""
     return nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
-
-

@@ -6,9 +6,10 @@ How good are trained checkpoints at each context? Each evaluation is one functio
     python evaluate.py --ckpt=out-passkey-infini/ckpt.pt --contexts=256,1k,4k,16k  # + passkey accuracy table
     python evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --search_budgets=True    # selective's KV budgets
 
-  --loss            val loss at each context: the mean next-token loss over the same seeded windows of val.bin
-                    for every checkpoint. Past block_size a fixed-context model is n/a (--extend=True tiles its
-                    positions).
+  --loss            val loss at each context: the same target tokens read with more and more context before
+                    them (the last --scored tokens of windows that end at the same place), so a falling loss is
+                    what a longer context buys. Past block_size a fixed-context model is n/a (--extend=True tiles
+                    its positions).
   --passkey         passkey retrieval accuracy by length and depth, greedy decoding (on by itself for
                     checkpoints trained on data/passkey).
   --search_budgets  Selective Attention: the smallest per-layer KV-cache budgets that keep val loss under --target.
@@ -41,7 +42,9 @@ memory_read = ''           # infini's memory-read ablation: '' = as trained, 'of
 data_dir = ''              # '' = data/<the checkpoint's dataset>
 out_dir = 'eval_out'       # where the markdown and the CSV go
 contexts = ''              # comma-separated, k/M suffixes allowed; '' = 1/2, 1, 2, 4 x the first block_size
-eval_windows = 16          # val loss at a context = mean over this many random windows of it (seeded)
+eval_windows = 64          # val loss: this many seeded windows (each context reads back from the same ends)
+scored = 0                 # val loss by context: the last tokens of each window that are scored, the same at every
+                           # context; 0 = half the shortest context
 batch_size = 1             # windows per forward
 seed = 1337
 extend = False             # past block_size, tile the position table (as fine-tuning does) instead of n/a
@@ -65,19 +68,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def load_val_data(checkpoint, data_dir=''):
     """val.bin of the checkpoint's dataset (or of data_dir) as a memmap, and the dataset's meta."""
-    from data.common import load_meta
+    from data.common import check_tokens, load_meta, resolve_data_dir
     run = checkpoint.get('config', {})
-    folder = data_dir or run.get('data_dir') or os.path.join(HERE, 'data', str(run.get('dataset')))
+    folder = data_dir or resolve_data_dir(run.get('data_dir', ''), str(run.get('dataset')))
     path = os.path.join(folder, 'val.bin')
     if not os.path.isfile(path):
         raise SystemExit(f"no {path}: prepare the dataset (python data/<name>/prepare.py) or pass --data_dir=")
-    return np.memmap(path, dtype=np.uint16, mode='r'), load_meta(folder)
+    meta = load_meta(folder)
+    check_tokens(path, checkpoint['model_args']['vocab_size'])
+    return np.memmap(path, dtype=np.uint16, mode='r'), meta
 
 
 def load_evaluated(path, settings):
     """One checkpoint to evaluate: its model, val data, dataset meta and a label for the tables."""
     ablation = {'memory_read': settings.memory_read} if settings.memory_read else {}  # attention_infini.py
     model, checkpoint = load_model(path, settings.device, use_kernels=settings.use_kernels, **ablation)
+    if ablation and model.config.attention != 'infini':
+        raise SystemExit(f"--memory_read ablates Infini-attention's memory; {path} is '{model.config.attention}': "
+                         f"drop --memory_read")
     data, meta = load_val_data(checkpoint, settings.data_dir)
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
     label = f'{folder} ({model.config.attention}, block {fmt_context(model.config.block_size)})'
@@ -110,6 +118,7 @@ def val_loss(model, data, T, settings, example_len=None, **options):
     count = (len(data) - T - 1) // stride + 1
     if count < 1:
         raise ValueError(f'val.bin has {len(data)} tokens, fewer than a window of {T + 1}')
+    check_fits(model, settings, T, with_logits=True)
     starts = np.random.default_rng([settings.seed, T]).integers(0, count, settings.eval_windows) * stride
     targets = torch.arange(1, T + 1, device=settings.device) % example_len != 0 if example_len else None
     total, n = 0.0, 0
@@ -127,33 +136,128 @@ def val_loss(model, data, T, settings, example_len=None, **options):
     return total / n
 
 
+def check_fits(model, settings, T, with_logits):
+    """Refuse a case that cannot fit in free memory before allocating it (a MemoryError reads OOM). The estimate:
+    the float32 logits twice (the model's and the loss's log-softmax) and a few activations of width n_embd; on a
+    CPU it lands within about 10% of the peak of a val loss case (causal and infini, tiny models)."""
+    c = model.config
+    need = settings.batch_size * T * 4 * (2 * c.vocab_size * with_logits + 8 * c.n_embd)
+    free = free_memory_bytes(settings)
+    if free is not None and need > free:
+        raise MemoryError(f'context {fmt_context(T)} needs at least {fmt_bytes(need)}, {fmt_bytes(free)} is free')
+
+
+def free_memory_bytes(settings):
+    """Free memory on the device: the GPU's, or the machine's (Linux); None where it is not known."""
+    if settings.device_type == 'cuda':
+        return torch.cuda.mem_get_info(settings.device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def window_ends(data, longest, settings, example_len=None):
+    """Where the windows of every context end (one past the last target), eval_windows of them, seeded. Each has
+    room for the longest context before it, so every context reads back from the same ends. With fixed-length
+    examples (passkey) a window ends where an example ends."""
+    stride = example_len or 1
+    first, last = -(-(longest + 1) // stride), len(data) // stride  # room for longest + 1 tokens before an end
+    if last < first:
+        raise ValueError(f'val.bin has {len(data)} tokens, fewer than a window of {longest + 1}')
+    return np.random.default_rng([settings.seed]).integers(first, last + 1, settings.eval_windows) * stride
+
+
+@torch.no_grad()
+def context_losses(model, data, T, ends, scored, settings, example_len=None):
+    """Per window: the mean loss of the last `scored` targets before each of ends, read with T tokens of context.
+
+    The targets are the same at every T; only what comes before them changes. So the difference between two
+    contexts is what the longer one adds. As in val_loss, the first token of an example is no target."""
+    if T + 1 > ends.min():
+        raise ValueError(f'val.bin has too few tokens before its windows\' ends for a context of {T}')
+    check_fits(model, settings, T, with_logits=True)
+    losses = []
+    for i in range(0, len(ends), settings.batch_size):
+        part = ends[i:i + settings.batch_size]
+        batch = torch.from_numpy(np.stack([data[e - T - 1:e] for e in part]).astype(np.int64)).to(settings.device)
+        x, y = batch[:, :-1], batch[:, 1:].clone()
+        y[:, :T - scored] = -1  # only the last `scored` targets count
+        if example_len:
+            positions = torch.from_numpy(part[:, None] - T + np.arange(T)).to(settings.device)  # of y in val.bin
+            y = y.masked_fill(positions % example_len == 0, -1)
+        with autocast(settings.device_type, settings.dtype):
+            logits, _ = model(x, y)
+        for row in range(len(part)):  # the language-model loss alone (GPT's would add an auxiliary loss)
+            losses.append(cross_entropy(logits[row].float(), y[row], reduction='sum').item()
+                          / (y[row] != -1).sum().item())
+    return np.array(losses)
+
+
+def mean_and_error(values):
+    """The mean of per-window values and its standard error (None from one window)."""
+    error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else None
+    return float(values.mean()), error
+
+
 def loss_by_context(runs, Ts, settings):
-    """Val loss of every checkpoint at every context: out_dir/val_loss.md and .csv, a row as each case finishes."""
-    table = GrowingTable(settings, 'val_loss', ['checkpoint', 'context', 'val_loss', 'status', 'mark', 'message'])
+    """Val loss of every checkpoint at every context, on the same targets: out_dir/val_loss.md and .csv, a row as
+    each case finishes."""
+    scored = settings.scored or max(1, Ts[0] // 2)
+    if scored > Ts[0]:
+        raise SystemExit(f'--scored={scored} is more targets than the shortest context, {Ts[0]}, has')
+    table = GrowingTable(settings, 'val_loss', ['checkpoint', 'context', 'val_loss', 'stderr', 'change',
+                                                'change_stderr', 'windows', 'scored', 'status', 'mark', 'message'])
     rows = []
     for run in tqdm(runs, desc='val loss', dynamic_ncols=True):
+        longest = max([T for T in Ts if T < len(run.data)], default=Ts[0])
+        first = None  # the per-window losses at this checkpoint's shortest context that ran
         for T in Ts:
             mark = '*' if fit_context(run, T, settings.extend) else ''
-            value, status, message = guarded(lambda: val_loss(run.model, run.data, T, settings, run.example_len),
-                                             settings)
-            rows.append(dict(checkpoint=run.label, context=T, val_loss=value, status=status or 'ok', mark=mark,
-                             message=message))
-            table.add(rows[-1])
+            if not run.model.streams and T > run.model.config.block_size:  # the header says why: no message
+                losses, status, message = None, 'n/a', ''
+            else:
+                losses, status, message = guarded(lambda: context_losses(
+                    run.model, run.data, T, window_ends(run.data, longest, settings, run.example_len), scored,
+                    settings, run.example_len), settings)
+            row = dict(checkpoint=run.label, context=T, val_loss=None, stderr=None, change=None, change_stderr=None,
+                       windows=settings.eval_windows, scored=scored, status=status or 'ok', mark=mark, message=message)
+            if losses is not None:
+                row['val_loss'], row['stderr'] = mean_and_error(losses)
+                if first is None:
+                    first = losses
+                else:  # paired by window: the spread of the change, not of the windows
+                    row['change'], row['change_stderr'] = mean_and_error(losses - first)
+            rows.append(row)
+            table.add(row)
     cells = {(r['checkpoint'], r['context']): r for r in rows}
-    grid = [[fmt_context(T)] + [f"{c['val_loss']:.4f}{c['mark']}" if c['val_loss'] is not None else c['status']
-                                for c in (cells[run.label, T] for run in runs)] for T in Ts]
-    lines = [f'val loss: mean over {settings.eval_windows} windows per context, the same seeded windows for '
-             f'every checkpoint',
+    grid = [[fmt_context(T)] + [loss_cell(c) for c in (cells[run.label, T] for run in runs)] for T in Ts]
+    lines = [f'val loss: the same {settings.eval_windows} x {scored} target tokens at every context (the last {scored} '
+             f'of seeded windows that end at the same place), ± the standard error over windows; in brackets the '
+             f'change from the shortest context, ± its standard error (paired by window): below 0, the longer '
+             f'context helps',
              'past block_size, fixed-context models tile their position table (no training): marked *'
              if settings.extend else 'n/a past block_size: a fixed-context model cannot take it', '']
     lines += markdown_table('Val loss by context', ['context'] + [run.label for run in runs], grid)
     finish(table, settings, lines + failures(rows, 'context'))
 
 
+def loss_cell(row):
+    """'1.4523 ± 0.021 (-0.0312 ± 0.0040)', the status when it did not run."""
+    if row['val_loss'] is None:
+        return row['status']
+    text = f"{row['val_loss']:.4f}{row['mark']}" + (f" ± {row['stderr']:.3f}" if row['stderr'] is not None else '')
+    if row['change'] is not None:
+        error = f" ± {row['change_stderr']:.4f}" if row['change_stderr'] is not None else ''
+        text += f" ({row['change']:+.4f}{error})"
+    return text
+
+
 def failures(rows, key):
-    """One line per failure that is not OOM or n/a (the tables show those)."""
-    return list(dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r[key])}: {r['message']}" for r in rows
-                              if r['status'] not in ('ok', 'OOM', 'n/a')))
+    """One line per case that did not run and says why (n/a past block_size needs no line: the header says it)."""
+    return list(dict.fromkeys(f"{r['checkpoint']} at {fmt_context(r[key])}: {r['status']}, {r['message']}"
+                              for r in rows if r['status'] != 'ok' and r['message']))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -192,8 +296,12 @@ def passkey_by_length_and_depth(runs, Ts, settings):
         for depth in fractions:
             for T in Ts:
                 fit_context(run, T, settings.extend)
-                value, status, message = guarded(lambda: passkey_accuracy(run.model, tok, T, depth, settings),
-                                                 settings)
+
+                def case():
+                    seen = T if run.model.streams else min(T, run.model.config.block_size)  # generate crops
+                    check_fits(run.model, settings, seen, with_logits=False)
+                    return passkey_accuracy(run.model, tok, T, depth, settings)
+                value, status, message = guarded(case, settings)
                 rows.append(dict(checkpoint=run.label, length=T, depth=depth, accuracy=value,
                                  status=status or 'ok', message=message))
                 table.add(rows[-1])
@@ -258,9 +366,6 @@ def selective_budgets(run, settings):
     """The budget search on one selective checkpoint, and its KV memory: out_dir/budgets.md and .csv (a row per
     greedy step, as it is taken)."""
     model, data, example_len = run.model, run.data, run.example_len
-    if 'budget' not in model.attention.cache_options:
-        raise SystemExit(f"--search_budgets prunes a cache to a budget; {run.path}'s attention "
-                         f"'{model.config.attention}' takes none: give a checkpoint trained with --attention=selective")
     N, L = model.config.block_size, model.config.n_layer
     table = GrowingTable(settings, 'budgets', ['step', 'entries', 'val_loss', 'budgets'])
 
@@ -322,7 +427,9 @@ def budget_target(settings, full, data, N, example_len):
 
 def setup(argv):
     """The flags as a settings object, checked, with the device and dtype resolved."""
-    settings, _ = configure(argv, FLAGS, __doc__)
+    settings, given = configure(argv, FLAGS, __doc__)
+    if 'evict' in given and not settings.search_budgets:
+        raise SystemExit("--evict chooses the cache eviction of --search_budgets=True (Selective Attention); drop it")
     settings.device = settings.device or default_device()
     settings.device_type = device_type_of(settings.device)
     settings.dtype = resolve_dtype(settings.dtype, settings.device_type)
@@ -330,6 +437,8 @@ def setup(argv):
     check_out_dir(settings.out_dir)  # a bad --out_dir fails now, not after the measuring
     if min(settings.eval_windows, settings.batch_size, settings.passkey_trials) < 1:
         raise SystemExit('eval_windows, batch_size and passkey_trials must be >= 1')
+    if settings.seed < 0:
+        raise SystemExit(f'--seed={settings.seed} must be >= 0')
     if not 0 < settings.shrink < 1:
         raise SystemExit(f'--shrink is a fraction between 0 and 1, not {settings.shrink}')
     if settings.evict not in ('F', 'window'):
@@ -357,6 +466,10 @@ def main(argv):
     if settings.search_budgets and len(paths) > 1:
         raise SystemExit("--search_budgets searches one checkpoint's budgets: give one --ckpt")
     runs = [load_evaluated(path, settings) for path in paths]
+    model = runs[0].model
+    if settings.search_budgets and 'budget' not in model.attention.cache_options:  # before the other evaluations
+        raise SystemExit(f"--search_budgets prunes a cache to a budget; {runs[0].path}'s attention "
+                         f"'{model.config.attention}' takes none: give a checkpoint trained with --attention=selective")
     Ts = context_list(settings, ','.join(str(runs[0].trained * m // 2) for m in (1, 2, 4, 8)))
     trained_on_passkey = any(str(run.meta.get('dataset', '')).startswith('passkey') for run in runs)
     if settings.loss:

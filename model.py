@@ -109,11 +109,22 @@ class GPTConfig:
         if self.positions not in allowed:
             raise ValueError(f"attention='{self.attention}' cannot take positions='{self.positions}': {why}; "
                              f"choose one of: {', '.join(allowed)}")
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be at least 1")
+        if self.head_size < 0:
+            raise ValueError(f"head_size={self.head_size} must be >= 0 (0 = n_embd // n_head)")
         if not self.head_size and self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, or give --head_size")
         self.head_size = self.head_size or self.n_embd // self.n_head
         if self.gelu not in ('none', 'tanh'):
             raise ValueError(f"gelu='{self.gelu}': use 'none' (exact) or 'tanh' (GPT-2's approximation)")
+        if self.positions == 'rope' and self.head_size % 2:  # Infini's own RoPE checks its head size itself
+            raise ValueError(f"rotary positions need an even head size, not {self.head_size}: change n_embd or "
+                             f"n_head, or use positions={allowed[-1]}")
+        for key in ('dropout', 'gate_lr_mult', 'feature_scale', 'memory_boost', 'selection_loss'):
+            if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be a finite number >= 0")
         if self.head_size != self.n_embd // self.n_head and not attention.own_head_size:
             takers = ', '.join(name for name, a in ATTENTIONS.items() if a.own_head_size)
             raise ValueError(f"head_size={self.head_size} differs from n_embd/n_head: attention='{self.attention}' "

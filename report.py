@@ -68,7 +68,7 @@ def guarded(fn, settings, seconds=0.0):
         status, message = 'slow', f'stopped after {seconds:g} s'
     except Exception as e:  # one case failing must not stop the script: record what happened and go on
         _running[0] = False
-        oom = isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+        oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and (
             'out of memory' in str(e) or "can't allocate memory" in str(e)))
         status = 'OOM' if oom else 'n/a' if isinstance(e, ValueError) else 'error'
         message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"

@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from checkpoints import load_model
-from configurator import configure, flags_of, inference_options
-from data.common import encode_prompt, tokenizer_from_meta
+from checkpoints import checkpoint_tokenizer, load_model
+from configurator import check_sampling, configure, flags_of, inference_options
+from data.common import encode_prompt
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from gpt2 import is_gpt2, load_model as load_gpt2
 
@@ -37,9 +37,9 @@ FLAGS = flags_of(globals())
 
 def main(argv):
     cfg, _ = configure(argv, FLAGS, __doc__)
-    if cfg.temperature < 0 or cfg.top_k < 0 or cfg.num_samples < 0 or cfg.max_new_tokens < 0:
-        raise SystemExit("--temperature, --top_k, --num_samples and --max_new_tokens must be >= 0 "
-                         "(temperature 0 is greedy decoding, top_k 0 keeps every token)")
+    check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
+    if cfg.num_samples < 0 or cfg.seed < 0:
+        raise SystemExit("--num_samples and --seed must be >= 0")
     torch.manual_seed(cfg.seed)
     device = cfg.device or default_device()
     device_type = device_type_of(device)
@@ -53,7 +53,7 @@ def main(argv):
                          f"DIR/ckpt.pt), or set --ckpt to a run's ckpt.pt")
     model, checkpoint = load_gpt2(cfg.init_from, device) if cfg.init_from else load_model(path, device)
     config = model.config
-    tok = tokenizer_from_meta(checkpoint['tokenizer'])
+    tok = checkpoint_tokenizer(checkpoint, path)
     cache_options = inference_options(model, cfg.budget, cfg.evict)
 
     ids = encode_prompt(cfg.start, tok)

@@ -9,6 +9,8 @@ Train a GPT, nanoGPT style. Every global below is a flag, and so is every field 
   python train.py --init_from=gpt2 --attention=infini --dataset=pg19 --out_dir=out-gpt2-infini  # docs/gpt2.md
 
 Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8
+
+Every run writes out_dir/log.csv, its numbers row by row (runlog.py lists the columns); curves.py plots them.
 """
 
 import dataclasses
@@ -26,10 +28,11 @@ from tqdm import tqdm
 
 from checkpoints import ROPE_LAYOUT, load_checkpoint, save_checkpoint
 from configurator import configure, flags_of
-from data.common import load_meta
+from data.common import check_tokens, load_meta, resolve_data_dir, stored_data_dir
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from gpt2 import gpt2_checkpoint, is_gpt2
 from model import GPT, GPTConfig
+from runlog import RunLog, attention_stats, start_wandb, stats_line
 
 # -----------------------------------------------------------------------------------------------------------
 # Defaults. Those that set the run's size follow the device found: a small model that trains in a few minutes
@@ -43,6 +46,11 @@ eval_iters = 100 if _gpu else 20
 eval_only = False               # evaluate once and exit
 always_save_checkpoint = True   # else only when val loss improves
 init_from = 'scratch'           # 'scratch', 'resume', a run's ckpt.pt, gpt2[-medium|-large|-xl] or a folder (gpt2.py)
+overwrite = False               # a new run may replace the checkpoint of another run in out_dir
+# logging: every run writes out_dir/log.csv (runlog.py); wandb gets the same numbers
+wandb_log = False               # needs `pip install wandb`; WANDB_MODE=offline keeps it on this machine
+wandb_project = 'long-attention-gpt'
+wandb_run_name = 'run'
 # data
 dataset = 'python_stdlib'
 data_dir = ''                   # '' = data/<dataset>
@@ -76,7 +84,8 @@ for _field in dataclasses.fields(GPTConfig):
     globals().setdefault(_field.name, _field.default)
 FLAGS = flags_of(globals())  # every setting above, with its default
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
-MACHINE_KEYS = ('out_dir', 'init_from', 'eval_only', 'device', 'dtype', 'compile')  # not restored on resume
+# not restored on resume: where and how this machine runs it
+MACHINE_KEYS = ('out_dir', 'init_from', 'overwrite', 'eval_only', 'device', 'dtype', 'compile')
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------------------------------------
 
@@ -85,6 +94,8 @@ def check_settings(cfg):
     """One line for a setting no run could use (a NaN learning rate, a batch of 0, ...)."""
     positive = ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'eval_interval', 'eval_iters',
                 'log_interval', 'gradient_accumulation_steps')
+    if cfg.vocab_size < 0:
+        raise SystemExit(f"--vocab_size={cfg.vocab_size} must be >= 0 (0 = the dataset's)")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise SystemExit(f"--{key}={getattr(cfg, key)} must be at least 1")
@@ -98,6 +109,59 @@ def check_settings(cfg):
         raise SystemExit("--dropout, --beta1 and --beta2 must be below 1")
     if cfg.max_iters < 0 or cfg.warmup_iters < 0 or cfg.lr_decay_iters < 0:
         raise SystemExit("--max_iters, --warmup_iters and --lr_decay_iters must be >= 0")
+    if cfg.min_lr > cfg.learning_rate:
+        raise SystemExit(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}: the schedule decays "
+                         f"from learning_rate down to min_lr")
+    if cfg.seed < 0:
+        raise SystemExit(f"--seed={cfg.seed} must be >= 0")
+    if cfg.attention == 'infini' and cfg.segment_len > cfg.block_size:
+        raise SystemExit(f"--segment_len={cfg.segment_len} is longer than --block_size={cfg.block_size}: every "
+                         f"window would fit in one segment and the memory would never train")
+    if not cfg.out_dir:
+        raise SystemExit("--out_dir is empty: give the folder the run's checkpoint goes to")
+
+
+def claim_out_dir(cfg):
+    """Create out_dir and lock it for this run: a second run into the same folder stops with one line, instead of
+    both writing ckpt.pt. A new run never replaces another run's checkpoint unless told to (--overwrite=True).
+    The lock (fcntl, on train.lock) belongs to this process: the OS drops it however the process ends."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock = open(os.path.join(cfg.out_dir, 'train.lock'), 'a')
+    except OSError as e:
+        raise SystemExit(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror})") from None
+    try:
+        import fcntl  # POSIX only; elsewhere runs are not locked
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        raise SystemExit(f"another run is training in --out_dir={cfg.out_dir} (it holds train.lock): wait for it "
+                         f"to end, or give this run another --out_dir") from None
+    path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if cfg.init_from != 'resume' and os.path.exists(path) and not cfg.overwrite:
+        raise SystemExit(f"{path} holds another run: continue it with --init_from=resume, give a new --out_dir, "
+                         f"or replace it with --overwrite=True")
+    return lock
+
+
+def stop_if_diverged(losses, iter_num, out_dir):
+    """A loss that is no longer a finite number means the run diverged: stop before a checkpoint is written, so
+    out_dir/ckpt.pt keeps the last finite state."""
+    bad = ', '.join(f'{split} loss {value}' for split, value in losses.items() if not math.isfinite(value))
+    if bad:
+        path = os.path.join(out_dir, 'ckpt.pt')
+        kept = f'{path} keeps the last finite state' if os.path.exists(path) else 'no checkpoint was written'
+        raise SystemExit(f"step {iter_num}: {bad}: the run diverged; {kept}. Lower --learning_rate, or undo the "
+                         f"flag that made the numbers blow up")
+
+
+def data_dir_of(cfg, given):
+    """The data folder: --data_dir as given; else a resumed run's own (stored relative to the repository, so a
+    clone at another path finds its own copy); else data/<dataset>."""
+    if 'data_dir' in given:
+        return os.path.abspath(cfg.data_dir)
+    return resolve_data_dir(cfg.data_dir if cfg.init_from == 'resume' else '', cfg.dataset)
 
 
 def get_batch(data_dir, split, batch_size, block_size, rng, device, example_len=0, answer_len=0):
@@ -155,10 +219,22 @@ def estimate_loss(cfg, model, ctx, device, examples):
     return out
 
 
-def extra_log(model):
-    """A short line of what the attentions report about themselves (e.g. Infini's gate values)."""
-    return ' '.join(f'L{i}: {block.attn.extra_log()}' for i, block in enumerate(model.transformer.h)
-                    if hasattr(block.attn, 'extra_log'))
+def eval_stats(cfg, model, ctx, device, examples):
+    """What the attentions report about themselves (runlog.py), on the first four windows of a fixed val batch."""
+    X, _ = get_batch(cfg.data_dir, 'val', cfg.batch_size, cfg.block_size, np.random.default_rng([cfg.seed, 1, 1, 0]),
+                     device, **examples)
+    with ctx:
+        return attention_stats(model, X[:4])
+
+
+def open_log(cfg, model, ctx, device, examples, iter_num):
+    """out_dir/log.csv for this run (continued when resuming), and a wandb run with --wandb_log=True."""
+    wandb_run = None
+    if cfg.wandb_log:
+        wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run_name, {k: getattr(cfg, k) for k in FLAGS})
+    stat_names = eval_stats(cfg, model, ctx, device, examples).keys()
+    resume_iter = iter_num if cfg.init_from == 'resume' else None
+    return RunLog(cfg.out_dir, stat_names, resume_iter, wandb_run)
 
 
 def prepare_data(cfg, master_process):
@@ -169,7 +245,8 @@ def prepare_data(cfg, master_process):
     prepare = os.path.join(ROOT, 'data', cfg.dataset, 'prepare.py')
     default_dir = os.path.abspath(cfg.data_dir) == os.path.join(ROOT, 'data', cfg.dataset)
     if cfg.dataset != 'python_stdlib' or not default_dir:
-        hint = f"run: python {os.path.relpath(prepare)}" if os.path.isfile(prepare) else "prepare it first"
+        hint = (f"run: python {os.path.relpath(prepare)} --out_dir={cfg.data_dir}" if os.path.isfile(prepare)
+                else "prepare it first (python data/<name>/prepare.py --out_dir=...)")
         raise SystemExit(f"no prepared dataset in {cfg.data_dir} (train.bin, val.bin, meta.pkl): {hint}")
     if master_process:
         print(f"preparing the default dataset once: python {os.path.relpath(prepare)}")
@@ -208,6 +285,11 @@ def checkpoint_to_start_from(cfg, given):
     if cfg.init_from != 'resume' and is_gpt2(cfg.init_from):  # GPT-2's weights in this run's attention
         return gpt2_checkpoint(cfg.init_from, **{k: getattr(cfg, k) for k in MODEL_KEYS})
     if cfg.init_from != 'resume':
+        if not os.path.isfile(cfg.init_from):
+            hint = (f"; did you mean {os.path.join(cfg.init_from, 'ckpt.pt')}?" if os.path.isdir(cfg.init_from)
+                    else "")
+            raise SystemExit(f"--init_from={cfg.init_from}: no such checkpoint file; --init_from is 'scratch', "
+                             f"'resume', gpt2[-medium|-large|-xl] or the path of a ckpt.pt to fine-tune from{hint}")
         if os.path.abspath(os.path.dirname(cfg.init_from)) == os.path.abspath(cfg.out_dir):
             raise SystemExit(f"--init_from={cfg.init_from} is in --out_dir={cfg.out_dir}: fine-tuning writes a new "
                              f"run, give it a new --out_dir (or continue this run with --init_from=resume)")
@@ -227,9 +309,12 @@ def checkpoint_to_start_from(cfg, given):
     for key, value in checkpoint['config'].items():
         if hasattr(cfg, key) and key not in given and key not in MACHINE_KEYS:
             setattr(cfg, key, value)
+    if not cfg.lr_decay_iters and 'lr_decay_iters' not in given:  # keep the schedule the run started with
+        cfg.lr_decay_iters = checkpoint['config'].get('max_iters', cfg.max_iters)
     if checkpoint['iter_num'] >= cfg.max_iters and not cfg.eval_only:
         raise SystemExit(f"{path} is at iteration {checkpoint['iter_num']} of --max_iters={cfg.max_iters}: raise "
-                         f"--max_iters to train longer")
+                         f"--max_iters to train longer (the learning rate keeps the run's schedule, which ends at "
+                         f"min_lr after iteration {cfg.lr_decay_iters}; --lr_decay_iters=N changes that)")
     return checkpoint
 
 
@@ -281,11 +366,13 @@ def main(argv):
     checkpoint = checkpoint_to_start_from(cfg, given)
 
     # data
-    cfg.data_dir = cfg.data_dir or os.path.join(ROOT, 'data', cfg.dataset)
+    cfg.data_dir = data_dir_of(cfg, given)
     prepare_data(cfg, master_process)
     if ddp:
         barrier()
     meta = load_meta(cfg.data_dir)
+    if master_process:
+        print(f"data: {cfg.data_dir}")
     cfg.vocab_size = cfg.vocab_size or meta['vocab_size']
     if checkpoint is not None and checkpoint.get('tokenizer') != meta['tokenizer']:
         raise SystemExit(f"the checkpoint's tokenizer {checkpoint.get('tokenizer')} is not the one of "
@@ -305,6 +392,7 @@ def main(argv):
         raise SystemExit(f"{cfg.data_dir} scores only the answer at the end of each {example_len}-token example: "
                          f"use --block_size={example_len}")
     for split in ('train', 'val'):
+        check_tokens(os.path.join(cfg.data_dir, f'{split}.bin'), meta['vocab_size'])
         n = os.path.getsize(os.path.join(cfg.data_dir, f'{split}.bin')) // 2
         if n <= cfg.block_size:
             raise SystemExit(f"{split}.bin in {cfg.data_dir} has {n} tokens, too few for "
@@ -317,6 +405,8 @@ def main(argv):
     scaler = torch.amp.GradScaler('cuda', enabled=ptdtype == 'float16')  # float16 gradients need loss scaling
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+    lock = claim_out_dir(cfg) if master_process and not cfg.eval_only else None
 
     # optimizer
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
@@ -336,23 +426,31 @@ def main(argv):
     # the training loop
     tokens_per_iter = accum_steps * world_size * cfg.batch_size * cfg.block_size
     if master_process:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, attention={cfg.attention}, {tokens_per_iter:,} "
               f"tokens per iteration, {run_device} {ptdtype}{' compiled' if cfg.compile else ''}")
+    log = None
+    if master_process and not cfg.eval_only:
+        log = open_log(cfg, raw_model, ctx, run_device, examples, iter_num)
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=cfg.eval_only or not master_process,
                dynamic_ncols=True)
     t0, timed_iters = time.time(), 0
     while True:
         if master_process and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only):
             losses = estimate_loss(cfg, model, ctx, run_device, examples)
-            extra = extra_log(raw_model)
+            stats = eval_stats(cfg, raw_model, ctx, run_device, examples)
             tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                       + (f", {extra}" if extra else ''))
+                       + (f", {stats_line(stats)}" if stats else ''))
+            if log:
+                log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'],
+                          val_loss=losses['val'], lr=get_lr(cfg, iter_num - 1) if iter_num else None, **stats)
+            stop_if_diverged(losses, iter_num, cfg.out_dir)
             if iter_num > 0 and not cfg.eval_only and (losses['val'] < best_val_loss or cfg.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, losses['val'])
                 save_checkpoint({'model_args': dataclasses.asdict(raw_model.config), 'model': raw_model.state_dict(),
                                  'optimizer': optimizer.state_dict(), 'iter_num': iter_num,
-                                 'best_val_loss': best_val_loss, 'config': {k: getattr(cfg, k) for k in FLAGS},
+                                 'best_val_loss': best_val_loss,
+                                 'config': {**{k: getattr(cfg, k) for k in FLAGS},
+                                            'data_dir': stored_data_dir(cfg.data_dir, cfg.dataset)},
                                  'tokenizer': meta['tokenizer'], 'rope_layout': ROPE_LAYOUT},
                                 os.path.join(cfg.out_dir, 'ckpt.pt'))
             t0, timed_iters = time.time(), 0  # tokens/s counts training only
@@ -383,14 +481,23 @@ def main(argv):
         bar.update(1)
 
         if iter_num % cfg.log_interval == 0 and master_process:
+            stop_if_diverged({'train': loss.item()}, iter_num, cfg.out_dir)
             t1 = time.time()
             dt = (t1 - t0) / timed_iters
             t0, timed_iters = t1, 0
-            stats = {'loss': f'{loss.item() * accum_steps:.4f}', 'tok/s': f'{tokens_per_iter / dt:,.0f}'}
-            if device_type == 'cuda':
-                stats['mfu'] = f'{100 * raw_model.estimate_mfu(cfg.batch_size * accum_steps, dt):.1f}%'
+            lossf = loss.item() * accum_steps
+            mfu = 100 * raw_model.estimate_mfu(cfg.batch_size * accum_steps, dt) if device_type == 'cuda' else None
+            stats = {'loss': f'{lossf:.4f}', 'tok/s': f'{tokens_per_iter / dt:,.0f}'}
+            if mfu is not None:
+                stats['mfu'] = f'{mfu:.1f}%'
             bar.set_postfix(stats, refresh=False)
+            log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, lr=lr, loss=lossf,
+                      tokens_per_s=tokens_per_iter / dt, mfu=mfu)
     bar.close()
+    if log:
+        log.close()
+    if lock:
+        lock.close()
     if ddp:
         destroy_process_group()
 
@@ -398,6 +505,12 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except torch.cuda.OutOfMemoryError:
-        raise SystemExit("CUDA out of memory: lower --batch_size (raising --gradient_accumulation_steps as much keeps "
-                         "the tokens per step) or --block_size") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: the last checkpoint written is whole; --init_from=resume continues the run") \
+            from None
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        where = 'CUDA' if isinstance(e, torch.OutOfMemoryError) else 'CPU'
+        raise SystemExit(f"{where} out of memory: lower --batch_size (raising --gradient_accumulation_steps as much "
+                         f"keeps the tokens per step) or --block_size") from None

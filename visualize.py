@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from checkpoints import load_checkpoint
-from configurator import configure, flags_of, inference_options
-from data.common import encode_prompt, tokenizer_from_meta
+from checkpoints import checkpoint_tokenizer, load_checkpoint
+from configurator import check_sampling, configure, flags_of, inference_options
+from data.common import encode_prompt
 from devices import default_device, device_type_of
 from model import GPT, GPTConfig
 
@@ -288,7 +288,10 @@ def check_index(flag, value, count, what, low=-1):
 def main(argv):
     cfg, _ = configure(argv, FLAGS, __doc__)
     device = cfg.device or default_device()
-    device_type_of(device)  # a one-line error for a CUDA device torch cannot see
+    device_type_of(device)  # a one-line error for a device torch does not know or cannot see
+    check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
+    if cfg.seed < 0:
+        raise SystemExit(f"--seed={cfg.seed} must be >= 0")
     torch.manual_seed(cfg.seed)
     path = cfg.ckpt
     if not os.path.isfile(path):
@@ -298,10 +301,21 @@ def main(argv):
     model = GPT(GPTConfig(**{**checkpoint['model_args'], 'use_kernels': False}))  # the references, as recomputed
     model.load_state_dict(checkpoint['model'])
     model.eval().to(device)
-    config, tok = model.config, tokenizer_from_meta(checkpoint['tokenizer'])
+    config, tok = model.config, checkpoint_tokenizer(checkpoint, path)
     check_index('layer', cfg.layer, config.n_layer, 'this model has {} layers')
     check_index('head', cfg.head, config.n_head, 'this model has {} heads')
     options = inference_options(model, cfg.budget, cfg.evict)
+
+    if cfg.png:  # an unwritable folder fails now, not after the maps are computed
+        folder = cfg.png_dir or os.path.dirname(path) or '.'
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f'.write_test_{os.getpid()}')
+            open(probe, 'w').close()
+            os.remove(probe)
+        except OSError as e:
+            raise SystemExit(f"cannot write pictures to {folder} ({e.strerror}); give --png_dir or --png=False") \
+                from None
 
     ids = encode_prompt(cfg.start, tok)
     idx = torch.tensor([ids], dtype=torch.long, device=device)

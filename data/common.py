@@ -143,12 +143,70 @@ def tokenizer_from_meta(meta):
 
 
 def load_meta(data_dir):
-    """The meta.pkl dict of a prepared dataset folder."""
+    """The meta.pkl dict of a prepared dataset folder, or a one-line error when it is missing or unreadable."""
     path = os.path.join(data_dir, 'meta.pkl')
     if not os.path.isfile(path):
         raise SystemExit(f"no {path}: prepare the dataset first (python data/<name>/prepare.py)")
+    try:
+        with open(path, 'rb') as f:
+            meta = pickle.load(f)
+    except Exception as e:  # truncated, empty, or not a pickle: the unpickler's own message says little
+        raise SystemExit(f"{path} cannot be read ({type(e).__name__}); prepare the dataset again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int) or 'tokenizer' not in meta:
+        raise SystemExit(f"{path} has no vocab_size and tokenizer (see data/common.py for the format); prepare the "
+                         f"dataset again")
+    return meta
+
+
+def check_tokens(path, vocab_size):
+    """One line when a .bin file is not token ids below vocab_size: a size that is not whole uint16s, or an id past
+    the vocabulary (which would fail inside the model, or on a GPU stop with a device assert). Reads the file once."""
+    size = os.path.getsize(path)
+    if size % 2:
+        raise SystemExit(f"{path} has {size} bytes, not a whole number of uint16 token ids; prepare it again")
+    data = np.memmap(path, dtype=np.uint16, mode='r') if size else np.zeros(0, np.uint16)
+    chunk = 2 ** 24
+    top = max((int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)), default=0)
+    if top >= vocab_size:
+        raise SystemExit(f"{path} holds token id {top}, past the vocabulary of {vocab_size}: it was prepared with "
+                         f"another tokenizer than meta.pkl's; prepare it again")
+
+
+# A run's data_dir, as a checkpoint stores it: '' for data/<dataset>, a path inside the repository relative to it,
+# else the absolute path. A clone moved to another path then finds its own data.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def stored_data_dir(data_dir, dataset):
+    path = os.path.abspath(data_dir)
+    if path == os.path.join(REPO, 'data', dataset):
+        return ''
+    inside = os.path.commonpath([path, REPO]) == REPO
+    return os.path.relpath(path, REPO) if inside else path
+
+
+def resolve_data_dir(stored, dataset):
+    """The folder a stored data_dir names, in this copy of the repository."""
+    return os.path.join(REPO, stored or os.path.join('data', dataset))
+
+
+def seeded_rng(seed):
+    """np.random.default_rng(seed), with a one-line error for a seed it refuses."""
+    if seed < 0:
+        raise SystemExit(f'--seed={seed} must be >= 0')
+    return np.random.default_rng(seed)
+
+
+def is_binary(path):
+    """True for a file with a NUL byte in its first 8 KB: not text."""
     with open(path, 'rb') as f:
-        return pickle.load(f)
+        return b'\0' in f.read(8192)
+
+
+def check_val_fraction(fraction):
+    """One line for a --val_fraction that leaves no train or no val data."""
+    if not 0 < fraction < 1:
+        raise SystemExit(f'--val_fraction={fraction} must lie between 0 and 1 (0.1 keeps a tenth for validation)')
 
 
 def read_text(path):
@@ -177,13 +235,16 @@ def write_dataset(out_dir, train_ids, val_ids, tok, dataset, **extra):
     """Write train.bin, val.bin and meta.pkl into out_dir and print their sizes."""
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise SystemExit(f'empty split (train {len(train_ids):,} tokens, val {len(val_ids):,}): give more input')
-    os.makedirs(out_dir, exist_ok=True)
-    to_uint16(train_ids).tofile(os.path.join(out_dir, 'train.bin'))
-    to_uint16(val_ids).tofile(os.path.join(out_dir, 'val.bin'))
     meta = {'vocab_size': tok.vocab_size, 'tokenizer': tok.identity, 'eot_token': tok.eot_token,
             'dataset': dataset, **extra}
-    with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
-        pickle.dump(meta, f)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        to_uint16(train_ids).tofile(os.path.join(out_dir, 'train.bin'))
+        to_uint16(val_ids).tofile(os.path.join(out_dir, 'val.bin'))
+        with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
+            pickle.dump(meta, f)
+    except OSError as e:
+        raise SystemExit(f'cannot write the dataset to --out_dir={out_dir} ({e.strerror or e})') from None
     print(f'{dataset}: train {len(train_ids):,} tokens, val {len(val_ids):,} tokens, '
           f'vocab {tok.vocab_size:,} ({tok.identity["kind"]}) -> {out_dir}')
     return meta
@@ -195,7 +256,10 @@ def encode_prompt(start, tok):
     if start.startswith('FILE:'):
         path = start[len('FILE:'):]
         if not os.path.isfile(path):
-            raise SystemExit(f"--start=FILE:{path}: no such file")
+            what = 'is a folder, not a file' if os.path.isdir(path) else 'no such file'
+            raise SystemExit(f"--start=FILE:{path}: {what}")
+        if is_binary(path):
+            raise SystemExit(f"--start=FILE:{path} is a binary file (it holds NUL bytes), not text")
         with open(path, encoding='utf-8', errors='replace') as f:
             prompt = f.read()
     try:

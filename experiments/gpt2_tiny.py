@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 import gpt2  # noqa: E402
 from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
+from runlog import attention_stats  # noqa: E402
 from train import estimate_loss, get_batch  # noqa: E402
 
 out_dir = 'out-gpt2-tiny'       # the tiny GPT-2's run, its Hugging Face folder and results.md
@@ -70,7 +71,8 @@ def main(argv):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         after = estimate_loss(batches, model, nullcontext(), "cpu")['val']
-        extra = model.transformer.h[0].attn.extra_log() if hasattr(model.transformer.h[0].attn, 'extra_log') else ''
+        stats = attention_stats(model, x)  # what each attention reports about itself (runlog.py)
+        extra = ' '.join(f'{k[3:]}={v:.2f}' for k, v in stats.items() if k.startswith('L0.'))  # layer 0
         rows.append(f'| {name} | {before:.3f} | {after:.3f} | {extra} |')
         print(rows[-1], flush=True)
     table = '\n'.join([f'| attention | val loss from the tiny GPT-2 | after {cfg.finetune_iters} steps | layer 0 |',

@@ -34,7 +34,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
@@ -155,13 +154,10 @@ def train_run(run_dir, flags, run_seed, iters, data_dir, base=None):
     cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={run_seed}',
            f'--max_iters={iters}', f'--out_dir={run_dir}', *start_from]
     print(' '.join(cmd[1:]), flush=True)
-    start = time.time()
-    with open(os.path.join(run_dir, 'train.log'), 'a') as log:
+    with open(os.path.join(run_dir, 'train.log'), 'a') as log:  # the printout; log.csv has the numbers and time
         done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise SystemExit(f'training failed, see {run_dir}/train.log')
-    with open(os.path.join(run_dir, 'train_seconds.txt'), 'a') as f:
-        f.write(f'{time.time() - start:.0f}\n')
 
 
 # -----------------------------------------------------------------------------------------------------------

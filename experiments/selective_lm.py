@@ -14,11 +14,10 @@ causal2x-rope is causal with 8 heads of 32 (train.py --n_head=8 --head_size=32):
 causal4x-rope has 16 heads of 32, four times; causal6l-rope has 6 layers instead of 4 (1.5x the whole model).
 Runs are trained once (out_dir/<run>-s<seed>[-lr<lr>][-<extra>]/ckpt.pt is reused) and one at a time; set
 OMP_NUM_THREADS to the cores you give them. The val loss of a run is train.py's own estimate at each eval (the
-same 20 batches of 8 x 256 tokens for every run), read from its log. Tables (final val loss, mean and spread
+same 20 batches of 8 x 256 tokens for every run), read from its log.csv (runlog.py). Tables (final val loss, mean and spread
 over seeds; the curve of seed means) are printed and written to out_dir/results.md.
 """
 import os
-import re
 import subprocess
 import sys
 
@@ -27,6 +26,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import configure, flags_of  # noqa: E402
+from runlog import read_log  # noqa: E402
 
 RUNS = ('causal-learned', 'causal-rope', 'causal-alibi', 'selective-learned', 'selective-rope', 'selective-alibi',
         'in-learned', 'in-alibi', 'causal2x-rope', 'causal4x-rope', 'causal6l-rope')
@@ -46,8 +46,6 @@ out_dir = 'out-selective-lm'
 train = True                # False: only read the logs of runs already trained
 FLAGS = flags_of(globals())
 
-STEP = re.compile(r'step (\d+): train loss ([\d.]+), val loss ([\d.]+)')
-
 
 def run_dir(settings, run, seed, lr):
     """out_dir/<run>-s<seed>[-lr<lr>][-<extra flags>], e.g. causal-rope-s1-max_iters3000."""
@@ -56,7 +54,8 @@ def run_dir(settings, run, seed, lr):
 
 
 def train_run(settings, run, seed, lr):
-    """Train one run unless its checkpoint and log exist; return {step: val loss} read from its log."""
+    """Train one run unless it has finished (train.log holds its printout once it has); return {step: val loss}
+    read from its log.csv."""
     folder = run_dir(settings, run, seed, lr)
     log = os.path.join(folder, 'train.log')
     done = os.path.isfile(os.path.join(folder, 'ckpt.pt')) and os.path.isfile(log)
@@ -67,15 +66,16 @@ def train_run(settings, run, seed, lr):
         cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *model, f'--positions={positions}',
                f'--seed={seed}', f'--out_dir={folder}'] + ([f'--learning_rate={lr}'] if lr else [])
         cmd += settings.extra.split()
+        resume = os.path.isfile(os.path.join(folder, 'ckpt.pt'))  # a run stopped before its end continues
+        cmd += ['--init_from=resume'] if resume else []
         print(' '.join(cmd[1:]), flush=True)
-        with open(log + '.part', 'w') as f:
+        with open(log + '.part', 'a' if resume else 'w') as f:
             if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
                 raise SystemExit(f'{run} seed {seed} failed: see {log}.part')
         os.replace(log + '.part', log)
     if not os.path.isfile(log):
         return None
-    with open(log) as f:
-        return {int(m[1]): float(m[3]) for m in STEP.finditer(f.read())}
+    return {int(r['iter']): r['val_loss'] for r in read_log(folder) if r['val_loss'] is not None}
 
 
 def main(argv):

@@ -185,9 +185,11 @@ def train_run(settings, name, seed, folders, iters):
             cmd += ([*model_flags(settings, name), f'--n_layer={settings.n_layer}', f'--n_embd={settings.n_embd}']
                     if previous is None else [f'--init_from={previous}'])
             cmd += settings.extra.split()
+            resume = os.path.isfile(ckpt)  # a stage stopped before its end continues
+            cmd += ['--init_from=resume'] if resume else []
             print(' '.join(cmd[1:]), flush=True)
             os.makedirs(folder, exist_ok=True)
-            with open(log + '.part', 'w') as f:
+            with open(log + '.part', 'a' if resume else 'w') as f:
                 if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
                     raise SystemExit(f'{name} seed {seed} stage {stage} failed: see {log}.part')
             os.replace(log + '.part', log)

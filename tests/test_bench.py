@@ -179,7 +179,7 @@ def test_vram_cap_records_oom_on_cuda(tmp_path):
     (['--attentions=causal,flash'], "unknown 'flash'"),
     (['n_layer=2'], "no config file 'n_layer=2'"),
     (['--mode=quality'], "--mode is speed, kernels or check, not 'quality' (checkpoints: python evaluate.py"),
-    (['--device=tpu'], "--device is cuda, cuda:N or cpu, not 'tpu'"),
+    (['--device=tpu'], '--device=tpu: use cpu, cuda, cuda:N or mps'),
     (['--n_embd=10', '--n_head=3'], 'n_embd=10 must be divisible by n_head=3'),
     (['--case_seconds=-1'], '--case_seconds is a time limit in seconds (0: none), not -1'),
     (['--out_dir='], '--out_dir is empty'),

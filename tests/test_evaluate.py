@@ -62,6 +62,8 @@ def test_val_loss_and_passkey_on_tiny_checkpoints(tmp_path, capsys):
     assert rows[infini_label, '256']['status'] == 'ok'  # infini streams past it
     for key in [(causal_label, '128'), (infini_label, '128'), (infini_label, '256')]:
         assert 5.0 < float(rows[key]['val_loss']) < 6.0  # an untrained model: about ln(257) = 5.55
+        assert rows[key]['scored'] == '64' and float(rows[key]['stderr']) > 0  # half the shortest context
+    assert rows[infini_label, '128']['change'] == '' and rows[infini_label, '256']['change'] != ''
     passkey = read_csv(tmp_path / 'eval' / 'passkey.csv')
     assert len(passkey) == 2 * 2 * 2 and all(r['status'] == 'ok' for r in passkey)
     assert f'### Passkey accuracy, {infini_label}' in result.stdout
@@ -87,6 +89,56 @@ def test_val_loss_of_examples_skips_the_targets_that_start_one():
     assert evaluate.val_loss(model, data, 16, settings, example_len=8) == pytest.approx(losses[kept].mean().item(),
                                                                                          rel=1e-5)
     assert evaluate.val_loss(model, data, 16, settings) == pytest.approx(losses.mean().item(), rel=1e-5)
+
+
+class ContextFree(torch.nn.Module):
+    """A stand-in model that predicts the next token from the current one alone: more context cannot help it."""
+    streams = True
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(257, 257)
+
+    def forward(self, x, targets=None):
+        return self.table(x), None
+
+
+def test_val_loss_by_context_scores_the_same_targets_at_every_context():
+    settings = evaluate.setup(['--device=cpu', '--eval_windows=5', '--batch_size=2'])
+    data = np.random.default_rng(0).integers(0, 256, 300).astype(np.uint16)
+    ends = evaluate.window_ends(data, 64, settings)
+    assert len(ends) == 5 and ends.min() >= 65 and ends.max() <= 300
+    model = ContextFree()
+    with torch.no_grad():
+        short, long = (evaluate.context_losses(model, data, T, ends, 8, settings) for T in (16, 64))
+        assert np.allclose(short, long, rtol=1e-6)  # the same targets: a model blind to context gains nothing
+        ids = torch.from_numpy(data.astype(np.int64))
+        for end, loss in zip(ends, long):  # the slow way: the 8 tokens before the end, each from the one before it
+            assert loss == pytest.approx(F.cross_entropy(model.table(ids[end - 9:end - 1]), ids[end - 8:end]).item(),
+                                         rel=1e-5)
+        torch.manual_seed(0)
+        gpt = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+        end = ends[0]
+        logits, _ = gpt(ids[None, end - 33:end - 1], ids[None, end - 32:end])
+        expected = F.cross_entropy(logits[0, -8:], ids[end - 8:end]).item()
+        assert evaluate.context_losses(gpt, data, 32, ends[:1], 8, settings)[0] == pytest.approx(expected, rel=1e-5)
+        # examples of 8 tokens: windows end where an example ends, and an example's first token is no target
+        ends = evaluate.window_ends(data, 32, settings, example_len=8)
+        assert all(ends % 8 == 0)
+        got = evaluate.context_losses(model, data, 16, ends, 8, settings, example_len=8)
+        for end, loss in zip(ends, got):
+            expected = F.cross_entropy(model.table(ids[end - 8:end - 1]), ids[end - 7:end]).item()
+            assert loss == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match='fewer than a window'):
+        evaluate.window_ends(data, 300, settings)
+
+
+def test_loss_cell_shows_the_spread_and_the_change():
+    row = dict(val_loss=1.5, mark='', stderr=0.02, change=-0.031, change_stderr=0.004, status='ok')
+    assert evaluate.loss_cell(row) == '1.5000 ± 0.020 (-0.0310 ± 0.0040)'
+    assert evaluate.loss_cell(dict(row, change=None, stderr=None)) == '1.5000'
+    assert evaluate.loss_cell(dict(row, val_loss=None, status='n/a')) == 'n/a'
 
 
 class Oracle:
@@ -166,18 +218,46 @@ def test_budgets_refuse_a_checkpoint_that_is_not_selective(tmp_path):
         evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--loss=False', '--search_budgets=True'])
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--memory_read=off'], "--memory_read ablates Infini-attention's memory; .* is 'causal'"),
+    (['--evict=window'], '--evict chooses the cache eviction of --search_budgets=True'),
+    (['--seed=-1'], '--seed=-1 must be >= 0'),
+    (['--device=foo'], '--device=foo: use cpu'),
+])
+def test_flags_that_do_not_apply_are_refused(tmp_path, args, message):
+    data = tiny_dataset(tmp_path / 'tiny', 500)
+    path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'causal', 32)
+    with pytest.raises(SystemExit, match=message):
+        evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', f'--out_dir={tmp_path}/ev', *args])
+
+
+def test_a_case_that_cannot_run_says_why(tmp_path, capsys):
+    """val.bin shorter than the window: n/a with the reason under the table. A context too big for free memory is
+    refused before it allocates: OOM with the estimate."""
+    data = tiny_dataset(tmp_path / 'tiny', 30)
+    path = make_checkpoint(str(tmp_path / 'ckpt.pt'), 'causal', 32)
+    evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', f'--out_dir={tmp_path}/ev',
+                   '--contexts=16,32'])
+    out = capsys.readouterr().out
+    assert 'at 32: n/a, ValueError: val.bin has 30 tokens, fewer than a window of 33' in out
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
+    settings = evaluate.setup(['--device=cpu'])
+    with pytest.raises(MemoryError, match='context 1024M needs at least'):
+        evaluate.check_fits(model, settings, 2 ** 40 // 1024, with_logits=True)
+
+
 def test_a_stopped_evaluation_keeps_the_cases_it_finished(tmp_path, monkeypatch):
     """Each case is written as it finishes: a run stopped at its second context keeps the first one's row."""
     data = tiny_dataset(tmp_path / 'tiny', 2000)
     path = make_checkpoint(str(tmp_path / 'out-causal' / 'ckpt.pt'), 'causal', 64)
-    real = evaluate.val_loss
+    real = evaluate.context_losses
 
-    def val_loss(model, data, T, settings, example_len=None):
+    def context_losses(model, data, T, *args, **kwargs):
         if T > 32:
             raise KeyboardInterrupt  # what a kill at this moment leaves behind
-        return real(model, data, T, settings, example_len)
+        return real(model, data, T, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, 'val_loss', val_loss)
+    monkeypatch.setattr(evaluate, 'context_losses', context_losses)
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={path}', '--contexts=32,64', '--eval_windows=1',
                        f'--out_dir={tmp_path}/ev'])

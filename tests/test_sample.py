@@ -75,8 +75,28 @@ def test_temperature_zero_is_greedy(train_tiny, tmp_path, capsys):
     assert samples[0] == samples[1] == samples[2]
 
 
-@pytest.mark.parametrize('flag', ['--top_k=-3', '--temperature=-1'])
-def test_negative_sampling_settings_are_one_line(train_tiny, tmp_path, flag):
+@pytest.mark.parametrize('flag', ['--top_k=-3', '--temperature=-1', '--temperature=nan', '--seed=-1',
+                                  '--device=mps', '--device=foo'])
+def test_bad_sampling_settings_are_one_line(train_tiny, tmp_path, flag):
     train_tiny(tmp_path)
-    with pytest.raises(SystemExit, match='must be >= 0'):
+    with pytest.raises(SystemExit, match=r'must be .*>= 0|--device=(mps|foo)'):
         sample(tmp_path, flag)
+
+
+def test_checkpoint_without_a_tokenizer(train_tiny, tmp_path):
+    train_tiny(tmp_path)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    del ckpt['tokenizer']
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='records no tokenizer'):
+        sample(tmp_path)
+
+
+def test_a_checkpoint_with_nan_weights_is_one_line(train_tiny, tmp_path):
+    """A checkpoint written by a diverged run (before train.py stopped such runs) cannot sample: one line."""
+    train_tiny(tmp_path)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    ckpt['model']['lm_head.weight'][0, 0] = float('nan')
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='holds NaN or infinite weights'):
+        sample(tmp_path)

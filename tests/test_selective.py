@@ -484,9 +484,10 @@ def test_lm_experiment_runs_the_wide_baseline_and_keeps_longer_runs_apart(tmp_pa
     commands = []
     def fake_run(cmd, stdout, **kw):
         commands.append(cmd)
-        stdout.write('step 1000: train loss 1.4000, val loss 1.5000\n')
         folder = next(c[len('--out_dir='):] for c in cmd if c.startswith('--out_dir='))
         open(os.path.join(folder, 'ckpt.pt'), 'w').close()
+        with open(os.path.join(folder, 'log.csv'), 'w') as f:  # what train.py writes, the two columns read
+            f.write('iter,loss,val_loss\n1000,1.3,\n1000,,1.5\n')
         return types.SimpleNamespace(returncode=0)
     monkeypatch.setattr(lm.subprocess, 'run', fake_run)
     lm.main([f'--out_dir={tmp_path}', '--runs=causal2x-rope,causal4x-rope,causal6l-rope', '--seeds=3',

@@ -1,7 +1,10 @@
 """train.py: end to end on a tiny dataset, resume, fine-tune at a longer context, clear errors, crash-safe saves."""
 import os
+import pickle
+import shutil
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -123,7 +126,8 @@ def test_flags_that_contradict_the_checkpoint(train_tiny, tmp_path):
     ('--attention=flash', "unknown attention 'flash', choose one of: causal"),
     ('--n_embd=17', 'n_embd=17 must be divisible by n_head=2'),
     ('--init_from=resume', 'no checkpoint at'),
-    ('--init_from=nowhere/ckpt.pt', 'no checkpoint at nowhere/ckpt.pt'),
+    ('--init_from=nowhere/ckpt.pt', '--init_from=nowhere/ckpt.pt: no such checkpoint file'),
+    ('--init_from=resum', "--init_from is 'scratch', 'resume', gpt2[-medium|-large|-xl] or the path of a ckpt.pt"),
     ('max_iters=2', "no config file 'max_iters=2'"),
     ('--block_size=10000', 'too few for --block_size=10000'),
     ('--learning_rate=nan', '--learning_rate=nan must be a finite number >= 0'),
@@ -211,3 +215,118 @@ def test_resume_needs_a_training_checkpoint(train_tiny, tmp_path):
     torch.save({'model': {}, 'model_args': {}}, tmp_path / 'ckpt.pt')  # weights alone, as a test or script saves
     message = error_of(train_tiny, tmp_path, '--init_from=resume')
     assert 'has no best_val_loss, config, iter_num, optimizer to resume a run with; fine-tune' in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# No run loses a good checkpoint, and bad input gets one line.
+
+def test_a_diverging_run_stops_and_keeps_the_last_finite_checkpoint(train_tiny, tmp_path):
+    train_tiny(tmp_path)
+    before = load(tmp_path)
+    message = error_of(train_tiny, tmp_path, '--init_from=resume', '--max_iters=40', '--lr_decay_iters=40',
+                       '--learning_rate=1e4', '--min_lr=0')
+    assert 'the run diverged' in message and 'keeps the last finite state' in message
+    after = load(tmp_path)
+    assert after['iter_num'] == before['iter_num'] == 4 and np.isfinite(after['best_val_loss'])
+    assert all(torch.isfinite(t).all() for t in after['model'].values())
+
+
+def test_a_new_run_does_not_replace_another_runs_checkpoint(train_tiny, tmp_path):
+    train_tiny(tmp_path)
+    message = error_of(train_tiny, tmp_path, '--max_iters=2')
+    assert 'holds another run' in message and '--init_from=resume' in message and '--overwrite=True' in message
+    assert load(tmp_path)['iter_num'] == 4
+    train_tiny(tmp_path, '--max_iters=2', '--overwrite=True')
+    assert load(tmp_path)['iter_num'] == 2
+
+
+def test_two_runs_in_one_out_dir(train_tiny, tiny_data, tmp_path):
+    """While one process trains into out_dir, a second run there stops with one line; the first goes on."""
+    flags = [f'--data_dir={tiny_data}', f'--out_dir={tmp_path}', *TINY_FLAGS, '--max_iters=1000000']
+    log = tmp_path / 'first.log'
+    with open(log, 'w') as f:
+        first = subprocess.Popen([sys.executable, 'train.py', *flags], cwd=ROOT, stdout=f, stderr=f)
+    try:
+        while not (tmp_path / 'ckpt.pt').exists():  # the first run holds the lock from before its first save
+            assert first.poll() is None, log.read_text()
+            time.sleep(0.2)
+        for resume in ([], ['--init_from=resume', '--max_iters=1000000']):
+            message = error_of(train_tiny, tmp_path, *resume)
+            assert 'another run is training in' in message
+        assert first.poll() is None  # still training
+    finally:
+        first.kill()
+        first.wait()
+    train_tiny(tmp_path, '--init_from=resume', '--max_iters=1000000', '--eval_only=True')  # its checkpoint reads
+
+
+def test_a_clone_moved_to_another_path_resumes_on_its_own_data(tiny_data, tmp_path):
+    """The checkpoint stores data_dir '' for data/<dataset>: a moved clone finds its own copy of the data."""
+    clone = tmp_path / 'clone'
+    shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns('.git', 'out*', 'docs', 'tests', '*.bin', 'eval_out'))
+    shutil.copytree(tiny_data, clone / 'data' / 'tiny')
+    flags = ['--dataset=tiny', '--out_dir=out-tiny', *TINY_FLAGS]
+    out = subprocess.run([sys.executable, 'train.py', *flags, '--max_iters=2'], cwd=clone, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert load(clone / 'out-tiny')['config']['data_dir'] == ''
+    moved = tmp_path / 'moved'
+    clone.rename(moved)
+    out = subprocess.run([sys.executable, 'train.py', '--init_from=resume', '--out_dir=out-tiny', '--max_iters=4',
+                          '--device=cpu', '--compile=False'], cwd=moved, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"data: {moved / 'data' / 'tiny'}" in out.stdout
+    assert load(moved / 'out-tiny')['iter_num'] == 4
+
+
+def test_resume_keeps_the_learning_rate_schedule(train_tiny, tmp_path):
+    """Raising --max_iters on resume trains on at the end of the run's schedule, with no jump in the LR."""
+    train_tiny(tmp_path)  # lr_decay_iters 0 = max_iters = 4
+    message = error_of(train_tiny, tmp_path, '--init_from=resume')
+    assert 'ends at min_lr after iteration 4' in message
+    train_tiny(tmp_path, '--init_from=resume', '--max_iters=6')
+    assert load(tmp_path)['config']['lr_decay_iters'] == 4
+
+
+def corrupt(folder, name, content):
+    (folder / name).write_bytes(content)
+
+
+@pytest.mark.parametrize('name, content, message', [
+    ('meta.pkl', b'', 'meta.pkl cannot be read (EOFError)'),
+    ('meta.pkl', pickle.dumps({'vocab_size': 257, 'tokenizer': {'kind': 'byte'}})[:20], 'meta.pkl cannot be read'),
+    ('meta.pkl', pickle.dumps({'tokenizer': {'kind': 'byte'}}), 'meta.pkl has no vocab_size'),
+    ('meta.pkl', pickle.dumps([1, 2]), 'meta.pkl has no vocab_size'),
+    ('train.bin', b'\x01\x00' * 500 + b'\x01', 'not a whole number of uint16 token ids'),
+    ('val.bin', np.full(500, 300, dtype=np.uint16).tobytes(), 'holds token id 300, past the vocabulary of 257'),
+])
+def test_corrupt_data_files(train_tiny, tiny_data, tmp_path, name, content, message):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    corrupt(data, name, content)
+    assert message in error_of(train_tiny, tmp_path / 'out', f'--data_dir={data}')
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--device=foo'], '--device=foo: use cpu, cuda, cuda:N or mps'),
+    (['--device=mps'], '--device=mps but this machine has no Apple GPU'),
+    (['--seed=-1'], '--seed=-1 must be >= 0'),
+    (['--min_lr=0.1'], 'is above --learning_rate'),
+    (['--n_embd=18', '--n_head=6'], 'rotary positions need an even head size, not 3'),
+    (['--attention=infini', '--segment_len=32'], 'the memory would never train'),
+    (['--attention=infini', '--memory_boost=inf'], 'memory_boost=inf must be a finite number >= 0'),
+    (['--attention=infini', '--gate_lr_mult=-1'], 'gate_lr_mult=-1.0 must be a finite number >= 0'),
+    (['--attention=selective', '--selection_loss=nan'], 'selection_loss=nan must be a finite number >= 0'),
+    (['--init_from=resum'], "--init_from is 'scratch', 'resume', gpt2[-medium|-large|-xl] or the path of a ckpt.pt"),
+])
+def test_bad_settings_are_one_line(train_tiny, tmp_path, flags, message):
+    if 'mps' in flags[0] and torch.backends.mps.is_available():
+        pytest.skip('this machine has MPS')
+    assert message in error_of(train_tiny, tmp_path, *flags)
+
+
+def test_out_dir_errors(train_tiny, tmp_path):
+    assert '--out_dir is empty' in error_of(train_tiny, '')
+    (tmp_path / 'a_file').write_text('not a folder')
+    assert 'cannot write there' in error_of(train_tiny, tmp_path / 'a_file')
+    assert 'cannot write there' in error_of(train_tiny, tmp_path / 'a_file' / 'below')

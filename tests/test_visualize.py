@@ -172,12 +172,15 @@ def test_pictures(tmp_path, attention, names, capsys):
     ('--token=99', f'--token=99: the text has {len(TEXT)} tokens; give 0..{len(TEXT) - 1}, or a negative index'),
     ('--token=-99', f'--token=-99: the text has {len(TEXT)} tokens'),
     ('--budget=1', "--budget=1: budget=1: each layer's budget must be an int >= 2 (it counts the first token"),
-    ('--evict=LRU', "--evict=LRU: unknown evict 'LRU', choose one of: F, window"),
+    ('--evict=LRU', '--evict=LRU chooses what a pruned cache drops; it needs --budget=N'),
+    ('--budget=8 --evict=LRU', "--budget=8 --evict=LRU: unknown evict 'LRU', choose one of: F, window"),
+    ('--evict=window', '--evict=window chooses what a pruned cache drops; it needs --budget=N'),
+    ('--png=True --png_dir=/dev/null/pictures', 'cannot write pictures to /dev/null/pictures'),
 ])
 def test_one_line_errors(tmp_path, flag, message):
     tiny_checkpoint(tmp_path, 'selective')
     with pytest.raises(SystemExit) as e:
-        visualize(tmp_path, flag)
+        visualize(tmp_path, *flag.split())
     assert str(e.value).startswith(message) and '\n' not in str(e.value)
 
 

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import ByteTokenizer, write_dataset  # noqa: E402
+from data.common import ByteTokenizer, seeded_rng, write_dataset  # noqa: E402
 
 ALPHABET = np.frombuffer(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/', dtype=np.uint8)
 
@@ -42,7 +42,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.length < 16 or args.n_train < 1 or args.n_val < 1:
         raise SystemExit('--length must be at least 16, --n_train and --n_val at least 1')
-    rng = np.random.default_rng(args.seed)
+    rng = seeded_rng(args.seed)
     train_ids = make_set(args.n_train, args.length, rng)
     val_ids = make_set(args.n_val, args.length, rng)
     write_dataset(args.out_dir, train_ids, val_ids, ByteTokenizer(), 'copy', example_len=args.length)

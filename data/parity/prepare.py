@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import ByteTokenizer, write_dataset  # noqa: E402
+from data.common import ByteTokenizer, seeded_rng, write_dataset  # noqa: E402
 
 PAD = ' '
 
@@ -60,8 +60,9 @@ def main(argv=None):
     if args.n_train < 1 or args.n_val < 1:
         raise SystemExit('--n_train and --n_val must be at least 1')
     if not 1 <= args.min_bits <= max_bits:
-        raise SystemExit(f'--min_bits={args.min_bits} must be between 1 and --max_bits={max_bits}')
-    rng = np.random.default_rng(args.seed)
+        fit = f' (0 = as many as fit in --length={args.length})' if not args.max_bits else ''
+        raise SystemExit(f'--min_bits={args.min_bits} must be between 1 and --max_bits={max_bits}{fit}')
+    rng = seeded_rng(args.seed)
     try:
         train_ids = make_set(args.n_train, args.length, args.min_bits, max_bits, rng)
         val_ids = make_set(args.n_val, args.length, args.min_bits, max_bits, rng)

@@ -21,8 +21,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import ByteTokenizer, write_dataset  # noqa: E402
+from data.common import ByteTokenizer, seeded_rng, write_dataset  # noqa: E402
 from data.passkey.task import make_passkey  # noqa: E402
+
 
 def make_set(n, length, rng, tok):
     """n examples with uniformly random depths and keys, back to back, as one flat array of ids."""
@@ -46,7 +47,7 @@ def main(argv=None):
         raise SystemExit('--n_train and --n_val must be at least 1')
 
     tok = ByteTokenizer()
-    rng = np.random.default_rng(args.seed)
+    rng = seeded_rng(args.seed)
     try:
         train_ids = make_set(args.n_train, args.length, rng, tok)
         val_ids = make_set(args.n_val, args.length, rng, tok)

@@ -21,7 +21,8 @@ import sysconfig
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import TOKENIZERS, encode_documents, get_tokenizer, read_text, write_dataset  # noqa: E402
+from data.common import (TOKENIZERS, check_val_fraction, encode_documents, get_tokenizer, read_text,  # noqa: E402
+                         write_dataset)
 
 SKIP_DIRS = {'site-packages', 'test', 'tests', 'idle_test', '__pycache__'}
 
@@ -57,6 +58,9 @@ def main(argv=None):
     parser.add_argument('--val_fraction', type=float, default=0.05)
     parser.add_argument('--out_dir', default=here)
     args = parser.parse_args(argv)
+    check_val_fraction(args.val_fraction)
+    if args.max_files < 0:
+        raise SystemExit(f'--max_files={args.max_files} must be >= 0 (0 = all files)')
     if not os.path.isdir(args.input):
         raise SystemExit(f'--input={args.input} is not a folder: give a folder of .py files')
 

@@ -12,7 +12,7 @@ import sys
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import CharTokenizer, read_text, write_dataset  # noqa: E402
+from data.common import CharTokenizer, is_binary, read_text, write_dataset  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
@@ -38,6 +38,8 @@ def main(argv=None):
     path = args.input or os.path.join(args.out_dir, 'input.txt')
     if args.input and not os.path.isfile(path):
         raise SystemExit(f'--input={path} is not a file: give the path of a local copy of input.txt')
+    if args.input and is_binary(path):
+        raise SystemExit(f'--input={path} is a binary file (it holds NUL bytes), not text')
     if not os.path.isfile(path):
         os.makedirs(args.out_dir, exist_ok=True)
         print(f'downloading {URL}')

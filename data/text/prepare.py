@@ -12,7 +12,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import TOKENIZERS, encode_documents, get_tokenizer, read_text, write_dataset  # noqa: E402
+from data.common import (TOKENIZERS, check_val_fraction, encode_documents, get_tokenizer, is_binary,  # noqa: E402
+                         read_text, write_dataset)
 
 
 def text_files(root, extensions):
@@ -24,11 +25,6 @@ def text_files(root, extensions):
         paths += [os.path.join(folder, f) for f in files
                   if not f.startswith('.') and (not extensions or f.endswith(extensions))]
     return [p for p in sorted(paths) if not is_binary(p)]
-
-
-def is_binary(path):
-    with open(path, 'rb') as f:
-        return b'\0' in f.read(8192)
 
 
 def main(argv=None):
@@ -44,7 +40,10 @@ def main(argv=None):
     if not args.name or os.sep in args.name or args.name.startswith('.'):
         raise SystemExit(f'--name={args.name} must be a plain folder name (it becomes data/NAME/)')
 
+    check_val_fraction(args.val_fraction)
     if os.path.isfile(args.input):
+        if is_binary(args.input):
+            raise SystemExit(f'--input={args.input} is a binary file (it holds NUL bytes), not text')
         paths = [args.input]
     elif os.path.isdir(args.input):
         paths = text_files(args.input, tuple(e for e in args.ext.split(',') if e))
