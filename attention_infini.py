@@ -20,7 +20,7 @@ sees un-rotated sigma(Q), sigma(K) (the paper's memory is position-free), so not
 positions and the model streams forever. Gradients flow through M and z across the segments of a training
 sequence. M, z and their products are fp32 (fp64 for fp64 inputs), autocast or not: they sum many segments.
 
-Three options that are not in the paper (GPTConfig fields; each default is the paper). docs/infini.md measures
+Four options that are not in the paper (GPTConfig fields; each default is the paper). docs/infini.md measures
 what they do on passkey retrieval.
 
     feature_scale   sigma(x) = ELU(feature_scale * x) + 1. A read is an average of everything stored, weighted
@@ -31,6 +31,11 @@ what they do on passkey retrieval.
                     drawn per sequence (and layer), as if that text had been repeated. Training inputs are
                     short, so the memory only ever holds a few segments; the boost shows the model memories as
                     crowded as a long input's, and the model must learn keys that still stand out.
+    read_norm       'z' divides the read by sigma(q) z (eq. 3). 'rms' then scales each head's read to unit RMS over
+                    its d features. Why: the read is share * (what the needle wrote) + (what the filler wrote), and
+                    filler writes nearly cancel under the delta rule, so the read shrinks with the needle's share
+                    as the input grows, while its direction holds (docs/infini.md measures both). With 'rms' the
+                    read keeps its training-time size. The delta rule's own read (eq. 5) stays eq. 3.
     memory_read     'on' (eq. 6), or an ablation: 'off' sets A_mem = 0 and keeps the gate, so a head outputs
                     (1 - sigmoid(beta)) A_dot; 'local' forces the gate to 0, so a head outputs A_dot alone.
                     'off' removes exactly what the memory adds; 'local' keeps each head's output at full
@@ -59,6 +64,7 @@ import kernels
 from positions import causal_mask, rope, rope_angles
 
 UPDATES = ('linear', 'delta')
+READ_NORMS = ('z', 'rms')  # the paper's sigma(q) z (eq. 3); that, then unit RMS per head (module docstring)
 MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, the gate forced to 0 (module docstring)
 
 
@@ -93,6 +99,14 @@ def write_memory(sk, v, M, z, update, repeats=None):
     if repeats is not None:
         sk = sk * repeats.view(-1, 1, 1, 1)  # scales both sigma(K)^T V and sum_t sigma(K_t)
     return M + sk.transpose(-1, -2) @ v, z + sk.sum(dim=-2)
+
+
+def normalize_read(a_mem, read_norm='z'):
+    """The read as eq. 3 gives it ('z'), or scaled to unit RMS over its features ('rms', not in the paper). An empty
+    memory still reads 0."""
+    if read_norm == 'z':
+        return a_mem
+    return a_mem * torch.rsqrt(a_mem.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
 
 
 def memory_over_segments(q, k, v, segment_len, update='delta', M=None, z=None):
@@ -153,7 +167,7 @@ def local_attention(q, k, v, q_start, dropout_p):
 
 
 def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0,
-                     feature_scale=1.0, memory_read='on', first_segment_repeats=None):
+                     feature_scale=1.0, memory_read='on', first_segment_repeats=None, read_norm='z'):
     """Infini-attention over a sequence starting at a segment boundary (signature: module docstring)."""
     B, H, T, D = k.shape
     offset = T - q.size(-2)  # position (in k) of the first query
@@ -170,7 +184,7 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
             a_dot = local_attention(qs, ks, vs, first - s, dropout_p)  # eq. 2
             with no_autocast(q):
                 sq = sigma(qs.to(M.dtype), feature_scale)
-                a_mem = read_memory(sq, M, z).to(a_dot.dtype)  # eq. 3, M_{s-1}: before the update
+                a_mem = normalize_read(read_memory(sq, M, z), read_norm).to(a_dot.dtype)  # eq. 3, M_{s-1}
             ys.append(gated_output(a_mem, a_dot, beta, memory_read).to(q.dtype))  # eq. 6 (fp32 gate: q's dtype)
         if e - s == segment_len:  # a complete segment goes into the memory; a partial one waits in the cache
             repeats = first_segment_repeats if s == 0 else None  # memory_boost (training only)
@@ -216,13 +230,14 @@ def segment_attention(q, k, v, segment_len):
 
 
 def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, block_t=None,
-                          feature_scale=1.0, memory_read='on'):
+                          feature_scale=1.0, memory_read='on', read_norm='z'):
     """infini_attention without dropout or memory_boost, through the Triton memory kernel: same results.
     block_t: rows of a segment per step of the kernel (default kernels.BLOCK_T; the tests make it small)."""
     # the kernel applies the paper's sigma to what it is given: sigma(scale * x) is the kernel's sigma of
     # scale * x, so the memory gets scaled queries and keys, the local attention the model's own
     qm, km = (q, k) if feature_scale == 1.0 else (q * feature_scale, k * feature_scale)
     a_mem, M, z = kernels.infini_memory(qm, km, v, M, z, segment_len, update, block_t or kernels.BLOCK_T)  # eq. 3-5
+    a_mem = normalize_read(a_mem, read_norm)
     a_dot = segment_attention(q, k, v, segment_len)  # eq. 1-2
     return gated_output(a_mem.to(a_dot.dtype), a_dot, beta, memory_read).to(q.dtype), M, z  # eq. 6
 
@@ -261,6 +276,8 @@ class InfiniAttention(nn.Module):
             raise ValueError(f"unknown memory_read '{config.memory_read}', choose one of: {', '.join(MEMORY_READS)}")
         if not config.feature_scale > 0:
             raise ValueError(f"feature_scale={config.feature_scale} must be positive (1 is the paper's sigma)")
+        if config.read_norm not in READ_NORMS:
+            raise ValueError(f"unknown read_norm '{config.read_norm}', choose one of: {', '.join(READ_NORMS)}")
         if not config.memory_boost >= 0:
             raise ValueError(f"memory_boost={config.memory_boost} must be 0 (off) or positive")
         self.layer_idx = layer_idx
@@ -272,6 +289,7 @@ class InfiniAttention(nn.Module):
         self.feature_scale = config.feature_scale
         self.memory_boost = config.memory_boost
         self.memory_read = config.memory_read
+        self.read_norm = config.read_norm
         self.use_kernels = config.use_kernels
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -318,9 +336,10 @@ class InfiniAttention(nn.Module):
         if (self.use_kernels and dropout_p == 0.0 and repeats is None
                 and kernels.infini_available(q)):
             return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z,
-                                         feature_scale=self.feature_scale, memory_read=read)
+                                         feature_scale=self.feature_scale, memory_read=read,
+                                         read_norm=self.read_norm)
         return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p,
-                                self.feature_scale, read, repeats)
+                                self.feature_scale, read, repeats, self.read_norm)
 
     def maps(self, x, x0):
         """The local softmax weights of each segment (eq. 2), the gates, and the share of each token's output read
@@ -329,7 +348,7 @@ class InfiniAttention(nn.Module):
         q, k, v = self.qkv(x)
         def part(logit):
             return infini_attention(q, k, v, torch.full_like(self.beta, logit), self.segment_len, self.update,
-                                    feature_scale=self.feature_scale)[0]
+                                    feature_scale=self.feature_scale, read_norm=self.read_norm)[0]
         a_mem, a_dot = part(float('inf')), part(float('-inf'))
         mem = gated_output(a_mem, torch.zeros_like(a_dot), self.beta, self.memory_read)
         loc = gated_output(torch.zeros_like(a_mem), a_dot, self.beta, self.memory_read)

@@ -87,6 +87,7 @@ class GPTConfig:
     feature_scale: float = 1.0
     memory_boost: float = 0.0
     memory_read: str = 'on'
+    read_norm: str = 'z'         # 'z': eq. 3's sigma(q) z; 'rms': then unit RMS per head (attention_infini.py)
     # selective: the head whose logits select (paper: head 0), the auxiliary memory loss weight (0 = off), and
     # the nonlinearity turning logits into votes ('relu' as in the paper, 'softplus', 'sigmoid')
     selection_head: int = 0

@@ -256,11 +256,12 @@ def prepare_data(cfg, master_process):
 
 def model_args_from(checkpoint, cfg, given, fine_tune):
     """The checkpoint's model arguments with the flags allowed to change: dropout and use_kernels always;
-    when fine-tuning, block_size (context extension) and Infini's feature_scale and memory_boost (a model
+    when fine-tuning, block_size (context extension) and Infini's feature_scale, memory_boost and read_norm (a model
     trained with the paper's memory, then taught a sharper one). A flag that contradicts the checkpoint otherwise
     is an error."""
     args = {k: v for k, v in checkpoint['model_args'].items() if k in MODEL_KEYS}
-    changeable = ('dropout', 'use_kernels') + (('block_size', 'feature_scale', 'memory_boost') if fine_tune else ())
+    changeable = ('dropout', 'use_kernels') + (('block_size', 'feature_scale', 'memory_boost', 'read_norm')
+                                               if fine_tune else ())
     # the model as it was built: a field newer than the checkpoint at its default, derived ones (head_size) filled in
     saved = GPTConfig(**args)
     for key in MODEL_KEYS:

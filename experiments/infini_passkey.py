@@ -9,12 +9,16 @@ and switched off, and measures how the memory's read weight spreads as prompts g
   python experiments/infini_passkey.py --runs=local,causal --seeds=1            # the controls
   python experiments/infini_passkey.py --runs=paper_then_sharp_boost63@3000 --seeds=1,2,3   # paper, then both
   python experiments/infini_passkey.py --train=False --runs=paper,sharp_boost@9000,causal --seeds=1,2   # tables
+  python experiments/infini_passkey.py --train=False --runs=paper_then_sharp_boost63@6000 --seeds=5 \
+      --lengths=256,4096,16384,65536,262144,1048576 --trials=20,20,4,2,1,1      # to 1M tokens, fewer prompts far out
 
 docs/infini.md has the commands behind its numbers and reads them.
 
-Each run trains once (out_dir/<run>-<iterations>-s<seed>/ckpt.pt is reused; a stopped run resumes) and is evaluated once
-(eval.json beside the checkpoint is reused while the evaluation flags stay the same). The tables are printed
-and written to out_dir/results.md. One training process at a time; set OMP_NUM_THREADS to the cores you give it.
+Each run trains once (out_dir/<run>-<iterations>-s<seed>/ckpt.pt is reused; a stopped run resumes) and is evaluated
+once per length (eval.json beside the checkpoint keeps each length while its flags stay the same). Prompts stream
+through the model's cache --chunk tokens at a time, so memory stays bounded at any length; a progress bar shows
+lengths from 16k on. The tables are printed and written to out_dir/results.md. One training process at a time;
+set OMP_NUM_THREADS to the cores you give it.
 
 What is measured, per checkpoint and prompt length (lengths x depths x trials examples, the same for every model):
   accuracy     the share of examples whose 5 digits greedy decoding gets exactly right
@@ -22,18 +26,22 @@ What is measured, per checkpoint and prompt length (lengths x depths x trials ex
   needle share per head: the share of its memory-read weight sigma(q).sigma(k_j) (eq. 3) that falls on the
                passkey sentence, at the last prompt token (attention_infini.memory_weights)
 The memory-read ablations (GPTConfig.memory_read: 'off' = A_mem = 0, 'local' = gate 0) use the same weights.
+Also: the read probe of each head (read_probe: the read split into what the needle wrote and what the rest
+wrote), by depth; accuracy by depth and of each digit; seconds per prompt and the process's peak memory.
 """
 import json
 import os
+import resource
 import subprocess
 import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from attention_infini import gate_values, memory_weights, sigma  # noqa: E402
+from attention_infini import gate_values, memory_weights, read_memory, sigma  # noqa: E402
 from checkpoints import load_checkpoint, load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
@@ -49,8 +57,11 @@ evaluate = True                 # evaluate every finished checkpoint of the runs
 max_iters = 6000                # training iterations of a run named without @iterations
 lengths = '256,1024,2048,4096'  # prompt lengths to test (256 = the training length)
 depths = '0,0.25,0.5,0.75,1'    # where the passkey sits, as a fraction of the filler
-trials = 20                     # examples per (length, depth)
+trials = '20'                   # examples per (length, depth): one number, or one per length (fewer at far lengths)
 batch_size = 20                 # examples per forward in the evaluation
+chunk = 4096                    # prompt tokens per forward: the cache streams the prompt, memory stays bounded
+all_reads_up_to = 4096          # longer prompts are tested with the memory read on and off only (time)
+read_gain = ''                  # 'layer.head:gain' ('1.2:2'): that head's read counts gain times (scale_memory_read)
 seed = 1337                     # the evaluation's examples
 FLAGS = flags_of(globals())
 # -----------------------------------------------------------------------------------------------------------
@@ -73,14 +84,31 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63': (['--feature_scale=4', '--memory_boost=63'],
                                  "two stages: the paper's mechanism (the paper run, --max_iters iterations), then "
                                  "fine-tuned with both changes (boost 63) for the run's own iterations"),
+    # the read shrinks with the needle's share as inputs grow, while its direction holds (docs/infini.md, the read
+    # probe): read_norm=rms keeps each head's read at unit RMS, so a long input's read keeps its training-time size
+    'paper_then_sharp_boost63_rms': (['--feature_scale=4', '--memory_boost=63', '--read_norm=rms'],
+                                     'two stages, the second with both changes and the read at unit RMS per head'),
+    'paper_then_sharp_boost63_then_rms': (['--read_norm=rms'], 'three stages: the two-stage run (6,000 + 6,000 '
+                                          'iterations), then fine-tuned with the read at unit RMS per head'),
     'paper_then_sharp': (['--feature_scale=4'], 'two stages, the second with sigma(x) = ELU(4x) + 1 alone'),
     'paper_then_boost63': (['--memory_boost=63'], 'two stages, the second with the boost (63) alone'),
     'paper_then_more': ([], 'two stages, the second with neither change: the control for the extra training'),
+    # a curriculum over lengths: the two-stage model never saw more than 3 segments in its memory (the boost only
+    # scales the first write); a short third stage on 1,024-token examples (15 segments) shows it real long inputs.
+    # 4 examples per batch keep the tokens per iteration of the other runs.
+    'paper_then_sharp_boost63_then_1k': (['--block_size=1024', '--batch_size=4'],
+                                         'three stages: the two-stage run (6,000 + 6,000 iterations), then '
+                                         'fine-tuned on 1,024-token examples for the run\'s own iterations'),
 }
 # runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
 # which is fast, and the sharper, crowded memory is taught after (docs/infini.md, "Two stages")
-BASE = {name: 'paper' for name in RUNS if name.startswith('paper_then_')}
+# (which, with its iterations: None = --max_iters)
+BASE = {name: ('paper', None) for name in RUNS if name.startswith('paper_then_')}
+BASE['paper_then_sharp_boost63_then_1k'] = ('paper_then_sharp_boost63', 6000)
+BASE['paper_then_sharp_boost63_then_rms'] = ('paper_then_sharp_boost63', 6000)
 DATA_LENGTH = 256  # the training examples' length
+TRAIN_LENGTH = {'paper_then_sharp_boost63_then_1k': 1024}  # runs trained on longer examples
+EVAL_VERSION = 3  # what eval.json holds: bump when the measurements change, so older files are recomputed
 
 
 def parse_list(flag, text, kind):
@@ -93,6 +121,16 @@ def parse_list(flag, text, kind):
     return values
 
 
+def trials_by_length(text, length_list):
+    """--trials: one number for every length, or one per length."""
+    values = parse_list('trials', text, int)
+    if len(values) == 1:
+        values = values * len(length_list)
+    if len(values) != len(length_list) or min(values) < 1:
+        raise SystemExit(f'--trials={text}: one positive number, or one per length ({len(length_list)} lengths)')
+    return dict(zip(length_list, values))
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Training: train.py in a subprocess, one run at a time.
 
@@ -100,9 +138,9 @@ def finished(ckpt_path, iters):
     return os.path.isfile(ckpt_path) and load_checkpoint(ckpt_path).get('iter_num', 0) >= iters
 
 
-def prepare_data(folder):
+def prepare_data(folder, length=DATA_LENGTH):
     if not os.path.isfile(os.path.join(folder, 'val.bin')):
-        subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'passkey', 'prepare.py'), f'--length={DATA_LENGTH}',
+        subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'passkey', 'prepare.py'), f'--length={length}',
                         '--n_train=20000', '--n_val=200', f'--out_dir={folder}'], check=True, cwd=ROOT)
 
 
@@ -185,59 +223,245 @@ def needle_shares(model, batch):
     return shares, stored
 
 
+@torch.no_grad()
+def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
+    """score() through the streaming cache: the prompt is read `chunk` tokens at a time, then the answer, so memory
+    stays bounded whatever the length (the cache holds M, z and one segment). Returns correct and losses as score()
+    does, digits (B, 5) bools: which digits are the most likely token, and with probe=True read_probe's numbers.
+
+    probe=True measures the memory read of every head at the last prompt token (the query that predicts the first
+    digit), split into what the needle wrote and what everything else wrote (read_probe). Each segment that holds
+    needle tokens is read as a chunk of its own, so the memory before it is the cache's, and what its tokens wrote
+    is exact. options go to every forward."""
+    config = model.config
+    N, H, C = config.segment_len, config.n_head, config.n_embd
+    D = C // H
+    B, L = len(batch), len(batch[0][0])
+    prompts = torch.tensor([p for p, _, _, _ in batch])
+    answers = torch.tensor([a for _, a, _, _ in batch])
+    starts = torch.tensor([s for _, _, s, _ in batch])
+    ends = starts + torch.tensor([n for _, _, _, n in batch])
+    chunk = max(N, chunk // N * N)  # whole segments, so a needle segment can start a chunk
+    cuts = set(range(0, L - 1, chunk))
+    if probe:
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            cuts |= set(range(s // N * N, e + N, N))
+    cuts = sorted(c for c in cuts if c < L - 1) + [L - 1]  # the last prompt token goes with the answer
+    captured = []
+    hooks = [block.attn.c_attn.register_forward_hook(lambda m, i, o: captured.append(o))
+             for block in model.transformer.h] if probe else []
+    # per layer: sums over each example's needle tokens of sigma(k) (B, H, D) and of sigma(k)^T r (B, H, D, D)
+    needle_k = torch.zeros(config.n_layer, B, H, D)
+    needle_kr = torch.zeros(config.n_layer, B, H, D, D)
+    try:
+        cache = model.new_cache(B)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            pos = torch.arange(a, b)
+            mask = ((pos >= starts[:, None]) & (pos < ends[:, None])).float().view(B, 1, b - a, 1)  # needle tokens
+            needle_here = probe and bool(mask.any())
+            before = (cache.M.clone(), cache.z.clone()) if needle_here and cache.M is not None else None
+            captured.clear()
+            model(prompts[:, a:b], cache=cache, **options)
+            if bar is not None:
+                bar.update(B * (b - a))
+            if not needle_here:
+                continue
+            for layer, qkv in enumerate(captured):
+                _, k, v = (t.view(B, b - a, H, D).transpose(1, 2).float() for t in qkv.split(C, dim=2))
+                sk = sigma(k, config.feature_scale)
+                r = v  # what a token writes: its value (eq. 4), less what the memory returned for its key (eq. 5)
+                if config.memory_update == 'delta' and before is not None:
+                    r = v - read_memory(sk, before[0][layer].float(), before[1][layer].float())
+                needle_k[layer] += (sk * mask).sum(-2)
+                needle_kr[layer] += (sk * mask).transpose(-1, -2) @ r
+        memory = None if cache.M is None else (cache.M.clone().float(), cache.z.clone().float())
+        captured.clear()
+        x = torch.cat((prompts[:, -1:], answers[:, :-1]), dim=1)  # each predicts the next digit
+        logits, _ = model(x, answers, cache=cache, **options)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    digits = logits.argmax(-1) == answers
+    losses = cross_entropy(logits, answers, reduction='none').view(B, -1).mean(-1)
+    probed = None
+    if probe and memory is not None:
+        queries = [qkv.split(C, dim=2)[0][:, 0].view(B, H, 1, D).float() for qkv in captured]
+        probed = read_probe(queries, memory, needle_k, needle_kr, config.feature_scale)
+        stored = (L - 1) // N * N  # the complete segments before the query's segment are in the memory
+        for key in probed:  # where the needle is not all in the memory yet, there is nothing to measure
+            probed[key][ends > stored] = float('nan')
+    return digits.all(-1).tolist(), losses.tolist(), digits, probed
+
+
+def read_probe(queries, memory, needle_k, needle_kr, feature_scale):
+    """The memory read of each layer and head at one query, split by who wrote it. Returns (B, n_layer, H) tensors.
+
+    The memory is M = sum_j sigma(k_j)^T r_j and z = sum_j sigma(k_j) over every stored token j, r_j being what j
+    wrote (its value, less under the delta rule what the memory returned for its key then). So the read (eq. 3) is
+    A_mem = sum_j w_j r_j with w_j = sigma(q).sigma(k_j) / sigma(q) z: the needle's part is the sum over needle tokens,
+    sigma(q) (sum_needle sigma(k_j)^T r_j) / sigma(q) z, exactly, and the rest is what the other tokens wrote.
+      share       sum of w_j over the needle: the needle's share of the read's weight (memory_weights)
+      read_share  the needle part's projection on A_mem, over |A_mem|^2: its share of the read as a vector
+                  (1: the read is the needle's; it falls when the rest is large or points elsewhere)
+      cos         cosine between A_mem and the needle part
+      norm        |A_mem|, the read's size"""
+    M, z = memory
+    out = {k: [] for k in ('share', 'read_share', 'cos', 'norm')}
+    for layer, q in enumerate(queries):
+        sq = sigma(q, feature_scale)  # (B, H, 1, D)
+        a_mem = read_memory(sq, M[layer], z[layer])[:, :, 0]  # eq. 3, (B, H, D)
+        denom = (sq @ z[layer].unsqueeze(-1)).clamp_min(1e-6)[:, :, 0]  # sigma(q) z, (B, H, 1)
+        share = (sq[:, :, 0] * needle_k[layer]).sum(-1) / denom[..., 0]
+        part = (sq @ needle_kr[layer])[:, :, 0] / denom
+        norm2 = (a_mem * a_mem).sum(-1)
+        out['share'].append(share)
+        out['read_share'].append((part * a_mem).sum(-1) / norm2.clamp_min(1e-12))
+        out['cos'].append(torch.nn.functional.cosine_similarity(part, a_mem, dim=-1))
+        out['norm'].append(norm2.sqrt())
+    return {k: torch.stack(v, dim=1) for k, v in out.items()}
+
+
+def peak_rss_mb():
+    """The process's peak resident memory so far (Linux reports kB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2 ** 20 if sys.platform == 'darwin' else 2 ** 10)
+
+
+def evaluate_length(model, length, cases, reads, trained_read, settings, depth_list):
+    """Scores per memory_read, and for a model that reads its memory the read probe, at one prompt length."""
+    infini = model.config.attention == 'infini'
+    out = dict(prompts=len(cases), scores={}, seconds={})
+    bar = tqdm(total=len(reads) * len(cases) * (length - 1), unit='tok', unit_scale=True, dynamic_ncols=True,
+               desc=f'{length} tokens', disable=length < 16384, leave=False)
+    for read in reads:
+        options = {}  # the memory read of each layer, passed to every forward (attention_infini.py)
+        if infini:
+            options['memory_read'] = [{'on': trained_read, f'off L{layer}': 'off'}.get(
+                read, read if read in ('off', 'local') else 'on') for layer in range(model.config.n_layer)]
+        probe = read == 'on' and trained_read == 'on'
+        correct, losses, digits, probes = [], [], [], []
+        started = time.time()
+        for i in range(0, len(cases), settings.batch_size):
+            batch = cases[i:i + settings.batch_size]
+            if model.streams:
+                c, l_, d, p = stream_score(model, batch, settings.chunk, probe, bar, **options)
+            else:  # a fixed-context model reads its whole (short) prompt in one forward
+                c, l_ = score(model, batch, **options)
+                d, p = None, None
+            correct, losses = correct + c, losses + l_
+            digits += [] if d is None else [d]
+            probes += [] if p is None else [p]
+        out['seconds'][read] = time.time() - started
+        depths = np.repeat(depth_list, len(cases) // len(depth_list))
+        out['scores'][read] = dict(accuracy=float(np.mean(correct)), digit_loss=float(np.mean(losses)),
+                                   by_depth=[float(np.mean(np.array(correct)[depths == d])) for d in depth_list])
+        if digits:
+            out['scores'][read]['digits'] = torch.cat(digits).float().mean(0).tolist()  # accuracy of each digit
+        if probes:
+            probed = {k: torch.cat([p[k] for p in probes]) for k in probes[0]}
+            out['probe'] = {k: torch.nanmean(v, dim=0).tolist() for k, v in probed.items()}
+            by = torch.tensor(depths)
+            out['probe_by_depth'] = {k: [torch.nanmean(v[by == d], dim=0).tolist() for d in depth_list]
+                                     for k, v in probed.items()}
+            out['shares'] = dict(mean=out['probe']['share'], n=int((~probed['share'][:, 0, 0].isnan()).sum()),
+                                 uniform=cases[0][3] / ((length - 1) // model.config.segment_len *
+                                                        model.config.segment_len))
+        tqdm.write(f'  memory_read={read} length={length} accuracy={np.mean(correct):.0%} '
+                   f'digit loss={np.mean(losses):.2f} ({len(cases)} prompts, {out["seconds"][read]:.0f} s)')
+    bar.close()
+    out['peak_rss_mb'] = peak_rss_mb()
+    return out
+
+
+def parse_read_gain(text):
+    """--read_gain='1.2:2' -> (1, 2, 2.0); '' -> None."""
+    if not text:
+        return None
+    try:
+        where, gain = text.split(':')
+        layer, head = (int(x) for x in where.split('.'))
+        return layer, head, float(gain)
+    except ValueError:
+        raise SystemExit(f"--read_gain={text}: expected layer.head:gain, like 1.2:2") from None
+
+
+def scale_memory_read(model, layer, head, gain):
+    """Edit a trained model's weights so that one head's memory read counts `gain` times in its output, its local
+    attention as before: a test of whether the read's size limits retrieval (docs/infini.md, "Where retrieval is
+    lost"). The memory is linear in the values (every write is sigma(K)^T times values, less reads of earlier
+    values; eq. 4-5), so scaling the head's value weights by c scales A_mem and A_dot by c. A gate g' = gain g / c,
+    with c = gain g + 1 - g, then gives the head gain g A_mem + (1 - g) A_dot (eq. 6)."""
+    if not (0 <= layer < len(model.transformer.h) and 0 <= head < model.config.n_head and gain > 0):
+        raise SystemExit(f'--read_gain: no head {layer}.{head} in this model, or gain {gain} is not positive')
+    attn = model.transformer.h[layer].attn
+    C, D = attn.n_embd, attn.n_embd // attn.n_head
+    with torch.no_grad():
+        g = torch.sigmoid(attn.beta[head].double())
+        c = gain * g + 1 - g
+        values = slice(2 * C + head * D, 2 * C + (head + 1) * D)  # c_attn's output is q, k, v; heads in order
+        attn.c_attn.weight[values] *= c.float()
+        if attn.c_attn.bias is not None:
+            attn.c_attn.bias[values] *= c.float()
+        attn.beta[head] = torch.logit(gain * g / c).float()
+
+
 def evaluate_checkpoint(ckpt_path, settings):
-    """Accuracy, digit loss (per memory_read for infini) and needle shares by length; cached in eval.json."""
-    key = {k: getattr(settings, k) for k in ('lengths', 'depths', 'trials', 'seed')}
-    key['version'] = 2  # what is measured: bump when it changes, so older eval.json files are recomputed
-    cache_path = os.path.join(os.path.dirname(ckpt_path), 'eval.json')
+    """Accuracy, digit loss (per memory_read for infini), the read probe, time and memory by length. Each length is
+    cached in eval.json beside the checkpoint, and reused while its settings and the checkpoint stay the same."""
+    gain = parse_read_gain(settings.read_gain)
+    name = f'eval-gain{settings.read_gain}.json' if gain else 'eval.json'
+    cache_path = os.path.join(os.path.dirname(ckpt_path), name)
     mtime = os.path.getmtime(ckpt_path)
+    cached = {}
     if os.path.isfile(cache_path):
         with open(cache_path) as f:
             cached = json.load(f)
-        if cached['key'] == key and cached['ckpt_mtime'] == mtime:
-            return cached
-    model, checkpoint = load_model(ckpt_path)
-    infini = model.config.attention == 'infini'
-    # 'on' holds each model as trained; a model trained with the memory read on is also tested without it, in
-    # every layer ('off', 'local') and in one layer at a time ('off L0': layer 0's read off, the others on)
-    reads = ['on']
-    if infini and model.config.memory_read == 'on':
-        reads += ['off', 'local'] + [f'off L{layer}' for layer in range(model.config.n_layer)]
-    trained_read = model.config.memory_read if infini else None
-    result = dict(key=key, ckpt_mtime=mtime, iter_num=checkpoint.get('iter_num'), scores={}, shares={})
-    if infini:
-        result['gates'] = gate_values(model).tolist()
+        if cached.get('version') != EVAL_VERSION or cached.get('ckpt_mtime') != mtime:
+            cached = {}
+    length_list = parse_list('lengths', settings.lengths, int)
     depth_list = parse_list('depths', settings.depths, float)
-    for length in parse_list('lengths', settings.lengths, int):
-        cases = examples(length, depth_list, settings.trials, settings.seed)
-        for read in reads:
-            if not model.streams and length - 1 > model.config.block_size:  # an example is `length` tokens
-                continue  # a fixed-context model cannot read the prompt (cropped, the needle is often gone)
-            options = {}  # the memory read of each layer, passed to this forward (attention_infini.py)
-            if infini:
-                options['memory_read'] = [{'on': trained_read, f'off L{layer}': 'off'}.get(
-                    read, read if read in ('off', 'local') else 'on') for layer in range(model.config.n_layer)]
-            correct, losses = [], []
-            for i in range(0, len(cases), settings.batch_size):
-                c, l_ = score(model, cases[i:i + settings.batch_size], **options)
-                correct += c
-                losses += l_
-            result['scores'][f'{read} {length}'] = dict(accuracy=float(np.mean(correct)),
-                                                        digit_loss=float(np.mean(losses)))
-            print(f'  {os.path.dirname(ckpt_path)}: memory_read={read} length={length} '
-                  f'accuracy={np.mean(correct):.0%} digit loss={np.mean(losses):.2f}', flush=True)
-        if trained_read == 'on':
-            shares, stored = [], 0
-            for i in range(0, len(cases), settings.batch_size):
-                s, stored = needle_shares(model, cases[i:i + settings.batch_size])
-                shares.append(s)
-            shares = torch.cat(shares)
-            needle_len = cases[0][3]
-            result['shares'][str(length)] = dict(mean=torch.nanmean(shares, dim=0).tolist(),
-                                                 n=int((~shares[:, 0, 0].isnan()).sum()),
-                                                 uniform=needle_len / stored)
-    with open(cache_path, 'w') as f:
+    trials = trials_by_length(settings.trials, length_list)
+    model = checkpoint = None
+    result = dict(version=EVAL_VERSION, ckpt_mtime=mtime, lengths=cached.get('lengths', {}))
+    for length in length_list:
+        key = dict(depths=depth_list, trials=trials[length], seed=settings.seed,
+                   all_reads_up_to=settings.all_reads_up_to)
+        if result['lengths'].get(str(length), {}).get('key') == key:
+            continue
+        if model is None:
+            model, checkpoint = load_model(ckpt_path)
+            if gain:
+                scale_memory_read(model, *gain)
+        infini = model.config.attention == 'infini'
+        if not model.streams and length - 1 > model.config.block_size:  # an example is `length` tokens
+            continue  # a fixed-context model cannot read the prompt (cropped, the needle is often gone)
+        # 'on' holds each model as trained; a model trained with the memory read on is also tested without it, in
+        # every layer ('off', 'local') and in one layer at a time ('off L0': layer 0's read off, the others on).
+        # Past all_reads_up_to tokens, 'on' and 'off' only: each read of a long prompt takes minutes on a CPU.
+        trained_read = model.config.memory_read if infini else None
+        reads = ['on']
+        if trained_read == 'on' and not gain:
+            reads += ['off'] + (['local'] + [f'off L{layer}' for layer in range(model.config.n_layer)]
+                                if length <= settings.all_reads_up_to else [])
+        cases = examples(length, depth_list, trials[length], settings.seed)
+        entry = evaluate_length(model, length, cases, reads, trained_read, settings, depth_list)
+        result['lengths'][str(length)] = dict(key=key, **entry)
+        with open(cache_path + '.tmp', 'w') as f:  # after every length: a stopped evaluation keeps what it measured
+            json.dump(result, f, indent=1)
+        os.replace(cache_path + '.tmp', cache_path)
+    if model is not None:
+        result['gates'] = gate_values(model).tolist() if model.config.attention == 'infini' else None
+        result['iter_num'] = checkpoint.get('iter_num')
+    else:
+        result['gates'], result['iter_num'] = cached.get('gates'), cached.get('iter_num')
+    with open(cache_path + '.tmp', 'w') as f:
         json.dump(result, f, indent=1)
+    os.replace(cache_path + '.tmp', cache_path)
+    # the shape the tables read: scores['<read> <length>'], shares['<length>'], for the lengths asked for
+    result['scores'] = {f'{read} {n}': s for n in length_list for read, s in
+                        result['lengths'].get(str(n), {}).get('scores', {}).items()}
+    result['shares'] = {str(n): result['lengths'][str(n)]['shares'] for n in length_list
+                        if 'shares' in result['lengths'].get(str(n), {})}
     return result
 
 
@@ -276,7 +500,8 @@ def tables(results, length_list):
                 if f'{read} {length_list[0]}' not in r['scores']:
                     continue
                 scores = [r['scores'].get(f'{read} {n}') for n in length_list]  # None: longer than causal's block
-                cells = [f"{c['accuracy']:.0%} / {c['digit_loss']:.2f}" if c else 'cannot' for c in scores]
+                cells = [f"{c['accuracy']:.0%} / {c['digit_loss']:.2f}" if c else  # past all_reads_up_to: on, off only
+                         'not measured' if f'on {n}' in r['scores'] else 'cannot' for c, n in zip(scores, length_list)]
                 lines.append(f'| {name}, s{s}, {read} | ' + ' | '.join(cells) + ' |')
 
     lines += ['', "Needle share: of a head's memory-read weight at the last prompt token, the share on the passkey "
@@ -289,16 +514,83 @@ def tables(results, length_list):
         for s, r in per_seed.items():
             if not r['shares']:
                 continue
-            first = np.array(r['shares'][str(length_list[0])]['mean'])
-            for layer, h in zip(*np.nonzero(first >= 0.5)):
+            for layer, h in retrieving_heads(r, length_list):
                 cells = []
                 for n in length_list:
+                    if str(n) not in r['shares']:
+                        cells.append('')
+                        continue
                     share, u = r['shares'][str(n)]['mean'][layer][h], r['shares'][str(n)]['uniform']
                     cells.append(f'{share:.0%} (contrast {share / (1 - share) * (1 - u) / u:.0f})')
                 lines.append(f"| {name}, s{s}, {layer}.{h} ({r['gates'][layer][h]:.2f}) | " + ' | '.join(cells) + ' |')
-            uniform = [f"{r['shares'][str(n)]['uniform']:.1%}" for n in length_list]
+            uniform = [f"{r['shares'][str(n)]['uniform']:.1%}" if str(n) in r['shares'] else '' for n in length_list]
     if uniform:
         lines.append('| uniform | ' + ' | '.join(uniform) + ' |')
+    return lines + diagnosis_tables(results, length_list, head, rule)
+
+
+def retrieving_heads(r, length_list):
+    """(layer, head) of the heads that put at least half their read's weight on the needle at the first length."""
+    if str(length_list[0]) not in r['shares']:
+        return []
+    return list(zip(*np.nonzero(np.array(r['shares'][str(length_list[0])]['mean']) >= 0.5)))
+
+
+def diagnosis_tables(results, length_list, head, rule):
+    """Markdown: what each number costs, accuracy by depth and by digit, and the read probe of the retrieving heads."""
+    def entries(r):
+        return [r['lengths'].get(str(n)) for n in length_list]
+
+    lines = ['', 'Cost: prompts per number (per read), seconds per prompt with the memory read on (probe included), '
+             "and the process's peak resident memory after the length (it only grows; CPU):", '',
+             head.replace('| run |', '| run, seed |'), rule]
+    for name, per_seed in results.items():
+        for s, r in per_seed.items():
+            cells = [f"{e['prompts']} prompts, {e['seconds']['on'] / e['prompts']:.1f} s, {e['peak_rss_mb']:.0f} MB"
+                     if e else '' for e in entries(r)]
+            lines.append(f'| {name}, s{s} | ' + ' | '.join(cells) + ' |')
+
+    lines += ['', 'Accuracy by depth (memory read on): the needle at 0 / 0.25 / 0.5 / 0.75 / 1 of the filler '
+              '(0 = right after the start, 1 = just before the question):', '',
+              head.replace('| run |', '| run, seed |'), rule]
+    for name, per_seed in results.items():
+        for s, r in per_seed.items():
+            cells = [' / '.join(f'{a:.0%}' for a in e['scores']['on']['by_depth']) if e else '' for e in entries(r)]
+            lines.append(f'| {name}, s{s} | ' + ' | '.join(cells) + ' |')
+
+    lines += ['', 'Accuracy of each of the 5 digits (memory read on; each given the right digits before it):', '',
+              head.replace('| run |', '| run, seed |'), rule]
+    for name, per_seed in results.items():
+        for s, r in per_seed.items():
+            cells = [' / '.join(f'{a:.0%}' for a in e['scores']['on']['digits'])
+                     if e and 'digits' in e['scores']['on'] else '' for e in entries(r)]
+            lines.append(f'| {name}, s{s} | ' + ' | '.join(cells) + ' |')
+
+    lines += ['', "The read probe (read_probe) of the heads that retrieve, at the query of the first digit: share of "
+              "the read's weight on the needle / the needle part's share of the read as a vector / the read's size "
+              "|A_mem|:", '', head.replace('| run |', '| run, seed, layer.head |'), rule]
+    for name, per_seed in results.items():
+        for s, r in per_seed.items():
+            for layer, h in retrieving_heads(r, length_list):
+                cells = []
+                for e in entries(r):
+                    p = e and e.get('probe')
+                    cells.append(f"{p['share'][layer][h]:.0%} / {p['read_share'][layer][h]:.0%} / "
+                                 f"{p['norm'][layer][h]:.2f}" if p else '')
+                lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
+
+    lines += ['', "The read probe by depth: the needle's share of the read's weight, for a needle at each depth of "
+              "--depths ('-': the needle is not all in the memory yet):", '',
+              head.replace('| run |', '| run, seed, layer.head |'), rule]
+    for name, per_seed in results.items():
+        for s, r in per_seed.items():
+            for layer, h in retrieving_heads(r, length_list):
+                cells = []
+                for e in entries(r):
+                    p = e and e.get('probe_by_depth')
+                    cells.append(' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}'
+                                            for x in p['share']) if p else '')
+                lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
     return lines
 
 
@@ -321,19 +613,30 @@ def main(argv):
     seed_list = parse_list('seeds', settings.seeds, int)
     length_list = parse_list('lengths', settings.lengths, int)
     parse_list('depths', settings.depths, float)
+    trials_by_length(settings.trials, length_list)
+    parse_read_gain(settings.read_gain)
+    if settings.chunk < 1 or settings.batch_size < 1:
+        raise SystemExit(f'--chunk={settings.chunk} and --batch_size={settings.batch_size} must be at least 1')
     out = os.path.join(ROOT, settings.out_dir) if not os.path.isabs(settings.out_dir) else settings.out_dir
-    data_dir = os.path.join(out, f'data{DATA_LENGTH}')
     folder = lambda name, iters, s: os.path.join(out, f'{name}-{iters}-s{s}')  # noqa: E731
+
+    def train_with_base(name, iters, s):
+        """Train a run, after the run it fine-tunes (and that one's base) when it has one."""
+        base = None
+        if name in BASE:
+            base_name, base_iters = BASE[name]
+            base_iters = base_iters or settings.max_iters
+            train_with_base(base_name, base_iters, s)
+            base = os.path.join(folder(base_name, base_iters, s), 'ckpt.pt')
+        length = TRAIN_LENGTH.get(name, DATA_LENGTH)
+        data_dir = os.path.join(out, f'data{length}')
+        prepare_data(data_dir, length)
+        train_run(folder(name, iters, s), RUNS[name][0], s, iters, data_dir, base)
+
     if settings.train:
-        prepare_data(data_dir)
         for name, iters in runs_:
             for s in seed_list:
-                base = None
-                if name in BASE:  # its base run first, at the default length
-                    base_dir = folder(BASE[name], settings.max_iters, s)
-                    train_run(base_dir, RUNS[BASE[name]][0], s, settings.max_iters, data_dir)
-                    base = os.path.join(base_dir, 'ckpt.pt')
-                train_run(folder(name, iters, s), RUNS[name][0], s, iters, data_dir, base)
+                train_with_base(name, iters, s)
     if not settings.evaluate:
         return
     results = {}

@@ -260,16 +260,16 @@ def test_memory_boost_is_training_only_and_boosts_the_first_write():
 
 
 @pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='the fast path needs triton')
-@pytest.mark.parametrize('memory_read', ['on', 'off', 'local'])
-def test_fast_path_takes_feature_scale_and_memory_read(memory_read):
+@pytest.mark.parametrize('memory_read,read_norm', [('on', 'z'), ('off', 'z'), ('local', 'z'), ('on', 'rms')])
+def test_fast_path_takes_feature_scale_and_memory_read(memory_read, read_norm):
     """The Triton path (its interpreter on a CPU) against the reference, with the options it supports."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 16, 16, generator=g) for _ in range(3))
     beta = torch.randn(2, generator=g)
     y, M, z = attention_infini.fast_infini_attention(q, k, v, beta, 8, 'delta', block_t=8, feature_scale=4.0,
-                                                     memory_read=memory_read)
+                                                     memory_read=memory_read, read_norm=read_norm)
     y_ref, M_ref, z_ref = infini_attention(*(t.double() for t in (q, k, v, beta)), 8, 'delta', feature_scale=4.0,
-                                           memory_read=memory_read)
+                                           memory_read=memory_read, read_norm=read_norm)
     for a, b in ((y, y_ref), (M, M_ref), (z, z_ref)):
         assert (a.double() - b).norm() / b.norm() < 1e-5
 
@@ -301,15 +301,21 @@ def test_module_takes_the_fast_path_with_its_options_and_the_reference_for_the_b
     assert not calls
 
 
-def test_passkey_score_is_greedy_decoding():
-    """experiments/infini_passkey.py scores an answer with one teacher-forced forward: right exactly when greedy
-    decoding through the cache produces it. The model's own greedy output scores right, one changed token wrong."""
+def passkey_experiment():
+    """experiments/infini_passkey.py as a module."""
     import importlib.util
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'infini_passkey.py')
     spec = importlib.util.spec_from_file_location('infini_passkey', path)
     experiment = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(experiment)
+    return experiment
+
+
+def test_passkey_score_is_greedy_decoding():
+    """experiments/infini_passkey.py scores an answer with one teacher-forced forward: right exactly when greedy
+    decoding through the cache produces it. The model's own greedy output scores right, one changed token wrong."""
+    experiment = passkey_experiment()
     model = model64(vocab_size=257, memory_read='on').float()
     prompts = torch.randint(0, 257, (2, 30))
     greedy = model.generate(prompts, 5, top_k=1)[:, 30:].tolist()
@@ -317,3 +323,96 @@ def test_passkey_score_is_greedy_decoding():
     batch = [(p, a, 0, 0) for p, a in zip(prompts.tolist() + prompts[1:].tolist(), greedy + wrong)]
     correct, losses = experiment.score(model, batch)
     assert correct == [True, True, False] and len(losses) == 3
+
+
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+def test_streamed_passkey_score_and_shares_equal_one_forward(update):
+    """The passkey evaluation streams long prompts through the cache a few tokens at a time (stream_score). It scores
+    as one forward over prompt + answer does (score), and its needle shares equal those from every key at once
+    (needle_shares); needles at different places in one batch, some not in the memory yet (nan in both)."""
+    experiment = passkey_experiment()
+    model = model64(vocab_size=257, memory_update=update, feature_scale=2.0)
+    torch.manual_seed(3)
+    prompts, answers = torch.randint(0, 257, (3, 30)).tolist(), torch.randint(0, 257, (3, 5)).tolist()
+    batch = [(p, a, start, 5) for p, a, start in zip(prompts, answers, (1, 9, 25))]  # 25 + 5 > 28 stored
+    correct, losses = experiment.score(model, batch)
+    for chunk in (4, 8, 64):
+        c, l_, digits, probed = experiment.stream_score(model, batch, chunk=chunk, probe=True)
+        assert c == correct and digits.shape == (3, 5)
+        torch.testing.assert_close(torch.tensor(l_), torch.tensor(losses), rtol=1e-5, atol=1e-5)
+        shares, _ = experiment.needle_shares(model, batch)
+        torch.testing.assert_close(probed['share'], shares.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert probed['share'][2].isnan().all() and not probed['share'][:2].isnan().any()
+
+
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+def test_read_probe_splits_the_read_exactly(update):
+    """read_probe splits a memory read into what the needle wrote and what the rest wrote. A 'needle' that is every
+    stored token carries the whole read (share 1, read_share 1, cos 1); one that is no token carries none."""
+    experiment = passkey_experiment()
+    model = model64(vocab_size=257, memory_update=update)
+    prompt, answer = torch.randint(0, 257, (1, 21)).tolist(), [[1, 2, 3, 4, 5]]
+    _, _, _, everything = experiment.stream_score(model, [(prompt[0], answer[0], 0, 20)], chunk=8, probe=True)
+    for key in ('share', 'read_share', 'cos'):
+        torch.testing.assert_close(everything[key], torch.ones_like(everything[key]), rtol=1e-4, atol=1e-4)
+    assert (everything['norm'] > 0).all()
+    _, _, _, nothing = experiment.stream_score(model, [(prompt[0], answer[0], 20, 0)], chunk=8, probe=True)
+    assert nothing['share'].abs().max() == 0 and nothing['read_share'].abs().max() == 0
+    torch.testing.assert_close(nothing['norm'], everything['norm'])
+
+
+def test_passkey_trials_per_length():
+    experiment = passkey_experiment()
+    assert experiment.trials_by_length('20', [256, 1024]) == {256: 20, 1024: 20}
+    assert experiment.trials_by_length('20,1', [256, 1024]) == {256: 20, 1024: 1}
+    with pytest.raises(SystemExit, match='one per length'):
+        experiment.trials_by_length('20,1', [256, 1024, 4096])
+
+
+@pytest.mark.parametrize('update', ['linear', 'delta'])
+def test_read_norm_rms_scales_each_read_to_unit_rms(update):
+    """read_norm='rms' (not in the paper): the read of eq. 3 divided by its RMS over the head's features, so its
+    direction is eq. 3's and its size is 1; an empty memory still reads 0; the memory itself is unchanged."""
+    q, k, v = qkv(T=12)
+    beta = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    y_z, M_z, z_z = infini_attention(q, k, v, beta, 4, update)
+    y_rms, M_rms, z_rms = infini_attention(q, k, v, beta, 4, update, read_norm='rms')
+    torch.testing.assert_close((M_rms, z_rms), (M_z, z_z))
+    gate = torch.sigmoid(beta).view(1, -1, 1, 1)
+    torch.testing.assert_close(y_rms[:, :, :4], y_z[:, :, :4])  # the first segment reads an empty memory: 0
+    sq = sigma(q[:, :, 4:8])
+    M1, z1 = write_memory(sigma(k[:, :, :4]), v[:, :, :4], torch.zeros_like(M_z), torch.zeros_like(z_z), update)
+    read = read_memory(sq, M1, z1)
+    unit = read / read.pow(2).mean(-1, keepdim=True).sqrt()
+    assert (y_rms[:, :, 4:8] - (y_z[:, :, 4:8] - gate * read + gate * unit)).abs().max() < 1e-10
+
+
+def test_old_checkpoints_load_with_the_paper_read():
+    """A checkpoint saved before read_norm existed builds the paper's read (eq. 3) and gives the same numbers."""
+    config = tiny()
+    assert config.read_norm == 'z'
+    model = GPT(config).eval()
+    args = {k: getattr(config, k) for k in config.__dataclass_fields__ if k != 'read_norm'}
+    old = GPT(GPTConfig(**args)).eval()
+    old.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 23, (2, 12))
+    torch.testing.assert_close(old(idx, idx)[1], model(idx, idx)[1], rtol=0, atol=0)
+
+
+def test_scale_memory_read_scales_one_heads_read_only():
+    """The passkey experiment's read gain edits weights so that head h outputs gain g A_mem + (1 - g) A_dot and
+    every other head is unchanged (the memory is linear in the values)."""
+    experiment = passkey_experiment()
+    model = model64(vocab_size=257)
+    attn = model.transformer.h[1].attn
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+
+    def heads(read):
+        q, k, v = attn.c_attn(x).split(16, dim=2)
+        q, k, v = (t.view(2, 13, 2, 8).transpose(1, 2) for t in (q, k, v))
+        return infini_attention(q, k, v, attn.beta, 4, 'delta', memory_read=read)[0]
+    on, off = heads('on'), heads('off')
+    experiment.scale_memory_read(model, 1, 0, 3.0)
+    edited = heads('on')
+    torch.testing.assert_close(edited[:, 0], 3 * (on[:, 0] - off[:, 0]) + off[:, 0])
+    torch.testing.assert_close(edited[:, 1], on[:, 1])
