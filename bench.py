@@ -55,7 +55,7 @@ batches = ''               # kernels mode: batch sizes to time, comma-separated 
 decode_tokens = 64         # N tokens decoded one at a time after the prefill
 warmup = 1
 repeats = 3                # a timing is the median of this many runs
-case_seconds = 0.0         # > 0: a case (all its runs) is stopped after this long, and its longer contexts skipped
+case_seconds = 300.0       # a case (all its runs) is stopped after this long, its longer contexts skipped; 0 = never
 vram_gb = 0.0              # > 0: cap this process's CUDA memory at that many GiB (a smaller GPU)
 out_dir = 'bench_out'      # where the CSV, the markdown tables and the PNG go
 seed = 1337
