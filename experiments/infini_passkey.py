@@ -34,6 +34,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
