@@ -416,3 +416,24 @@ def test_scale_memory_read_scales_one_heads_read_only():
     edited = heads('on')
     torch.testing.assert_close(edited[:, 0], 3 * (on[:, 0] - off[:, 0]) + off[:, 0])
     torch.testing.assert_close(edited[:, 1], on[:, 1])
+
+
+def test_passkey_evaluation_of_a_checkpoint_end_to_end(tmp_path):
+    """evaluate_checkpoint on a tiny infini checkpoint: every read at each length, its time and memory, and
+    eval.json written after each length."""
+    import dataclasses
+    import json
+    from checkpoints import save_checkpoint
+    experiment = passkey_experiment()
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=257, segment_len=32, block_size=128))
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint({'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(), 'iter_num': 1,
+                     'tokenizer': {'kind': 'byte'}}, path)
+    settings, _ = experiment.configure(['--lengths=128,192', '--depths=0,1', '--trials=1', '--batch_size=2'],
+                                       experiment.FLAGS)
+    result = experiment.evaluate_checkpoint(path, settings)
+    entry = result['lengths']['192']
+    assert entry['prompts'] == 2 and {'on', 'off', 'local', 'off L0', 'off L1'} <= set(entry['scores'])
+    assert entry['seconds']['on'] > 0 and entry['peak_rss_mb'] > 0
+    assert json.load(open(tmp_path / 'eval.json'))['lengths'].keys() == {'128', '192'}
