@@ -346,6 +346,7 @@ class InfiniAttention(nn.Module):
         from memory. The reference at gate 1 (beta = +inf) returns A_mem alone (eq. 3), at gate 0 A_dot alone
         (eq. 2); the output mixes them linearly (eq. 6), so the share of each in it can be measured."""
         q, k, v = self.qkv(x)
+
         def part(logit):
             return infini_attention(q, k, v, torch.full_like(self.beta, logit), self.segment_len, self.update,
                                     feature_scale=self.feature_scale, read_norm=self.read_norm)[0]

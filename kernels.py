@@ -149,6 +149,7 @@ BLOCK_N = 64  # keys per inner-loop step (the selective kernels: see selective_b
 CARRY_ROWS = 16384  # query rows whose carry exists at once (a T-vector per 64 of them), so memory ~ T
 FP32_SELECTIVE_SHARED = 113 * 1024  # bytes of shared memory the fp32 selective backward needs (kernel_report.py)
 
+
 @jit
 def _load_rows(ptr, offs, T, BLOCK_D: tl.constexpr):
     """Rows offs of one head's contiguous (T, D) matrix; rows past T read as 0."""
@@ -496,6 +497,7 @@ def selective_attention(q, k, v, selection_head=0, block_m=BLOCK_M, block_n=None
 
 # Tuning: the block of the memory kernels
 BLOCK_T = 32  # rows of a segment per step
+
 
 @jit
 def _sigma(x):
