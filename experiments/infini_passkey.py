@@ -100,6 +100,8 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63_then_1k': (['--block_size=1024', '--batch_size=4'],
                                          'three stages: the two-stage run (6,000 + 6,000 iterations), then '
                                          'fine-tuned on 1,024-token examples for the run\'s own iterations'),
+    'paper_then_sharp_boost63_then_more': ([], 'three stages: the two-stage run (6,000 + 6,000 iterations), then '
+                                           'the same training longer: the control for the third stages'),
 }
 # runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
 # which is fast, and the sharper, crowded memory is taught after (docs/infini.md, "Two stages")
@@ -107,6 +109,7 @@ RUNS = {  # name: (train.py flags, what it is)
 BASE = {name: ('paper', None) for name in RUNS if name.startswith('paper_then_')}
 BASE['paper_then_sharp_boost63_then_1k'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_rms'] = ('paper_then_sharp_boost63', 6000)
+BASE['paper_then_sharp_boost63_then_more'] = ('paper_then_sharp_boost63', 6000)
 DATA_LENGTH = 256  # the training examples' length
 TRAIN_LENGTH = {'paper_then_sharp_boost63_then_1k': 1024}  # runs trained on longer examples
 EVAL_VERSION = 3  # what eval.json holds: bump when the measurements change, so older files are recomputed
