@@ -37,7 +37,7 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
+from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 
 from positions import alibi_bias, alibi_slopes, causal_mask
 
@@ -88,33 +88,33 @@ class InAttention(nn.Module):
     def forward(self, x, x0, cache=None):
         B, T, C = x.size()
         (wq, bq), (wk, bk), (wv, bv) = self.projections()
-        q = self.heads(F.linear(x, wq, bq))  # queries from this layer's hidden state
+        q = self.heads(nnf.linear(x, wq, bq))  # queries from this layer's hidden state
         if cache is None:
             # training / evaluation: keys and values from the initial states, SDPA keeps memory linear in T
             s = self.ln_kv(x0)
-            k, v = self.heads(F.linear(s, wk, bk)), self.heads(F.linear(s, wv, bv))
+            k, v = self.heads(nnf.linear(s, wk, bk)), self.heads(nnf.linear(s, wv, bv))
             dropout_p = self.dropout if self.training else 0.0
             if self.positions == 'alibi':
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(T, T, q), dropout_p=dropout_p)
+                y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(T, T, q), dropout_p=dropout_p)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+                y = nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            xhat = cache.update(x0, q.dtype)  # (B, L, C): all tokens so far, the new ones included
-            L = xhat.size(1)  # x is the last T of these L tokens: each sees itself and what came before
-            y = (self.absorbed if cache.absorb else self.reprojected)(q, xhat, self.mask(T, L, q))
+            xhat = cache.update(x0, q.dtype)  # (B, Tk, C): all tokens so far, the new ones included
+            Tk = xhat.size(1)  # x is the last T of these Tk tokens: each sees itself and what came before
+            y = (self.absorbed if cache.absorb else self.reprojected)(q, xhat, self.mask(T, Tk, q))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def mask(self, T, L, q):
-        """What the last T of L tokens may see: None (all of it, one query), a boolean causal mask, or with ALiBi the
-        float mask -m_h * (i - j) with -inf on future keys (H, T, L). Cached rows sit at positions 0..L-1."""
+    def mask(self, T, Tk, q):
+        """What the last T of Tk tokens may see: None (all of it, one query), a boolean causal mask, or with ALiBi the
+        float mask -m_h * (i - j) with -inf on future keys (H, T, Tk). Cached rows sit at positions 0..Tk-1."""
         if T == 1 and self.positions != 'alibi':
             return None
-        causal = causal_mask(T, L, q.device)
+        causal = causal_mask(T, Tk, q.device)
         if self.positions != 'alibi':
             return causal
-        keys = torch.arange(L, device=q.device)
-        bias = alibi_bias(self.slopes, keys[L - T:], keys)
+        keys = torch.arange(Tk, device=q.device)
+        bias = alibi_bias(self.slopes, keys[Tk - T:], keys)
         return bias.masked_fill(~causal, float('-inf')).to(q.dtype)
 
     def maps(self, x, x0):
@@ -122,7 +122,8 @@ class InAttention(nn.Module):
         T = x.size(1)
         (wq, bq), (wk, bk), (wv, bv) = self.projections()
         s = self.ln_kv(x0)
-        q, k, v = self.heads(F.linear(x, wq, bq)), self.heads(F.linear(s, wk, bk)), self.heads(F.linear(s, wv, bv))
+        q = self.heads(nnf.linear(x, wq, bq))
+        k, v = self.heads(nnf.linear(s, wk, bk)), self.heads(nnf.linear(s, wv, bv))
         scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
         mask = self.mask(T, T, q)
         if mask is not None and mask.dtype == torch.bool:
@@ -138,24 +139,24 @@ class InAttention(nn.Module):
         if self.ln_kv.bias is not None:
             s = s + self.ln_kv.bias.to(xhat.dtype)
         _, (wk, bk), (wv, bv) = self.projections()
-        k, v = self.heads(F.linear(s, wk, bk)), self.heads(F.linear(s, wv, bv))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        k, v = self.heads(nnf.linear(s, wk, bk)), self.heads(nnf.linear(s, wv, bv))
+        return nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def absorbed(self, q, xhat, mask):
         """Fast decode: attend over the shared x̂0 rows directly; the per-layer LN affine and Wk, Wv are folded
         into the query and the output (module docstring). Never builds a K or V, nor copies the cache per head."""
         B, H, T, D = q.size()
-        L, C = xhat.size(1), self.n_embd
+        Tk, C = xhat.size(1), self.n_embd
         _, (wk, _), (wv, bv) = self.projections()
         qt = torch.einsum('bhtd,hdc->bhtc', q, wk.view(H, D, C)) * self.ln_kv.weight  # g * Wk^T q per head
-        att = (qt.reshape(B, H * T, C) @ xhat.transpose(1, 2)).view(B, H, T, L) / math.sqrt(D)
+        att = (qt.reshape(B, H * T, C) @ xhat.transpose(1, 2)).view(B, H, T, Tk) / math.sqrt(D)
         if mask is not None and mask.dtype == torch.bool:
             att = att.masked_fill(~mask, float('-inf'))
         elif mask is not None:  # ALiBi: the distance bias is added to the scores, as in training
             att = att + mask
         att = att.to(torch.promote_types(att.dtype, torch.float32))  # softmax in fp32 at least (bf16 on GPU)
-        att = F.softmax(att, dim=-1).to(xhat.dtype)
-        ctx = (att.view(B, H * T, L) @ xhat).view(B, H, T, C) * self.ln_kv.weight  # g * sum_j w_j x̂_j
+        att = nnf.softmax(att, dim=-1).to(xhat.dtype)
+        ctx = (att.view(B, H * T, Tk) @ xhat).view(B, H, T, C) * self.ln_kv.weight  # g * sum_j w_j x̂_j
         if self.ln_kv.bias is not None:
             ctx = ctx + self.ln_kv.bias
         y = torch.einsum('bhtc,hdc->bhtd', ctx, wv.view(H, D, C))
@@ -187,7 +188,7 @@ class InCache:
         if self.filled < end:
             if self.xhat is None:
                 self.xhat = torch.empty(self.shape, dtype=dtype, device=x0.device)
-            self.xhat[:, self.length:end] = F.layer_norm(x0, (x0.size(-1),), eps=self.eps)
+            self.xhat[:, self.length:end] = nnf.layer_norm(x0, (x0.size(-1),), eps=self.eps)
             self.filled = end
         return self.xhat[:, :end]
 

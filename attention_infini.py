@@ -58,7 +58,7 @@ says so and config.use_kernels is set.
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
+from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 
 import kernels
 from positions import causal_mask, rope, rope_angles
@@ -74,7 +74,7 @@ MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, th
 def sigma(x, feature_scale=1.0):
     """ELU + 1, a positive feature map, so sigma(Q) z > 0 once anything is stored (the paper's choice, scale 1).
     feature_scale > 1 sharpens it (not in the paper; module docstring)."""
-    return F.elu(x * feature_scale if feature_scale != 1.0 else x) + 1
+    return nnf.elu(x * feature_scale if feature_scale != 1.0 else x) + 1
 
 
 def memory_dtype(x):
@@ -161,9 +161,9 @@ def local_attention(q, k, v, q_start, dropout_p):
     tq, tk = q.size(-2), k.size(-2)
     q, k = rope(q, segment_positions(q_start, tq, q)), rope(k, segment_positions(0, tk, k))
     if tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     mask = None if tq == 1 else causal_mask(tq, tk, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0,
@@ -205,10 +205,10 @@ def causal_sdpa(q, k, v):
     """Causal SDPA of (B, H, N, D) tensors, any number of heads H: SDPA's CUDA kernels put the heads on a grid axis
     of at most SDPA_MAX_HEADS blocks and fail past it, which folded segments reach (T > 349k at H=12, N=64)."""
     if q.size(1) <= SDPA_MAX_HEADS:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return nnf.scaled_dot_product_attention(q, k, v, is_causal=True)
     starts = range(0, q.size(1), SDPA_MAX_HEADS)
-    return torch.cat([F.scaled_dot_product_attention(q[:, h:h + SDPA_MAX_HEADS], k[:, h:h + SDPA_MAX_HEADS],
-                                                     v[:, h:h + SDPA_MAX_HEADS], is_causal=True) for h in starts],
+    return torch.cat([nnf.scaled_dot_product_attention(q[:, h:h + SDPA_MAX_HEADS], k[:, h:h + SDPA_MAX_HEADS],
+                                                       v[:, h:h + SDPA_MAX_HEADS], is_causal=True) for h in starts],
                      dim=1)
 
 
@@ -223,9 +223,9 @@ def segment_attention(q, k, v, segment_len):
     offset, tail = T - q.size(2), n_segments * segment_len - T
     fold = lambda x: x.reshape(B, H * n_segments, segment_len, D)  # noqa: E731
     angles = rope_angles(segment_positions(0, segment_len, k), D, memory_dtype(k))  # once for every segment
-    q = rope(fold(F.pad(q, (0, 0, offset, tail))), angles=angles)
-    k = rope(fold(F.pad(k, (0, 0, 0, tail))), angles=angles)
-    y = causal_sdpa(q, k, fold(F.pad(v, (0, 0, 0, tail))))
+    q = rope(fold(nnf.pad(q, (0, 0, offset, tail))), angles=angles)
+    k = rope(fold(nnf.pad(k, (0, 0, 0, tail))), angles=angles)
+    y = causal_sdpa(q, k, fold(nnf.pad(v, (0, 0, 0, tail))))
     return y.reshape(B, H, n_segments * segment_len, D)[:, :, offset:T]  # fp32 SDPA gives a (B, N, H, D) layout
 
 

@@ -46,19 +46,19 @@ def score_dtype(x):
 
 
 def scaled_logits(q, k):
-    """L = q k^T / sqrt(d) in fp32 (fp64 for fp64 inputs), every query against every key: (..., Tq, Tk)."""
+    """logits = q k^T / sqrt(d) in fp32 (fp64 for fp64 inputs), every query against every key: (..., Tq, Tk)."""
     return (q @ k.transpose(-1, -2)).to(score_dtype(q)) * q.size(-1) ** -0.5
 
 
 def causal_logits(q, k):
-    """L = q k^T / sqrt(d) with -inf on future keys: (B, H, T, T)."""
+    """logits = q k^T / sqrt(d) with -inf on future keys: (B, H, T, T)."""
     T = q.size(-2)
     logits = scaled_logits(q, k)
     return logits.masked_fill(~causal_mask(T, T, q.device), float('-inf'))
 
 
 def votes(logits, k, j, selection_fn='relu'):
-    """S[k, j] = fn(L[k, j]) for 0 < j < k, else 0: what query position k votes against key position j."""
+    """S[k, j] = fn(logits[k, j]) for 0 < j < k, else 0: what query position k votes against key position j."""
     # Figure 2: "only positive selection" (ReLU); "do not mask self" and no future key (j < k);
     # "do not mask <BOS>" (j > 0: the first token stays visible, so no softmax row is ever all -inf)
     return torch.where((j < k) & (j > 0), SELECTION_FNS[selection_fn](logits), 0.0)
@@ -103,10 +103,10 @@ def eviction_schedule(F, budget, n_held=0, evict='F'):
     columns) gets query i's token as column n_held + i. evict='window' scores every entry 0: the oldest leaves.
     """
     F = eviction_scores(F, evict)
-    B, T, N = F.shape
-    held = torch.zeros(B, N, dtype=torch.bool, device=F.device)
+    B, T, n_tokens = F.shape
+    held = torch.zeros(B, n_tokens, dtype=torch.bool, device=F.device)
     held[:, :n_held] = True
-    keep = torch.zeros(B, T, N, dtype=torch.bool, device=F.device)
+    keep = torch.zeros(B, T, n_tokens, dtype=torch.bool, device=F.device)
     rows = torch.arange(B, device=F.device)
     for i in range(T):
         new = n_held + i
@@ -362,11 +362,11 @@ class SelectiveCache:
         self.length = 0
 
     def allocate(self, layer, like):
-        B, (H, D), N = self.batch_size, self.head_shape, self.slots[layer]
-        self.k[layer] = like.new_zeros(B, H, N, D)
-        self.v[layer] = like.new_zeros(B, H, N, D)
-        self.f[layer] = torch.zeros(B, N, dtype=score_dtype(like), device=like.device)
-        self.pos[layer] = torch.full((B, N), -1, dtype=torch.long, device=like.device)  # -1: empty slot
+        B, (H, D), slots = self.batch_size, self.head_shape, self.slots[layer]
+        self.k[layer] = like.new_zeros(B, H, slots, D)
+        self.v[layer] = like.new_zeros(B, H, slots, D)
+        self.f[layer] = torch.zeros(B, slots, dtype=score_dtype(like), device=like.device)
+        self.pos[layer] = torch.full((B, slots), -1, dtype=torch.long, device=like.device)  # -1: empty slot
 
     def store(self, layer, k, v, f, held=None, positions=None):
         """Replace the layer by the tokens of k, v (B, H, T, D) marked in held (B, T) (default: all), the same

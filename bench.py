@@ -27,7 +27,7 @@ import sys
 import time
 
 import torch
-from torch.nn import functional as F
+from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 from tqdm import tqdm
 
 from configurator import configure, flags_of, parse_ints
@@ -383,7 +383,7 @@ def kernel_cases(kernels, settings):
     beta = torch.zeros(settings.n_head, device=settings.device)  # gate logits: half memory, half local attention
     N = settings.segment_len
     return [
-        ('sdpa', lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), lambda q: True),
+        ('sdpa', lambda q, k, v: nnf.scaled_dot_product_attention(q, k, v, is_causal=True), lambda q: True),
         ('selective kernel', lambda q, k, v: kernels.selective_attention(q, k, v, 0), kernels.selective_available),
         ('selective reference', lambda q, k, v: selective_reference(q, k, v, 0), lambda q: True),
         ('infini kernel', lambda q, k, v: fast_infini_attention(q, k, v, beta, N)[0], kernels.infini_available),

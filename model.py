@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
+from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 
 from attention_in import InAttention
 from attention_infini import InfiniAttention
@@ -146,8 +146,8 @@ def cross_entropy(logits, targets, reduction='mean'):
     logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     rows = max(1, LOSS_PIECE // logits.size(-1))
     if targets.numel() <= rows:
-        return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
-    total = sum(F.cross_entropy(logits[i:i + rows], targets[i:i + rows], ignore_index=-1, reduction='sum')
+        return nnf.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+    total = sum(nnf.cross_entropy(logits[i:i + rows], targets[i:i + rows], ignore_index=-1, reduction='sum')
                 for i in range(0, targets.numel(), rows))
     return total if reduction == 'sum' else total / (targets != -1).sum()
 
@@ -203,13 +203,13 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)
         if self.positions == 'alibi':  # the distance bias, with -inf on future keys, as one float mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.alibi_mask(positions, k.size(2)).to(q.dtype),
-                                               dropout_p=dropout_p)
+            y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=self.alibi_mask(positions, k.size(2)).to(q.dtype),
+                                                 dropout_p=dropout_p)
         elif cache is None or T == k.size(2):  # training, or prefill of an empty cache: no T x T mask in memory
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, self.width)
         return self.resid_dropout(self.c_proj(y))
 
@@ -406,12 +406,12 @@ class GPT(nn.Module):
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=989e12):
         """Model flops utilization against peak_flops (default: H100 bf16 dense), PaLM appendix B."""
-        N = self.get_num_params()
+        n_params = self.get_num_params()  # PaLM's N
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.block_size
         # the attention term 12 L H Q T counts the keys each query sees (PaLM's T): the attention says how many
         seen = self.attention.keys_per_query(cfg)
-        flops_per_token = 6 * N + 12 * L * H * Q * seen
+        flops_per_token = 6 * n_params + 12 * L * H * Q * seen
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
@@ -468,4 +468,4 @@ def sample_next(logits, temperature=1.0, top_k=None):
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float('Inf')
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+    return torch.multinomial(nnf.softmax(logits, dim=-1), num_samples=1)

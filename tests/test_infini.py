@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 import torch
-from torch.nn import functional as F
+from torch.nn import functional as nnf
 
 import attention_infini
 from attention_infini import (gate_values, infini_attention, memory_weights, read_memory, sigma,
@@ -37,7 +37,7 @@ def test_one_segment_with_empty_memory_is_gated_causal_attention():
     beta = torch.tensor([0.3, -1.2], dtype=torch.float64)
     y, M, z = infini_attention(q, k, v, beta, segment_len=16)  # 8 tokens: one partial segment, nothing written
     positions = torch.arange(q.size(-2))
-    causal = F.scaled_dot_product_attention(rope(q, positions), rope(k, positions), v, is_causal=True)
+    causal = nnf.scaled_dot_product_attention(rope(q, positions), rope(k, positions), v, is_causal=True)
     torch.testing.assert_close(y, (1 - torch.sigmoid(beta)).view(1, 2, 1, 1) * causal, rtol=1e-12, atol=1e-12)
     assert not M.any() and not z.any()
     assert torch.equal(read_memory(q.abs(), M, z), torch.zeros_like(q))  # 0/0 reads as exactly 0
@@ -174,9 +174,9 @@ def per_segment_causal(q, k, v, segment_len):
     """A_dot of every segment, by hand: causal attention inside each segment, RoPE from each segment's start."""
     def at(x, s, n):  # the positions inside the segment starting at s
         return torch.arange(min(n, x.size(2) - s))
-    return torch.cat([F.scaled_dot_product_attention(rope(q[:, :, s:s + segment_len], at(q, s, segment_len)),
-                                                     rope(k[:, :, s:s + segment_len], at(k, s, segment_len)),
-                                                     v[:, :, s:s + segment_len], is_causal=True)
+    return torch.cat([nnf.scaled_dot_product_attention(rope(q[:, :, s:s + segment_len], at(q, s, segment_len)),
+                                                       rope(k[:, :, s:s + segment_len], at(k, s, segment_len)),
+                                                       v[:, :, s:s + segment_len], is_causal=True)
                       for s in range(0, q.size(2), segment_len)], dim=2)
 
 
@@ -207,7 +207,7 @@ def test_memory_read_off_makes_the_model_blind_to_earlier_segments():
 
 def test_feature_scale_sharpens_sigma():
     x = torch.linspace(-3, 3, 13, dtype=torch.float64)
-    assert torch.equal(sigma(x), F.elu(x) + 1) and torch.equal(sigma(x, 4.0), F.elu(4 * x) + 1)
+    assert torch.equal(sigma(x), nnf.elu(x) + 1) and torch.equal(sigma(x, 4.0), nnf.elu(4 * x) + 1)
     q, k, v = qkv(T=8)
     beta = torch.zeros(2, dtype=torch.float64)
     y, M, z = infini_attention(q, k, v, beta, 4, 'linear', feature_scale=4.0)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
+from torch.nn import functional as nnf
 
 import model as model_module
 from checkpoints import load_checkpoint
@@ -133,7 +133,7 @@ def test_loss_in_pieces_equals_one_call(monkeypatch):
     logits = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 5, (2, 7), generator=g)
     targets[0, 3] = targets[1, :4] = -1
-    whole = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    whole = nnf.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
     expected = torch.autograd.grad(whole, logits)[0]
     for piece in (10, 15, 1):  # 2 and 3 rows of 5 logits, and the floor of one row
         monkeypatch.setattr(model_module, 'LOSS_PIECE', piece)
