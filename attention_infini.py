@@ -201,15 +201,15 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
 SDPA_MAX_HEADS = 65535  # CUDA caps a grid's y and z axes there, where SDPA's kernels put batch and heads
 
 
-def causal_sdpa(q, k, v):
+def causal_sdpa(q, k, v, max_heads=SDPA_MAX_HEADS):
     """Causal SDPA of (B, H, N, D) tensors, any number of heads H: SDPA's CUDA kernels put the heads on a grid axis
-    of at most SDPA_MAX_HEADS blocks and fail past it, which folded segments reach (T > 349k at H=12, N=64)."""
-    if q.size(1) <= SDPA_MAX_HEADS:
+    of at most SDPA_MAX_HEADS blocks and fail past it, which folded segments reach (T > 349k at H=12, N=64). So
+    past max_heads heads, SDPA runs on slices of max_heads heads."""
+    if q.size(1) <= max_heads:
         return nnf.scaled_dot_product_attention(q, k, v, is_causal=True)
-    starts = range(0, q.size(1), SDPA_MAX_HEADS)
-    return torch.cat([nnf.scaled_dot_product_attention(q[:, h:h + SDPA_MAX_HEADS], k[:, h:h + SDPA_MAX_HEADS],
-                                                       v[:, h:h + SDPA_MAX_HEADS], is_causal=True) for h in starts],
-                     dim=1)
+    return torch.cat([nnf.scaled_dot_product_attention(q[:, h:h + max_heads], k[:, h:h + max_heads],
+                                                       v[:, h:h + max_heads], is_causal=True)
+                      for h in range(0, q.size(1), max_heads)], dim=1)
 
 
 def segment_attention(q, k, v, segment_len):

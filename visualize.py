@@ -72,16 +72,17 @@ def capture(model, idx, options):
 
 
 @torch.no_grad()
-def analyse(model, idx, **options):
+def analyse(model, idx, tolerance=CHECK_TOLERANCE, **options):
     """Per layer a dict of maps, batch dimension dropped. options are the attention's (selective's budget and
-    evict: its layers are pruned as the cache would be, in one parallel forward)."""
+    evict: its layers are pruned as the cache would be, in one parallel forward). A layer whose recomputed output
+    is further than tolerance from the model's (relative to its largest value) gets a warning."""
     seen = capture(model, idx, options)
     maps = []
     for i, (block, (x, x0, out)) in enumerate(zip(model.transformer.h, seen)):
         m = block.attn.maps(x, x0, **options)
         mine = block.attn.c_proj(m.pop('y').transpose(1, 2).reshape(out.shape).to(out.dtype))
         error = float((mine - out).abs().max() / out.abs().max().clamp_min(1e-12))
-        if error > CHECK_TOLERANCE:
+        if error > tolerance:
             print(f"warning: layer {i}'s recomputed attention differs from the model's by {error:.1e} (relative): "
                   f"its maps may not show what the model computes")
         maps.append({key: t[0] for key, t in m.items()})

@@ -188,8 +188,7 @@ def test_local_attention_splits_heads_past_the_cuda_grid_limit(monkeypatch):
     sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
     monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
                         lambda q, *a, **kw: calls.append(q.size(1)) or sdpa(q, *a, **kw))
-    monkeypatch.setattr(attention_infini, 'SDPA_MAX_HEADS', 3)
-    torch.testing.assert_close(attention_infini.causal_sdpa(q, k, v), whole)
+    torch.testing.assert_close(attention_infini.causal_sdpa(q, k, v, max_heads=3), whole)
     assert calls == [3, 3, 1]
 
 

@@ -62,8 +62,7 @@ def test_maps_reproduce_the_model(tmp_path, attention, budget, options, capsys):
         assert (att.triu(1) == 0).all()  # causal: no weight on a future token
     if attention == 'selective':  # the budget was applied: no layer attends to more than `budget` tokens
         assert all(((m['att'] > 0).sum(-1) <= (budget or T)).all() for m in maps)
-    viz.CHECK_TOLERANCE = -1.0  # a recomputation that disagrees is reported, not drawn quietly
-    viz.analyse(model, idx, **({'budget': budget} if budget else {}))
+    viz.analyse(model, idx, tolerance=-1.0, **({'budget': budget} if budget else {}))  # a disagreement is reported
     assert "layer 0's recomputed attention differs from the model's" in capsys.readouterr().out
 
 
