@@ -30,6 +30,7 @@ import torch
 from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 from tqdm import tqdm
 
+import kernels  # imports without triton too: kernels.triton is then None
 from configurator import configure, flags_of, parse_ints
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import ATTENTIONS, GPT, GPTConfig
@@ -258,13 +259,13 @@ def speed_report(results, messages, names, Ts, settings):
     """The header, one markdown table per section, the longest contexts that ran, and what failed."""
     cuda = settings.device_type == 'cuda'
     capped = f'capped at {settings.vram_gb:g} GiB' if settings.vram_gb > 0 and cuda else ''
+    notes = {'budget': f'budget {settings.budget}', 'absorb': 'decodes with the re-projection reference'}
     lines = header_lines(settings) + [
         f'shape: n_layer={settings.n_layer} n_head={settings.n_head} n_embd={settings.n_embd} vocab_size='
         f'{settings.vocab_size} · dtype {settings.dtype} (training: fp32 weights'
         f'{" + autocast" if cuda and settings.dtype != "float32" else ""}) · batch {settings.batch_size} · decode '
         f'{settings.decode_tokens} tokens · median of {settings.repeats} after {settings.warmup} warm-up'
-        + (f' · selective budget {settings.budget}' if settings.budget else '')
-        + ('' if settings.absorb or 'in' not in names else ' · in decodes with the re-projection reference'),
+        + ''.join(f' · {name} {notes[option]}' for name in names for option in cache_options(name, settings)),
         'memory: ' + ('CUDA max_memory_allocated (weights, cache, activations)' if cuda else
                       'no CUDA: inference = weights + cache, training = weights + grads + tensors saved for backward')
         + (f', {capped}' if capped else ''),
@@ -408,7 +409,6 @@ def measure_kernel(fn, available, shape, settings):
 
 
 def bench_kernels(settings):
-    import kernels  # imports without triton too: kernels.triton is then None
     if kernels.triton is None or settings.device_type != 'cuda':
         return write_report(settings, 'bench_kernels.md', header_lines(settings) + [
             '--mode=kernels times the Triton kernels of kernels.py, which need CUDA and triton: skipped here.'])
@@ -491,7 +491,6 @@ def relative_error(out, ref):
 def check_kernel(name, dtype, settings, shape=CHECK_SHAPE):
     """One kernel in one dtype against its reference in fp64: the worst relative error of the output and of the
     gradients. Raises ValueError (n/a) where the kernel does not run."""
-    import kernels
     from attention_infini import fast_infini_attention, infini_attention
     from attention_selective import selective_attention
     g = torch.Generator().manual_seed(settings.seed)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import kernels
 import report
 from model import ATTENTIONS
 
@@ -234,12 +235,10 @@ def test_kernels_mode_skips_without_cuda(tmp_path, capsys):
     assert 'need CUDA and triton: skipped' in capsys.readouterr().out
 
 
+@pytest.mark.skipif(kernels.triton is None, reason='needs triton')
 def test_kernels_mode_tables(tmp_path, monkeypatch, capsys):
     """The kernels mode at tiny sizes, every table and the CSV: natively on a GPU; without one, on CPU tensors with
     the kernels in Triton's interpreter."""
-    kernels = pytest.importorskip('kernels')
-    if not kernels.triton:
-        pytest.skip('needs triton')
     cuda = torch.cuda.is_available()
     settings = bench.setup([f'--device={"cuda" if cuda else "cpu"}', '--mode=kernels', f'--out_dir={tmp_path}',
                             '--n_head=2', '--n_embd=32', '--contexts=64,100', '--warmup=0', '--repeats=1',
@@ -294,13 +293,11 @@ def test_check_mode_on_the_cpu(tmp_path):
     assert '### Does it work here?' in (tmp_path / 'bench_check.md').read_text()
 
 
+@pytest.mark.skipif(kernels.triton is None, reason='needs triton')
 @pytest.mark.parametrize('name', ['selective', 'infini'])
 @pytest.mark.parametrize('dtype', ['float32', 'float16'])  # the interpreter's bf16 dot is wrong: a GPU checks bf16
 def test_check_kernel_agrees_with_its_reference(monkeypatch, name, dtype):
     """check_kernel's errors on a small shape: natively on a GPU, in Triton's interpreter without one."""
-    kernels = pytest.importorskip('kernels')
-    if not kernels.triton:
-        pytest.skip('needs triton')
     settings = bench.setup([f'--device={"cuda" if torch.cuda.is_available() else "cpu"}', '--segment_len=16'])
     monkeypatch.setattr(kernels, f'{name}_available', lambda q: True)
     errors = bench.check_kernel(name, dtype, settings, shape=(1, 2, 37, 16))
