@@ -51,6 +51,7 @@ class InAttention(nn.Module):
     own_head_size = False  # the cache is x0's n_embd numbers: heads split n_embd
     streams = False
     cache_options = ('absorb',)
+    call_options = ()
     maps_note = ' over the initial states'
 
     @staticmethod
@@ -60,6 +61,14 @@ class InAttention(nn.Module):
     @staticmethod
     def keys_per_query(config):
         return config.block_size
+
+    def init_from_causal(self, block):
+        """ln_kv starts as a copy of the block's ln_1: layer 0, whose input is x0, is then the causal layer 0."""
+        self.ln_kv.load_state_dict(block.ln_1.state_dict())
+
+    @staticmethod
+    def training_problem(config):
+        return ''
 
     def __init__(self, config, layer_idx):
         super().__init__()

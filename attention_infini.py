@@ -66,6 +66,14 @@ from positions import causal_mask, rope, rope_angles
 UPDATES = ('linear', 'delta')
 READ_NORMS = ('z', 'rms')  # the paper's sigma(q) z (eq. 3); that, then unit RMS per head (module docstring)
 MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, the gate forced to 0 (module docstring)
+# The gate logit per head at the start from a causal model's weights (init_from_causal: GPT-2's, gpt2.py).
+# sigmoid(-3) = 0.05: each head starts as GPT-2's attention inside its segment, with 5% of the memory read mixed
+# in. We start near segment-local GPT-2, not at the even mix (beta = 0) a model from scratch starts at, because at
+# 0.5 every head's output is halved on the first segment (the memory is empty there) and half noise after it: that
+# undoes GPT-2 before the memory has learned anything. The paper's continual pre-training does not say how it
+# starts the gates. Adam moves beta by about the learning rate times gate_lr_mult per step whatever the sigmoid's
+# slope, so the gates still open where the memory helps.
+CAUSAL_GATE_LOGIT = -3.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,6 +261,7 @@ class InfiniAttention(nn.Module):
     own_head_size = False  # the memory is d x d per head of n_embd / n_head
     streams = True  # no context limit: the GPT has no position table and never crops
     cache_options = ()
+    call_options = ('memory_read',)  # an ablation of the read for one forward (forward below)
     maps_note = ' (local, in segments)'
 
     @staticmethod
@@ -263,6 +272,17 @@ class InfiniAttention(nn.Module):
     def keys_per_query(config):
         """A query's softmax sees its segment; the memory's d x d products are left out of the count."""
         return min(config.block_size, config.segment_len)
+
+    def init_from_causal(self, block, gate_logit=CAUSAL_GATE_LOGIT):
+        """The gates start near the causal model's attention inside each segment (CAUSAL_GATE_LOGIT)."""
+        nn.init.constant_(self.beta, gate_logit)
+
+    @staticmethod
+    def training_problem(config):
+        if config.segment_len > config.block_size:
+            return (f"segment_len={config.segment_len} is longer than block_size={config.block_size}: every "
+                    f"training window would fit in one segment and the memory would never train")
+        return ''
 
     def __init__(self, config, layer_idx):
         super().__init__()

@@ -147,6 +147,7 @@ class SelectiveAttention(nn.Module):
     own_head_size = True
     streams = False
     cache_options = ('budget', 'evict')
+    call_options = ('budget', 'evict')  # without a cache: the simulated pruning (forward)
     maps_note = ''
 
     @staticmethod
@@ -156,6 +157,13 @@ class SelectiveAttention(nn.Module):
     @staticmethod
     def keys_per_query(config):
         return config.block_size
+
+    def init_from_causal(self, block):
+        pass  # no parameters of its own: the causal weights with selection on
+
+    @staticmethod
+    def training_problem(config):
+        return ''
 
     def __init__(self, config, layer_idx):
         super().__init__()

@@ -18,7 +18,7 @@ GPT-2 is our causal model with the learned position table and the tanh GELU, so 
               each layer's input; only layer 0 sees what it saw before. Its new LayerNorm on x0 (ln_kv) starts
               as a copy of the layer's ln_1, so layer 0 is exactly GPT-2's layer 0.
   infini      everything but the position table: Infini brings its own positions (RoPE inside each segment),
-              which GPT-2's queries and keys never saw. It adds one gate logit per head (beta, below).
+              which GPT-2's queries and keys never saw. It adds one gate logit per head (beta, attention_infini.py).
 A --positions other than 'learned' drops the table for the others too: the model must learn its new positions.
 """
 
@@ -27,20 +27,11 @@ import os
 import re
 from dataclasses import asdict
 
-import torch
-
 from model import GPT, GPTConfig
 
 HUB_IDS = {'gpt2': 'openai-community/gpt2', 'gpt2-medium': 'openai-community/gpt2-medium',
            'gpt2-large': 'openai-community/gpt2-large', 'gpt2-xl': 'openai-community/gpt2-xl'}
 TOKENIZER = {'kind': 'tiktoken', 'name': 'gpt2'}  # every GPT-2 size reads the same BPE
-# Infini's gate logit per head at the start. sigmoid(-3) = 0.05: each head starts as GPT-2's attention inside its
-# segment, with 5% of the memory read mixed in. We start near segment-local GPT-2, not at the even mix (beta = 0)
-# a model from scratch starts at, because at 0.5 every head's output is halved on the first segment (the memory
-# is empty there) and half noise after it: that undoes GPT-2 before the memory has learned anything. The paper's
-# continual pre-training does not say how it starts the gates. Adam moves beta by about the learning rate times
-# gate_lr_mult per step whatever the sigmoid's slope, so the gates still open where the memory helps.
-INFINI_GATE_LOGIT = -3.0
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')  # stored transposed
 
 
@@ -114,11 +105,12 @@ def read_weights(folder):
     return weights
 
 
-def gpt2_checkpoint(init_from, infini_gate_logit=INFINI_GATE_LOGIT, **model_args):
+def gpt2_checkpoint(init_from, init_options=None, **model_args):
     """A checkpoint dict (model_args, model, tokenizer), as train.py fine-tunes from, holding GPT-2's weights in the
     model model_args describe. GPT-2 fixes the shape (n_layer, n_head, n_embd, block_size, vocab_size, bias, gelu);
     model_args give the rest (attention, positions, segment_len, ...); positions default to GPT-2's table.
-    infini_gate_logit: Infini's beta at the start (experiments/gpt2_tiny.py compares it with 0).
+    init_options go to the attention's init_from_causal, which sets the parameters GPT-2 lacks (Infini's
+    gate_logit: experiments/gpt2_tiny.py compares its default with 0).
     Also prints one line saying what the attention keeps, drops and adds."""
     folder = fetch(init_from)
     shape = read_config(folder)
@@ -143,11 +135,8 @@ def gpt2_checkpoint(init_from, infini_gate_logit=INFINI_GATE_LOGIT, **model_args
             raise SystemExit(f"{init_from}: {key} has shape {tuple(w.shape)}, the model wants "
                              f"{tuple(state[name].shape)}")
         state[name].copy_(w)
-    for block in model.transformer.h:  # the parameters GPT-2 does not have
-        if model.config.attention == 'in':
-            block.attn.ln_kv.load_state_dict(block.ln_1.state_dict())  # layer 0 is then GPT-2's exactly
-        if model.config.attention == 'infini':
-            torch.nn.init.constant_(block.attn.beta, infini_gate_logit)
+    for block in model.transformer.h:  # the parameters GPT-2 does not have: the attention sets its own
+        block.attn.init_from_causal(block, **(init_options or {}))
     dropped = sorted(weights)
     positions = 'RoPE in each segment' if model.streams else args['positions']
     print(f"GPT-2 weights from {init_from} into attention={args['attention']}, positions={positions}: "

@@ -13,8 +13,8 @@ The attention interface (every attention file implements it):
                                             already cached, x the same tokens (only the last one when the
                                             cache's last_token_only); the attention appends them to its part
                                             of the cache and returns x's outputs (prefill and one-step decode).
-                                        options: settings of this one call (selective's simulated budget),
-                                            passed through GPT.forward(idx, targets, cache, **options).
+                                        options: settings of this one call (its call_options, below), passed
+                                            through GPT.forward(idx, targets, cache, **options).
                                         rotary: with positions='rope', the cos and sin of the tokens' positions
                                             (positions.rope_angles), computed once per forward for every layer.
   Attention.aux_loss                    optional: an extra training loss term set by forward (selective's
@@ -29,6 +29,8 @@ branch on its name (a new attention answers the same questions, then register_at
   streams                               True when it has no context limit (Infini-attention): it then brings its
                                         own positions, the model has no position table and never crops
   cache_options                         the inference options its cache takes (selective's budget and evict)
+  call_options                          the options one forward takes (selective's simulated budget and evict,
+                                        Infini's memory_read); GPT.forward refuses any other
   new_cache(config, batch_size, max_len, **options)
                                         its inference cache, for all layers together, so an attention may share it
                                         across layers (InAttention does). A cache has .length (tokens seen),
@@ -40,6 +42,10 @@ branch on its name (a new attention answers the same questions, then register_at
                                         'y' its output before c_proj (B, H, T, D) to check them against the
                                         model, and whatever else is its own (selective's F, Infini's gates)
   maps_note                             what its weights are over, in a few words ('' for plain tokens)
+  init_from_causal(block, **options)    sets the parameters a causal model's weights lack, once they are loaded
+                                        into its block (gpt2.py: InAttention's ln_kv, Infini's gates)
+  training_problem(config)              why training with these settings would not work, or '' (Infini: a
+                                        segment longer than the training window never fills the memory)
 
 Positions (GPTConfig.positions, functions in positions.py): 'learned' adds GPT-2's table (wpe) to the initial
 states; 'rope' rotates queries and keys by their position; 'alibi' adds a distance bias to the scores. Without
@@ -61,8 +67,8 @@ from positions import POSITIONS, alibi_bias, alibi_slopes, causal_mask, rope, ro
 
 ATTENTIONS = {}  # name -> attention class, filled by register_attention below the classes
 # what every attention declares (the module docstring says what each means)
-DECLARATIONS = ('position_schemes', 'refused_because', 'own_head_size', 'streams', 'cache_options', 'new_cache',
-                'keys_per_query', 'maps', 'maps_note')
+DECLARATIONS = ('position_schemes', 'refused_because', 'own_head_size', 'streams', 'cache_options', 'call_options',
+                'new_cache', 'keys_per_query', 'maps', 'maps_note', 'init_from_causal', 'training_problem')
 LOSS_PIECE = 2 ** 31 - 1  # logits per cross-entropy call: CUDA's kernel indexes them with int32
 
 
@@ -161,6 +167,7 @@ class CausalSelfAttention(nn.Module):
     own_head_size = True
     streams = False
     cache_options = ()
+    call_options = ()
     maps_note = ''
 
     @staticmethod
@@ -170,6 +177,13 @@ class CausalSelfAttention(nn.Module):
     @staticmethod
     def keys_per_query(config):
         return config.block_size
+
+    def init_from_causal(self, block):
+        pass  # it is the causal model: nothing is new
+
+    @staticmethod
+    def training_problem(config):
+        return ''
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -341,19 +355,22 @@ class GPT(nn.Module):
         self.check_options(options)
         return self.attention.new_cache(self.config, batch_size, max_len or self.config.block_size, **options)
 
-    def check_options(self, options):
-        """A ValueError naming any inference option the attention does not take (its cache_options)."""
-        unknown = [key for key in options if key not in self.attention.cache_options]
+    def check_options(self, options, per_call=False):
+        """A ValueError naming any option the attention does not take: of its cache (its cache_options), or with
+        per_call, of one forward (its call_options)."""
+        takes = self.attention.call_options if per_call else self.attention.cache_options
+        unknown = [key for key in options if key not in takes]
         if unknown:
-            takes = ', '.join(self.attention.cache_options) or 'none'
             raise ValueError(f"attention='{self.config.attention}' takes no option {', '.join(unknown)} "
-                             f"(it takes: {takes})")
+                             f"(it takes: {', '.join(takes) or 'none'})")
 
     def forward(self, idx, targets=None, cache=None, **options):
-        """Logits and loss of idx (b, t); options go to every layer's attention (selective's budget, evict)."""
+        """Logits and loss of idx (b, t); options go to every layer's attention (its call_options: selective's
+        budget and evict, Infini's memory_read)."""
         b, t = idx.size()
         start = 0 if cache is None else cache.length
         self.check_length(start + t)
+        self.check_options(options, per_call=True)
         x0 = self.transformer.wte(idx)
         if self.transformer.wpe is not None:
             pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)

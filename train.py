@@ -31,7 +31,7 @@ from configurator import configure, flags_of
 from data.common import check_tokens, load_meta, resolve_data_dir, stored_data_dir
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from gpt2 import gpt2_checkpoint, is_gpt2
-from model import GPT, GPTConfig
+from model import ATTENTIONS, GPT, GPTConfig
 from runlog import RunLog, attention_stats, start_wandb, stats_line
 
 # -----------------------------------------------------------------------------------------------------------
@@ -114,9 +114,9 @@ def check_settings(cfg):
                          f"from learning_rate down to min_lr")
     if cfg.seed < 0:
         raise SystemExit(f"--seed={cfg.seed} must be >= 0")
-    if cfg.attention == 'infini' and cfg.segment_len > cfg.block_size:
-        raise SystemExit(f"--segment_len={cfg.segment_len} is longer than --block_size={cfg.block_size}: every "
-                         f"window would fit in one segment and the memory would never train")
+    problem = ATTENTIONS[cfg.attention].training_problem(cfg) if cfg.attention in ATTENTIONS else ''
+    if problem:  # what the attention knows would not train (an unknown name is GPTConfig's error)
+        raise SystemExit(problem)
     if not cfg.out_dir:
         raise SystemExit("--out_dir is empty: give the folder the run's checkpoint goes to")
 

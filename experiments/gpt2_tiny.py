@@ -57,8 +57,8 @@ def main(argv):
                                     block_size=256, example_len=0, answer_len=0, eval_iters=20, seed=cfg.seed)
     rows = []
     for name in cfg.attentions.split(','):
-        attention, gate = ('infini', 0.0) if name == 'infini0' else (name, gpt2.INFINI_GATE_LOGIT)
-        checkpoint = gpt2.gpt2_checkpoint(folder, infini_gate_logit=gate, attention=attention)
+        attention, init_options = ('infini', {'gate_logit': 0.0}) if name == 'infini0' else (name, {})
+        checkpoint = gpt2.gpt2_checkpoint(folder, init_options=init_options, attention=attention)
         model = gpt2.GPT(gpt2.GPTConfig(**checkpoint['model_args']))
         model.load_state_dict(checkpoint['model'])
         before = estimate_loss(batches, model, nullcontext(), "cpu")['val']

@@ -19,6 +19,7 @@ class MeanAttention(nn.Module):
     own_head_size = False
     streams = False
     cache_options = ()
+    call_options = ()
     maps_note = ' (uniform over the past)'
 
     @staticmethod
@@ -28,6 +29,13 @@ class MeanAttention(nn.Module):
     @staticmethod
     def keys_per_query(config):
         return config.block_size
+
+    def init_from_causal(self, block):
+        pass
+
+    @staticmethod
+    def training_problem(config):
+        return ''
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -99,6 +107,8 @@ def test_what_the_model_asks_a_new_attention(mean_attention):
     model = GPT(GPTConfig(**config))
     with pytest.raises(ValueError, match="attention='mean' takes no option budget"):
         model.new_cache(1, budget=4)
+    with pytest.raises(ValueError, match=r"attention='mean' takes no option memory_read \(it takes: none\)"):
+        model(torch.zeros(1, 2, dtype=torch.long), memory_read='off')
     assert model.estimate_mfu(1, 1.0) > 0
     # greedy decoding with its cache gives the tokens of the full forward
     idx = torch.randint(0, 11, (2, 3))

@@ -15,6 +15,7 @@ import pytest
 import tiktoken
 import torch
 
+import attention_infini
 import gpt2
 from conftest import fresh_module
 from model import ATTENTIONS, GPT, GPTConfig
@@ -112,7 +113,7 @@ def test_what_each_attention_keeps(tiny_gpt2, attention):
         torch.testing.assert_close(model.transformer.h[0](x0, x0), causal.transformer.h[0](x0, x0))
     if attention == 'infini':  # a gate per head, near segment-local attention; no position table
         assert new == [f'transformer.h.{i}.attn.beta' for i in range(2)]
-        assert torch.all(state['transformer.h.0.attn.beta'] == gpt2.INFINI_GATE_LOGIT)
+        assert torch.all(state['transformer.h.0.attn.beta'] == attention_infini.CAUSAL_GATE_LOGIT)
         assert set(kept) - set(state) == {'transformer.wpe.weight'}
 
 
