@@ -62,6 +62,10 @@ class InAttention(nn.Module):
     def keys_per_query(config):
         return config.block_size
 
+    @staticmethod
+    def rotary_positions(config, start, t):
+        return None  # no rotation: positions are in x0, or in ALiBi's bias
+
     def init_from_causal(self, block):
         """ln_kv starts as a copy of the block's ln_1: layer 0, whose input is x0, is then the causal layer 0."""
         self.ln_kv.load_state_dict(block.ln_1.state_dict())

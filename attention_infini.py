@@ -48,6 +48,8 @@ The reference, `infini_attention(q, k, v, beta, segment_len, update, M=None, z=N
     beta  (H,)           gate logits
     M, z  (B, H, d, d), (B, H, d)   memory after the segments before k (None: empty)
     feature_scale, memory_read      the options above; first_segment_repeats (B,) or None: memory_boost's draw
+    angles                          segment_angles(segment_len, d, q): RoPE's cos and sin of the positions
+                                    inside a segment, which the model computes once per forward (None: here)
     returns y (B, H, Tq, d), and M, z after writing every COMPLETE segment of k, v (a trailing partial segment
     is not written: the cache keeps its keys and values until it is full). A training forward is Tq = T, M = None.
 The streaming cache calls the same function with k, v = [this layer's cached partial segment, new tokens].
@@ -159,15 +161,18 @@ def gated_output(a_mem, a_dot, beta, memory_read='on'):
     return gate * a_mem + (1 - gate) * a_dot
 
 
-def segment_positions(start, n, like):
-    """The positions start..start+n-1 inside a segment: RoPE turns queries and keys by these (positions.rope)."""
-    return torch.arange(start, start + n, device=like.device)
+def segment_angles(n, head_size, like):
+    """cos and sin of RoPE at the positions 0..n-1 inside a segment (positions.rope_angles), at least fp32: every
+    segment turns its queries and keys by the same ones, so the model computes them once per forward."""
+    return rope_angles(torch.arange(n, device=like.device), head_size, memory_dtype(like))
 
 
-def local_attention(q, k, v, q_start, dropout_p):
-    """A_dot of one segment: q are the segment's positions q_start.. (of k's 0..n-1), RoPE inside the segment."""
+def local_attention(q, k, v, dropout_p, angles=None):
+    """A_dot of one segment: k, v are its first tk positions, q the last tq of them; RoPE by the position inside
+    the segment. angles: segment_angles of at least tk positions (None: computed here)."""
     tq, tk = q.size(-2), k.size(-2)
-    q, k = rope(q, segment_positions(q_start, tq, q)), rope(k, segment_positions(0, tk, k))
+    cos, sin = segment_angles(tk, k.size(-1), k) if angles is None else angles
+    q, k = rope(q, angles=(cos[tk - tq:tk], sin[tk - tq:tk])), rope(k, angles=(cos[:tk], sin[:tk]))
     if tq == tk:
         return nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     mask = None if tq == 1 else causal_mask(tq, tk, q.device)
@@ -175,7 +180,7 @@ def local_attention(q, k, v, q_start, dropout_p):
 
 
 def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0,
-                     feature_scale=1.0, memory_read='on', first_segment_repeats=None, read_norm='z'):
+                     feature_scale=1.0, memory_read='on', first_segment_repeats=None, read_norm='z', angles=None):
     """Infini-attention over a sequence starting at a segment boundary (signature: module docstring)."""
     B, H, T, D = k.shape
     offset = T - q.size(-2)  # position (in k) of the first query
@@ -189,7 +194,7 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
         if e > offset:  # this segment has queries
             first = max(s, offset)
             qs = q[:, :, first - offset:e - offset]
-            a_dot = local_attention(qs, ks, vs, first - s, dropout_p)  # eq. 2
+            a_dot = local_attention(qs, ks, vs, dropout_p, angles)  # eq. 2
             with no_autocast(q):
                 sq = sigma(qs.to(M.dtype), feature_scale)
                 a_mem = normalize_read(read_memory(sq, M, z), read_norm).to(a_dot.dtype)  # eq. 3, M_{s-1}
@@ -220,17 +225,18 @@ def causal_sdpa(q, k, v, max_heads=SDPA_MAX_HEADS):
                       for h in range(0, q.size(1), max_heads)], dim=1)
 
 
-def segment_attention(q, k, v, segment_len):
+def segment_attention(q, k, v, segment_len, angles=None):
     """A_dot (eq. 1-2) of every segment in one SDPA call: pad to whole segments and fold them into the heads.
 
     q are the last Tq of k's T positions (padded at the front to T: those rows are dropped); the zero keys padded
-    at the end are in every real query's future, so the causal mask hides them. RoPE by position in the segment.
+    at the end are in every real query's future, so the causal mask hides them. RoPE by position in the segment:
+    angles are segment_angles(segment_len, ...) (None: computed here).
     """
     B, H, T, D = k.shape
     n_segments = -(-T // segment_len)
     offset, tail = T - q.size(2), n_segments * segment_len - T
     fold = lambda x: x.reshape(B, H * n_segments, segment_len, D)  # noqa: E731
-    angles = rope_angles(segment_positions(0, segment_len, k), D, memory_dtype(k))  # once for every segment
+    angles = segment_angles(segment_len, D, k) if angles is None else angles  # the same for every segment
     q = rope(fold(nnf.pad(q, (0, 0, offset, tail))), angles=angles)
     k = rope(fold(nnf.pad(k, (0, 0, 0, tail))), angles=angles)
     y = causal_sdpa(q, k, fold(nnf.pad(v, (0, 0, 0, tail))))
@@ -238,7 +244,7 @@ def segment_attention(q, k, v, segment_len):
 
 
 def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, block_t=None,
-                          feature_scale=1.0, memory_read='on', read_norm='z'):
+                          feature_scale=1.0, memory_read='on', read_norm='z', angles=None):
     """infini_attention without dropout or memory_boost, through the Triton memory kernel: same results.
     block_t: rows of a segment per step of the kernel (default kernels.BLOCK_T; the tests make it small)."""
     # the kernel applies the paper's sigma to what it is given: sigma(scale * x) is the kernel's sigma of
@@ -246,7 +252,7 @@ def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=
     qm, km = (q, k) if feature_scale == 1.0 else (q * feature_scale, k * feature_scale)
     a_mem, M, z = kernels.infini_memory(qm, km, v, M, z, segment_len, update, block_t or kernels.BLOCK_T)  # eq. 3-5
     a_mem = normalize_read(a_mem, read_norm)
-    a_dot = segment_attention(q, k, v, segment_len)  # eq. 1-2
+    a_dot = segment_attention(q, k, v, segment_len, angles)  # eq. 1-2
     return gated_output(a_mem.to(a_dot.dtype), a_dot, beta, memory_read).to(q.dtype), M, z  # eq. 6
 
 
@@ -272,6 +278,11 @@ class InfiniAttention(nn.Module):
     def keys_per_query(config):
         """A query's softmax sees its segment; the memory's d x d products are left out of the count."""
         return min(config.block_size, config.segment_len)
+
+    @staticmethod
+    def rotary_positions(config, start, t):
+        """RoPE by the position inside a segment: every segment turns by the angles of 0..segment_len-1."""
+        return range(config.segment_len)
 
     def init_from_causal(self, block, gate_logit=CAUSAL_GATE_LOGIT):
         """The gates start near the causal model's attention inside each segment (CAUSAL_GATE_LOGIT)."""
@@ -325,16 +336,17 @@ class InfiniAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
 
-    def forward(self, x, x0, cache=None, memory_read=None):
-        """memory_read: this call's read ('on', 'off', 'local', or one per layer) instead of the config's."""
+    def forward(self, x, x0, cache=None, memory_read=None, rotary=None):
+        """memory_read: this call's read ('on', 'off', 'local', or one per layer) instead of the config's.
+        rotary: segment_angles(segment_len, ...), computed once by the model for every layer (None: here)."""
         B, T, C = x.size()
         q, k, v = self.qkv(x)
         read = self.read_of(memory_read)
         if cache is None:
-            y, _, _ = self.attend(q, k, v, read=read)
+            y, _, _ = self.attend(q, k, v, read=read, angles=rotary)
         else:
             k, v, M, z = cache.read(self.layer_idx, k, v)  # the cached partial segment, then the new tokens
-            y, M, z = self.attend(q, k, v, M, z, read)
+            y, M, z = self.attend(q, k, v, M, z, read, rotary)
             cache.write(self.layer_idx, k, v, M, z)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -348,7 +360,7 @@ class InfiniAttention(nn.Module):
             raise ValueError(f"unknown memory_read '{read}', choose one of: {', '.join(MEMORY_READS)}")
         return read
 
-    def attend(self, q, k, v, M=None, z=None, read='on'):
+    def attend(self, q, k, v, M=None, z=None, read='on', angles=None):
         dropout_p = self.dropout if self.training else 0.0
         repeats = None
         if self.training and self.memory_boost > 0 and M is None:  # a training sequence: boost its first write
@@ -357,9 +369,9 @@ class InfiniAttention(nn.Module):
                 and kernels.infini_available(q)):
             return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z,
                                          feature_scale=self.feature_scale, memory_read=read,
-                                         read_norm=self.read_norm)
+                                         read_norm=self.read_norm, angles=angles)
         return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p,
-                                self.feature_scale, read, repeats, self.read_norm)
+                                self.feature_scale, read, repeats, self.read_norm, angles)
 
     def maps(self, x, x0):
         """The local softmax weights of each segment (eq. 2), the gates, and the share of each token's output read
@@ -379,7 +391,7 @@ class InfiniAttention(nn.Module):
         for s in range(0, T, N):  # softmax(...) @ I is the softmax itself: the weights of each segment
             e = min(s + N, T)
             eye = torch.eye(e - s, dtype=v.dtype, device=v.device).expand(*v.shape[:2], e - s, e - s)
-            att[..., s:e, s:e] = local_attention(q[..., s:e, :], k[..., s:e, :], eye, 0, 0.0)
+            att[..., s:e, s:e] = local_attention(q[..., s:e, :], k[..., s:e, :], eye, 0.0)
         return dict(att=att, y=mem + loc, gate=torch.sigmoid(self.beta.float())[None], memory_share=share)
 
     def log_stats(self, x):

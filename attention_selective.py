@@ -158,6 +158,10 @@ class SelectiveAttention(nn.Module):
     def keys_per_query(config):
         return config.block_size
 
+    @staticmethod
+    def rotary_positions(config, start, t):
+        return range(start, start + t) if config.positions == 'rope' else None
+
     def init_from_causal(self, block):
         pass  # no parameters of its own: the causal weights with selection on
 

@@ -15,7 +15,7 @@ The attention interface (every attention file implements it):
                                             of the cache and returns x's outputs (prefill and one-step decode).
                                         options: settings of this one call (its call_options, below), passed
                                             through GPT.forward(idx, targets, cache, **options).
-                                        rotary: with positions='rope', the cos and sin of the tokens' positions
+                                        rotary: the cos and sin of the positions its rotary_positions names
                                             (positions.rope_angles), computed once per forward for every layer.
   Attention.aux_loss                    optional: an extra training loss term set by forward (selective's
                                         memory loss); GPT adds it to the language-model loss.
@@ -42,6 +42,9 @@ branch on its name (a new attention answers the same questions, then register_at
                                         'y' its output before c_proj (B, H, T, D) to check them against the
                                         model, and whatever else is its own (selective's F, Infini's gates)
   maps_note                             what its weights are over, in a few words ('' for plain tokens)
+  rotary_positions(config, start, t)    the positions (a range) whose RoPE angles GPT.forward computes once and
+                                        passes every layer as `rotary`, when t tokens follow `start` cached ones;
+                                        None when it takes none
   init_from_causal(block, **options)    sets the parameters a causal model's weights lack, once they are loaded
                                         into its block (gpt2.py: InAttention's ln_kv, Infini's gates)
   training_problem(config)              why training with these settings would not work, or '' (Infini: a
@@ -68,7 +71,8 @@ from positions import POSITIONS, alibi_bias, alibi_slopes, causal_mask, rope, ro
 ATTENTIONS = {}  # name -> attention class, filled by register_attention below the classes
 # what every attention declares (the module docstring says what each means)
 DECLARATIONS = ('position_schemes', 'refused_because', 'own_head_size', 'streams', 'cache_options', 'call_options',
-                'new_cache', 'keys_per_query', 'maps', 'maps_note', 'init_from_causal', 'training_problem')
+                'new_cache', 'keys_per_query', 'maps', 'maps_note', 'rotary_positions', 'init_from_causal',
+                'training_problem')
 LOSS_PIECE = 2 ** 31 - 1  # logits per cross-entropy call: CUDA's kernel indexes them with int32
 
 
@@ -177,6 +181,10 @@ class CausalSelfAttention(nn.Module):
     @staticmethod
     def keys_per_query(config):
         return config.block_size
+
+    @staticmethod
+    def rotary_positions(config, start, t):
+        return range(start, start + t) if config.positions == 'rope' else None
 
     def init_from_causal(self, block):
         pass  # it is the causal model: nothing is new
@@ -377,8 +385,9 @@ class GPT(nn.Module):
             x0 = x0 + self.transformer.wpe(pos)
         x0 = self.transformer.drop(x0)
         x = x0
-        if self.config.positions == 'rope' and not self.streams:  # the rotation of each position, for every layer
-            pos = torch.arange(start, start + t, device=idx.device)
+        rotary = self.attention.rotary_positions(self.config, start, t)
+        if rotary is not None:  # the rotation of each position the attention turns by, once for every layer
+            pos = torch.arange(rotary.start, rotary.stop, device=idx.device)
             options = {**options, 'rotary': rope_angles(pos, self.config.head_size,
                                                         torch.promote_types(x0.dtype, torch.float32))}
         if cache is not None and targets is None and cache.last_token_only:

@@ -30,6 +30,10 @@ class MeanAttention(nn.Module):
     def keys_per_query(config):
         return config.block_size
 
+    @staticmethod
+    def rotary_positions(config, start, t):
+        return None
+
     def init_from_causal(self, block):
         pass
 

@@ -100,6 +100,35 @@ def test_cache_in_any_chunks_equals_full_forward(options):
         torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-10, atol=1e-10)
 
 
+def test_the_angles_computed_once_per_forward_are_each_layers_own():
+    """GPT.forward computes RoPE's angles of the positions inside a segment once and passes them to every layer;
+    the numbers are those each layer computes for itself, in a training forward and in the cache's steps."""
+    model = model64()
+    idx = torch.randint(0, 23, (2, 11), generator=torch.Generator().manual_seed(0))
+    passed = []
+    hooks = [block.attn.register_forward_pre_hook(lambda m, args, kwargs: passed.append(kwargs.get('rotary')),
+                                                  with_kwargs=True) for block in model.transformer.h]
+
+    def each_layer_its_own(idx, cache=None):  # GPT.forward's steps, without the shared angles
+        x = x0 = model.transformer.wte(idx)
+        for block in model.transformer.h:
+            x = block(x, x0, cache)
+        if cache is not None:
+            cache.length += idx.size(1)
+        return model.lm_head(model.transformer.ln_f(x))
+
+    with torch.no_grad():
+        assert torch.equal(model(idx, idx)[0], each_layer_its_own(idx))
+        shared, own = model.new_cache(2), model.new_cache(2)
+        for chunk in (idx[:, :6], idx[:, 6:7], idx[:, 7:]):  # a partial segment held, one token, the rest
+            assert torch.equal(model(chunk, chunk, cache=shared)[0], each_layer_its_own(chunk, own))
+    for hook in hooks:
+        hook.remove()
+    assert [a is not None for a in passed] == [True, True, False, False] * 4  # the model's forwards, then ours
+    cos, sin = attention_infini.segment_angles(4, 8, idx.double())  # positions 0..segment_len-1
+    assert all(torch.equal(a[0], cos) and torch.equal(a[1], sin) for a in passed if a is not None)
+
+
 def test_cached_greedy_generation_equals_full_forward():
     model = model64()
     prompt = torch.randint(0, 23, (2, 21))  # longer than block_size=16: read whole, never cropped
