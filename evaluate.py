@@ -83,7 +83,7 @@ def load_evaluated(path, settings):
     """One checkpoint to evaluate: its model, val data, dataset meta and a label for the tables."""
     ablation = {'memory_read': settings.memory_read} if settings.memory_read else {}  # attention_infini.py
     model, checkpoint = load_model(path, settings.device, use_kernels=settings.use_kernels, **ablation)
-    if ablation and model.config.attention != 'infini':
+    if ablation and 'memory_read' not in model.attention.call_options:
         raise SystemExit(f"--memory_read ablates Infini-attention's memory; {path} is '{model.config.attention}': "
                          f"drop --memory_read")
     data, meta = load_val_data(checkpoint, settings.data_dir)
