@@ -7,9 +7,9 @@ How long a context can each attention run on my GPU, and at what speed? One comm
     python bench.py --mode=kernels --batches=1,8    # the Triton kernels against their references and SDPA
     python bench.py --mode=check --n_embd=256 --n_head=4    # do the kernels agree and the models train, here?
 
---mode=speed (the default) runs, at each context, inference (prefill T tokens, then decode N one at a time with
-the attention's cache) and training (one forward + backward at batch B): peak memory, tokens/s, cache bytes per
-token. Random weights and random tokens: speed and memory do not depend on what the model knows.
+--mode=speed (the default) runs, at each context, inference (prefill T tokens, then decode --decode_tokens one at a
+time with the attention's cache) and training (one forward + backward at batch B): peak memory, tokens/s, cache
+bytes per token. Random weights and random tokens: speed and memory do not depend on what the model knows.
 --mode=kernels times each Triton kernel of kernels.py against its PyTorch reference and against SDPA (CUDA).
 --mode=check answers first whether everything works here: each kernel against its reference in bf16, fp16 and
 fp32, then one compiled training step of each attention (a row each; exits non-zero when one fails).
@@ -53,7 +53,7 @@ absorb = True              # in: decode with the absorbed fast path; False: the 
 use_kernels = True         # False forces every attention's PyTorch reference
 batch_size = 1
 batches = ''               # kernels mode: batch sizes to time, comma-separated ('' = batch_size)
-decode_tokens = 64         # N tokens decoded one at a time after the prefill
+decode_tokens = 64         # tokens decoded one at a time after the prefill
 warmup = 1
 repeats = 3                # a timing is the median of this many runs
 case_seconds = 300.0       # a case (all its runs) is stopped after this long, its longer contexts skipped; 0 = never
@@ -146,18 +146,18 @@ def random_model(name, block_size, weights_dtype, settings):
 @torch.no_grad()
 def measure_inference(model, T, options, settings):
     """Prefill T random tokens into a fresh cache, then decode decode_tokens more one at a time."""
-    B, N = settings.batch_size, settings.decode_tokens
+    B, n_new = settings.batch_size, settings.decode_tokens
     prompt = torch.randint(settings.vocab_size, (B, T), device=settings.device)
-    following = torch.randint(settings.vocab_size, (B, N), device=settings.device)
+    following = torch.randint(settings.vocab_size, (B, n_new), device=settings.device)
 
     def run():
-        cache = model.new_cache(B, max_len=T + N, **options)
+        cache = model.new_cache(B, max_len=T + n_new, **options)
         sync(settings)
         t0 = time.perf_counter()
         model(prompt, cache=cache)
         sync(settings)
         t1 = time.perf_counter()
-        for i in range(N):
+        for i in range(n_new):
             model(following[:, i:i + 1], cache=cache)
         sync(settings)
         return t1 - t0, time.perf_counter() - t1, cache.nbytes(), cache.length  # numbers: the cache dies here
@@ -167,7 +167,7 @@ def measure_inference(model, T, options, settings):
     weights = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
     return dict(infer_bytes=float(peak_bytes(settings) or weights + cache_bytes),
                 prefill_tok_s=B * T / statistics.median(r[0] for r in runs),
-                decode_tok_s=B * N / statistics.median(r[1] for r in runs) if N else None,
+                decode_tok_s=B * n_new / statistics.median(r[1] for r in runs) if n_new else None,
                 cache_bytes_per_token=cache_bytes / (B * runs[0][3]))
 
 
@@ -212,17 +212,18 @@ def run_speed(names, Ts, settings, table=None):
     """Every (attention, phase) series over the contexts: {(name, phase, T): metrics or a status}, and messages.
     Each finished case is a row of table (a GrowingTable with SPEED_COLUMNS) at once."""
     results, messages = {}, {}
-    N = settings.decode_tokens
+    n_new = settings.decode_tokens
     bar = tqdm(total=2 * len(names) * len(Ts), desc='bench', dynamic_ncols=True)
     for name in names:
         # inference in the bench dtype; training keeps fp32 weights under autocast, as train.py does
         for phase, weights_dtype in (('inference', settings.ptdtype), ('training', torch.float32)):
-            model, status, message = guarded(lambda: random_model(name, Ts[0] + N, weights_dtype, settings), settings)
+            model, status, message = guarded(lambda: random_model(name, Ts[0] + n_new, weights_dtype, settings),
+                                             settings)
             if status:
                 messages.setdefault((f'{name} {phase}', status), message)
 
             def measure(T):
-                model.resize_block_size(T + N)  # the position table a model for T would have
+                model.resize_block_size(T + n_new)  # the position table a model for T would have
                 if phase == 'inference':
                     return measure_inference(model.eval(), T, cache_options(name, settings), settings)
                 return measure_training(model.train(), T, settings)
