@@ -264,20 +264,64 @@ def failures(rows, key):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# passkey accuracy by length and depth
+# answer accuracy: does greedy decoding give the answer after the prompt, and what do the answer tokens cost
+
+def answer_token_scores(logits, answers):
+    """(right, loss) of the logits (B, A, vocab) that predict answers (B, A): right (B, A) is True where the answer
+    token is the likeliest one, loss (B,) the mean cross-entropy of each example's answer tokens."""
+    logits = logits.float()
+    right = logits.argmax(-1) == answers
+    loss = cross_entropy(logits, answers, reduction='none').view(answers.shape).mean(-1)
+    return right, loss
+
 
 @torch.no_grad()
+def answer_scores(model, prompts, answers, **options):
+    """Score a batch of prompts (B, P) and their answers (B, A), token ids on the model's device: (right, loss) as
+    answer_token_scores gives them. options go to every forward.
+
+    Greedy decoding gets an answer exactly right (right.all(-1)) when each answer token is the likeliest one given
+    the prompt and the right answer tokens before it (by induction over the answer's tokens). So teacher forcing
+    decides it, and gives the answer's loss too. Each answer token is read with the context GPT.generate gives it:
+    a streaming model reads the prompt through its cache, block_size tokens at a time (its memory stays bounded);
+    a model with a context limit sees at most the last block_size tokens (nanoGPT's cropping)."""
+    B, P = prompts.shape
+    A = answers.size(1)
+    block_size = model.config.block_size
+    if model.streams:  # the prompt through the cache, as GPT.prefill reads it, then the answer in one forward
+        cache = model.new_cache(B, P + A)
+        for start in range(0, P, block_size):
+            logits, _ = model(prompts[:, start:start + block_size], cache=cache, **options)
+        if A > 1:
+            rest, _ = model(answers[:, :-1], answers[:, 1:], cache=cache, **options)
+            logits = torch.cat((logits[:, -1:], rest), dim=1)
+    elif P + A - 1 <= block_size:  # one forward over prompt + answer
+        ids = torch.cat((prompts, answers), dim=1)
+        targets = ids[:, 1:].clone()
+        targets[:, :-A] = -1  # only the answer's tokens are targets
+        logits, _ = model(ids[:, :-1], targets, **options)
+        logits = logits[:, -A:]
+    else:  # past block_size each answer token sees its own window, the last block_size tokens before it
+        ids = torch.cat((prompts, answers), dim=1)
+        logits = torch.cat([model(ids[:, max(0, P + j - block_size):P + j], **options)[0] for j in range(A)], dim=1)
+    return answer_token_scores(logits, answers)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# passkey accuracy by length and depth
+
 def passkey_accuracy(model, tok, length, depth, settings):
     """Fraction of passkey_trials examples of `length` tokens whose answer greedy decoding gets exactly right."""
     from data.passkey.task import make_passkey
     rng = np.random.default_rng([settings.seed, length, int(depth * 1000)])
     examples = [make_passkey(length, depth, rng, tok) for _ in range(settings.passkey_trials)]
     correct = 0
-    for prompt, answer in examples:
-        idx = torch.tensor([list(prompt)], dtype=torch.long, device=settings.device)
+    for prompt, answer in examples:  # one at a time: with a BPE tokenizer answers differ in length
+        prompts = torch.tensor([prompt], dtype=torch.long, device=settings.device)
+        answers = torch.tensor([answer], dtype=torch.long, device=settings.device)
         with autocast(settings.device_type, settings.dtype):
-            out = model.generate(idx, len(answer), top_k=1)
-        correct += out[0, len(prompt):].tolist() == list(answer)
+            right, _ = answer_scores(model, prompts, answers)
+        correct += bool(right.all())
     return correct / len(examples)
 
 

@@ -47,7 +47,7 @@ from checkpoints import load_checkpoint, load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
 from data.passkey.task import NEEDLE, make_passkey  # noqa: E402
-from model import cross_entropy  # noqa: E402
+from evaluate import answer_scores, answer_token_scores  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out-infini-passkey'   # data, checkpoints, evaluations and results.md go here (gitignored: out*/)
@@ -183,24 +183,6 @@ def examples(length, depth_list, trials, run_seed):
 
 
 @torch.no_grad()
-def score(model, batch, **options):
-    """Accuracy and digit loss of a batch of same-length examples, in one forward over prompt + answer.
-
-    Greedy decoding gets all 5 digits right exactly when each digit is the most likely token given the prompt and
-    the right digits before it (by induction over the digits), so one teacher-forced forward decides it. The
-    streaming cache gives the same logits as this forward (tests/test_infini.py). options go to the forward."""
-    ids = torch.tensor([p + a for p, a, _, _ in batch])
-    n_answer = len(batch[0][1])
-    x, y = ids[:, :-1], ids[:, 1:].clone()
-    y[:, :-n_answer] = -1  # only the digits are targets
-    logits, _ = model(x, y, **options)
-    digits = logits[:, -n_answer:]
-    correct = (digits.argmax(-1) == y[:, -n_answer:]).all(-1)
-    losses = cross_entropy(digits, y[:, -n_answer:], reduction='none').view(len(batch), n_answer).mean(-1)
-    return correct.tolist(), losses.tolist()
-
-
-@torch.no_grad()
 def needle_shares(model, batch):
     """Per example and (layer, head): the share of the memory read's weight on the needle, at the last prompt
     token (the query that predicts the first digit). None where the needle is not all in the memory yet."""
@@ -229,9 +211,10 @@ def needle_shares(model, batch):
 
 @torch.no_grad()
 def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
-    """score() through the streaming cache: the prompt is read `chunk` tokens at a time, then the answer, so memory
-    stays bounded whatever the length (the cache holds M, z and one segment). Returns correct and losses as score()
-    does, digits (B, 5) bools: which digits are the most likely token, and with probe=True read_probe's numbers.
+    """evaluate.answer_scores through the streaming cache, `chunk` tokens of the prompt at a time, then the answer,
+    so memory stays bounded whatever the length (the cache holds M, z and one segment). Returns per example whether
+    all 5 digits are right and their mean loss (lists), digits (B, 5) bools: which digits are the most likely
+    token, and with probe=True read_probe's numbers.
 
     probe=True measures the memory read of every head at the last prompt token (the query that predicts the first
     digit), split into what the needle wrote and what everything else wrote (read_probe). Each segment that holds
@@ -285,8 +268,7 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
     finally:
         for hook in hooks:
             hook.remove()
-    digits = logits.argmax(-1) == answers
-    losses = cross_entropy(logits, answers, reduction='none').view(B, -1).mean(-1)
+    digits, losses = answer_token_scores(logits, answers)
     probed = None
     if probe and memory is not None:
         queries = [qkv.split(C, dim=2)[0][:, 0].view(B, H, 1, D).float() for qkv in captured]
@@ -348,13 +330,14 @@ def evaluate_length(model, length, cases, reads, trained_read, settings, depth_l
         for i in range(0, len(cases), settings.batch_size):
             batch = cases[i:i + settings.batch_size]
             if model.streams:
-                c, l_, d, p = stream_score(model, batch, settings.chunk, probe, bar, **options)
+                right, loss, digit_right, probed = stream_score(model, batch, settings.chunk, probe, bar, **options)
+                digits.append(digit_right)
+                probes += [] if probed is None else [probed]
             else:  # a fixed-context model reads its whole (short) prompt in one forward
-                c, l_ = score(model, batch, **options)
-                d, p = None, None
-            correct, losses = correct + c, losses + l_
-            digits += [] if d is None else [d]
-            probes += [] if p is None else [p]
+                digit_right, loss = answer_scores(model, torch.tensor([p for p, _, _, _ in batch]),
+                                                  torch.tensor([a for _, a, _, _ in batch]), **options)
+                right, loss = digit_right.all(-1).tolist(), loss.tolist()
+            correct, losses = correct + right, losses + loss
         out['seconds'][read] = time.time() - started
         depths = np.repeat(depth_list, len(cases) // len(depth_list))
         out['scores'][read] = dict(accuracy=float(np.mean(correct)), digit_loss=float(np.mean(losses)),

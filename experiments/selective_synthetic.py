@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import load_meta  # noqa: E402
+from evaluate import answer_scores  # noqa: E402
 
 TASKS = ('varassign', 'parity', 'copy')
 
@@ -63,16 +64,14 @@ TRAINING = ('stages', 'iters', 'n_layer', 'n_head', 'n_embd', 'batch_tokens', 'l
 # ---------------------------------------------------------------------------------------------------------
 # Scoring.
 
-@torch.no_grad()
 def answer_accuracy(model, examples, answer_len, batch_size=64):
-    """The share of examples (N, L) whose last answer_len tokens greedy decoding gets exactly right. One forward
-    gives what greedy decoding would: an answer is exactly right when the argmax at each of its positions, the
-    right earlier tokens given, is the right token."""
+    """The share of examples (n, T) whose last answer_len tokens greedy decoding gets exactly right, scored
+    batch_size examples at a time by evaluate.answer_scores (one teacher-forced forward each)."""
     correct = []
     for i in range(0, len(examples), batch_size):
         x = examples[i:i + batch_size]
-        logits, _ = model(x[:, :-1], x[:, 1:])  # with targets, the logits of every position
-        correct.append((logits[:, -answer_len:].argmax(-1) == x[:, -answer_len:]).all(-1))
+        right, _ = answer_scores(model, x[:, :-answer_len], x[:, -answer_len:])
+        correct.append(right.all(-1))
     return torch.cat(correct).float().mean().item()
 
 
