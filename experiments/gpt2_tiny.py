@@ -12,7 +12,6 @@ The fine-tune is a plain AdamW loop here (train.py would refuse the byte-level d
 It uses train.py's batches and loss estimate: the same 20 val batches of 8 x 256 tokens for every number.
 """
 import os
-import subprocess
 import sys
 import types
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ sys.path.insert(0, ROOT)
 import gpt2  # noqa: E402
 from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
+from experiments.common import finished, run_train  # noqa: E402
 from runlog import attention_stats  # noqa: E402
 from train import estimate_loss, get_batch  # noqa: E402
 
@@ -40,10 +40,9 @@ FLAGS = flags_of(globals())
 def pretrain(cfg):
     """The tiny GPT-2: train.py with GPT-2's positions and GELU, saved once in the Hugging Face layout."""
     run, folder = os.path.join(cfg.out_dir, 'run'), os.path.join(cfg.out_dir, 'hf')
-    if not os.path.isfile(os.path.join(run, 'ckpt.pt')):
-        subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={run}', '--positions=learned',
-                        '--gelu=tanh', f'--max_iters={cfg.pretrain_iters}', f'--seed={cfg.seed}', '--device=cpu'],
-                       check=True)
+    if not finished(run):
+        run_train(run, ['--positions=learned', '--gelu=tanh', f'--max_iters={cfg.pretrain_iters}', f'--seed={cfg.seed}',
+                        '--device=cpu'])
     model, _ = load_model(os.path.join(run, 'ckpt.pt'))
     gpt2.save_pretrained(model, folder)
     return folder

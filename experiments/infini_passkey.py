@@ -32,7 +32,6 @@ wrote), by depth; accuracy by depth and of each digit; seconds per prompt and th
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -43,11 +42,12 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from attention_infini import gate_values, memory_weights, read_memory, sigma  # noqa: E402
-from checkpoints import load_checkpoint, load_model  # noqa: E402
+from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
 from data.passkey.task import NEEDLE, make_passkey  # noqa: E402
 from evaluate import answer_scores, answer_token_scores  # noqa: E402
+from experiments.common import finished, prepare, run_train  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out-infini-passkey'   # data, checkpoints, evaluations and results.md go here (gitignored: out*/)
@@ -138,30 +138,11 @@ def trials_by_length(text, length_list):
 # -----------------------------------------------------------------------------------------------------------
 # Training: train.py in a subprocess, one run at a time.
 
-def finished(ckpt_path, iters):
-    return os.path.isfile(ckpt_path) and load_checkpoint(ckpt_path).get('iter_num', 0) >= iters
-
-
-def prepare_data(folder, length=DATA_LENGTH):
-    if not os.path.isfile(os.path.join(folder, 'val.bin')):
-        subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'passkey', 'prepare.py'), f'--length={length}',
-                        '--n_train=20000', '--n_val=200', f'--out_dir={folder}'], check=True, cwd=ROOT)
-
-
 def train_run(run_dir, flags, run_seed, iters, data_dir, base=None):
     """Train (or resume) one run; base: the checkpoint a fine-tuning run starts from."""
-    ckpt_path = os.path.join(run_dir, 'ckpt.pt')
-    if finished(ckpt_path, iters):
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    start_from = ['--init_from=resume'] if os.path.isfile(ckpt_path) else [f'--init_from={base}'] if base else []
-    cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={run_seed}',
-           f'--max_iters={iters}', f'--out_dir={run_dir}', *start_from]
-    print(' '.join(cmd[1:]), flush=True)
-    with open(os.path.join(run_dir, 'train.log'), 'a') as log:  # the printout; log.csv has the numbers and time
-        done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f'training failed, see {run_dir}/train.log')
+    if not finished(run_dir, iters):
+        run_train(run_dir, [*COMMON, *flags, f'--data_dir={data_dir}', f'--seed={run_seed}', f'--max_iters={iters}'],
+                  init_from=base)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -616,8 +597,8 @@ def main(argv):
             train_with_base(base_name, base_iters, s)
             base = os.path.join(folder(base_name, base_iters, s), 'ckpt.pt')
         length = TRAIN_LENGTH.get(name, DATA_LENGTH)
-        data_dir = os.path.join(out, f'data{length}')
-        prepare_data(data_dir, length)
+        data_dir = prepare('passkey', os.path.join(out, f'data{length}'),
+                           [f'--length={length}', '--n_train=20000', '--n_val=200'])
         train_run(folder(name, iters, s), RUNS[name][0], s, iters, data_dir, base)
 
     if settings.train:
@@ -630,7 +611,7 @@ def main(argv):
     for name, iters in runs_:
         for s in seed_list:
             ckpt_path = os.path.join(folder(name, iters, s), 'ckpt.pt')
-            if not finished(ckpt_path, iters):
+            if not finished(folder(name, iters, s), iters):
                 print(f'{name}, {iters} iterations, seed {s}: not trained yet (python experiments/infini_passkey.py '
                       f'--runs={name}@{iters} --seeds={s})')
                 continue

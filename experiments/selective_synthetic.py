@@ -27,7 +27,6 @@ What is measured, on every example of a val set (the same for every model):
 """
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -39,6 +38,7 @@ from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import load_meta  # noqa: E402
 from evaluate import answer_scores  # noqa: E402
+from experiments.common import finished, prepare, run_train  # noqa: E402
 
 TASKS = ('varassign', 'parity', 'copy')
 
@@ -141,18 +141,12 @@ def run_dir(settings, name, seed):
 
 def stage_data(settings, stage, length):
     """Prepare (once) the dataset of one curriculum stage, examples of `length` tokens; return its folder."""
-    folder = os.path.join(task_dir(settings), 'data', f'stage{stage}-len{length}')
-    if os.path.isfile(os.path.join(folder, 'meta.pkl')):
-        return folder
-    script = os.path.join(ROOT, 'data', settings.task, 'prepare.py')
-    cmd = [sys.executable, script, f'--length={length}', f'--out_dir={folder}']
+    flags = [f'--length={length}']
     if settings.task == 'varassign':
-        cmd += ['--min_assign=2', f'--n_vars={settings.n_vars}', '--n_train=200000']
+        flags += ['--min_assign=2', f'--n_vars={settings.n_vars}', '--n_train=200000']
     elif settings.task == 'parity':
-        cmd += ['--min_bits=2']
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        raise SystemExit(f'preparing {folder} failed (see above)')
-    return folder
+        flags += ['--min_bits=2']
+    return prepare(settings.task, os.path.join(task_dir(settings), 'data', f'stage{stage}-len{length}'), flags)
 
 
 def model_flags(settings, name):
@@ -165,35 +159,25 @@ def model_flags(settings, name):
     return [f'--attention={name}', f'--n_head={settings.n_head}']
 
 
-def train_run(settings, name, seed, folders, iters):
+def train_stages(settings, name, seed, folders, iters):
     """Train one model through the curriculum's stages; return the checkpoint paths of the stages trained."""
     previous, ckpts = None, []
     for stage, data in enumerate(folders):
         folder = os.path.join(run_dir(settings, name, seed), f'stage{stage}')
-        ckpt, log = os.path.join(folder, 'ckpt.pt'), os.path.join(folder, 'train.log')
-        if not (os.path.isfile(ckpt) and os.path.isfile(log)):  # the log is renamed into place when a stage ends
+        if not finished(folder):
             if not settings.train:
                 return ckpts
             length = load_meta(data)['example_len']
-            cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--data_dir={data}', f'--out_dir={folder}',
-                   f'--positions={settings.positions}', f'--seed={seed}',
-                   f'--block_size={length}', f'--max_iters={iters}',
-                   f'--eval_interval={max(1, iters // 8)}', '--eval_iters=10', '--warmup_iters=50',
-                   f'--learning_rate={settings.learning_rate}',
-                   f'--batch_size={max(1, settings.batch_tokens // length)}', '--weight_decay=0']
-            cmd += ([*model_flags(settings, name), f'--n_layer={settings.n_layer}', f'--n_embd={settings.n_embd}']
-                    if previous is None else [f'--init_from={previous}'])
-            cmd += settings.extra.split()
-            resume = os.path.isfile(ckpt)  # a stage stopped before its end continues
-            cmd += ['--init_from=resume'] if resume else []
-            print(' '.join(cmd[1:]), flush=True)
-            os.makedirs(folder, exist_ok=True)
-            with open(log + '.part', 'a' if resume else 'w') as f:
-                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
-                    raise SystemExit(f'{name} seed {seed} stage {stage} failed: see {log}.part')
-            os.replace(log + '.part', log)
-        previous = ckpt
-        ckpts.append(ckpt)
+            flags = [f'--data_dir={data}', f'--positions={settings.positions}', f'--seed={seed}',
+                     f'--block_size={length}', f'--max_iters={iters}',
+                     f'--eval_interval={max(1, iters // 8)}', '--eval_iters=10', '--warmup_iters=50',
+                     f'--learning_rate={settings.learning_rate}',
+                     f'--batch_size={max(1, settings.batch_tokens // length)}', '--weight_decay=0']
+            flags += ([*model_flags(settings, name), f'--n_layer={settings.n_layer}', f'--n_embd={settings.n_embd}']
+                      if previous is None else [])
+            run_train(folder, flags + settings.extra.split(), init_from=previous)
+        previous = os.path.join(folder, 'ckpt.pt')
+        ckpts.append(previous)
     return ckpts
 
 
@@ -231,7 +215,7 @@ def main(argv):
     for seed in seed_list:
         for name in names:
             # each stage's checkpoint on its own stage's val set: how far along the curriculum the lookup holds
-            ckpts = train_run(settings, name, seed, folders, iters)
+            ckpts = train_stages(settings, name, seed, folders, iters)
             results[name, seed] = [score_run(settings, c, d) for c, d in zip(ckpts, folders)]
     about = f', {settings.n_vars} variable names' if settings.task == 'varassign' else ''
     shown = [load_meta(d)['example_len'] for d in folders]
