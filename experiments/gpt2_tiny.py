@@ -5,7 +5,7 @@ tanh GELU; 4 layers, 128 wide, 256 bytes of context) trained by train.py on the 
 Hugging Face layout (gpt2.save_pretrained). Each attention loads it through gpt2.py, the --init_from=gpt2 path,
 and its val loss is measured before and after a short fine-tune on the same data.
 
-  python experiments/gpt2_tiny.py                         # ~15 minutes on a 2-core CPU
+  python experiments/gpt2_tiny.py
   python experiments/gpt2_tiny.py --finetune_iters=400 --attentions=selective
 
 The fine-tune is a plain AdamW loop here (train.py would refuse the byte-level data: GPT-2 reads GPT-2's BPE).

@@ -138,23 +138,23 @@ def trials_by_length(text, length_list):
 # -----------------------------------------------------------------------------------------------------------
 # Training: train.py in a subprocess, one run at a time.
 
-def train_run(run_dir, flags, run_seed, iters, data_dir, base=None):
+def train_run(run_dir, flags, train_seed, iters, data_dir, base=None):
     """Train (or resume) one run; base: the checkpoint a fine-tuning run starts from."""
     if not finished(run_dir, iters):
-        run_train(run_dir, [*COMMON, *flags, f'--data_dir={data_dir}', f'--seed={run_seed}', f'--max_iters={iters}'],
+        run_train(run_dir, [*COMMON, *flags, f'--data_dir={data_dir}', f'--seed={train_seed}', f'--max_iters={iters}'],
                   init_from=base)
 
 
 # -----------------------------------------------------------------------------------------------------------
 # Evaluation
 
-def examples(length, depth_list, trials, run_seed):
+def passkey_cases(length, depth_list, trials, seed):
     """trials examples per depth: (prompt ids, answer ids, needle start, needle length), the same for every model."""
     tok = ByteTokenizer()
     needle_head = tok.encode(NEEDLE.split('{key}')[0])  # '\nThe pass key is ': only the needle starts so
     out = []
     for depth in depth_list:
-        rng = np.random.default_rng([run_seed, length, int(depth * 1000)])
+        rng = np.random.default_rng([seed, length, int(depth * 1000)])
         for _ in range(trials):
             prompt, answer = make_passkey(length, depth, rng, tok)
             start = next(i for i in range(len(prompt)) if prompt[i:i + len(needle_head)] == needle_head)
@@ -204,17 +204,17 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
     config = model.config
     N, H, C = config.segment_len, config.n_head, config.n_embd
     D = C // H
-    B, L = len(batch), len(batch[0][0])
+    B, T = len(batch), len(batch[0][0])  # T: the prompt's length
     prompts = torch.tensor([p for p, _, _, _ in batch])
     answers = torch.tensor([a for _, a, _, _ in batch])
     starts = torch.tensor([s for _, _, s, _ in batch])
     ends = starts + torch.tensor([n for _, _, _, n in batch])
     chunk = max(N, chunk // N * N)  # whole segments, so a needle segment can start a chunk
-    cuts = set(range(0, L - 1, chunk))
+    cuts = set(range(0, T - 1, chunk))
     if probe:
         for s, e in zip(starts.tolist(), ends.tolist()):
             cuts |= set(range(s // N * N, e + N, N))
-    cuts = sorted(c for c in cuts if c < L - 1) + [L - 1]  # the last prompt token goes with the answer
+    cuts = sorted(c for c in cuts if c < T - 1) + [T - 1]  # the last prompt token goes with the answer
     captured = []
     hooks = [block.attn.c_attn.register_forward_hook(lambda m, i, o: captured.append(o))
              for block in model.transformer.h] if probe else []
@@ -254,7 +254,7 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
     if probe and memory is not None:
         queries = [qkv.split(C, dim=2)[0][:, 0].view(B, H, 1, D).float() for qkv in captured]
         probed = read_probe(queries, memory, needle_k, needle_kr, config.feature_scale)
-        stored = (L - 1) // N * N  # the complete segments before the query's segment are in the memory
+        stored = (T - 1) // N * N  # the complete segments before the query's segment are in the memory
         for key in probed:  # where the needle is not all in the memory yet, there is nothing to measure
             probed[key][ends > stored] = float('nan')
     return digits.all(-1).tolist(), losses.tolist(), digits, probed
@@ -411,7 +411,7 @@ def evaluate_checkpoint(ckpt_path, settings):
         if trained_read == 'on' and not gain:
             reads += ['off'] + (['local'] + [f'off L{layer}' for layer in range(model.config.n_layer)]
                                 if length <= settings.all_reads_up_to else [])
-        cases = examples(length, depth_list, trials[length], settings.seed)
+        cases = passkey_cases(length, depth_list, trials[length], settings.seed)
         entry = evaluate_length(model, length, cases, reads, trained_read, settings, depth_list)
         result['lengths'][str(length)] = dict(key=key, **entry)
         with open(cache_path + '.tmp', 'w') as f:  # after every length: a stopped evaluation keeps what it measured
@@ -577,7 +577,7 @@ def run_list(text, default_iters):
 
 def main(argv):
     settings, _ = configure(argv, FLAGS, __doc__)
-    runs_ = run_list(settings.runs, settings.max_iters)
+    run_plan = run_list(settings.runs, settings.max_iters)
     seed_list = parse_list('seeds', settings.seeds, int)
     length_list = parse_list('lengths', settings.lengths, int)
     parse_list('depths', settings.depths, float)
@@ -602,13 +602,13 @@ def main(argv):
         train_run(folder(name, iters, s), RUNS[name][0], s, iters, data_dir, base)
 
     if settings.train:
-        for name, iters in runs_:
+        for name, iters in run_plan:
             for s in seed_list:
                 train_with_base(name, iters, s)
     if not settings.evaluate:
         return
     results = {}
-    for name, iters in runs_:
+    for name, iters in run_plan:
         for s in seed_list:
             ckpt_path = os.path.join(folder(name, iters, s), 'ckpt.pt')
             if not finished(folder(name, iters, s), iters):
@@ -616,7 +616,7 @@ def main(argv):
                       f'--runs={name}@{iters} --seeds={s})')
                 continue
             results.setdefault(f'{name}, {iters} it', {})[s] = evaluate_checkpoint(ckpt_path, settings)
-    names = dict.fromkeys(name for name, _ in runs_)  # each described once
+    names = dict.fromkeys(name for name, _ in run_plan)  # each described once
     lines = [f'{name}: {RUNS[name][1]}' for name in names] + [''] + tables(results, length_list)
     text = '\n'.join(lines)
     print(text)

@@ -76,7 +76,7 @@ def answer_accuracy(model, examples, answer_len, batch_size=64):
 
 
 def last_value_accuracy(examples):
-    """varassign: the share of examples (N, L) whose answer is the last digit assigned, whatever the variable asked.
+    """varassign: the share of examples (n, T) whose answer is the last digit assigned, whatever the variable asked.
     A model that has not learned the lookup can reach this by copying that digit."""
     hits = [bytes(row).decode().split()[-2][-1] == bytes(row).decode()[-1] for row in examples.to(torch.uint8).numpy()]
     return float(np.mean(hits))
@@ -100,7 +100,7 @@ def copy_accuracy(model, examples, batch_size=64):
 
 @torch.no_grad()
 def unmasked_tokens(model, prompts, tau=1.0):
-    """Per layer, the mean over prompts (N, T) of the tokens the last prompt token still sees: those with
+    """Per layer, the mean over prompts (n, T) of the tokens the last prompt token still sees: those with
     F < tau at that query (every token, for an attention without selection)."""
     blocks = model.transformer.h
     if model.config.attention != 'selective':
@@ -185,9 +185,9 @@ def score_run(settings, ckpt, data):
     """(accuracy, unmasked tokens per layer, prompt length) of one checkpoint on its stage's val set."""
     model, _ = load_model(ckpt, 'cpu')
     model.eval()
-    L = load_meta(data)['example_len']
+    example_len = load_meta(data)['example_len']
     examples = torch.from_numpy(np.fromfile(os.path.join(data, 'val.bin'), dtype=np.uint16).astype(np.int64))
-    examples = examples.view(-1, L)
+    examples = examples.view(-1, example_len)
     if settings.task != 'copy':  # the final question's one-digit answer (the loss may have counted more)
         accuracy = answer_accuracy(model, examples, 1)
     else:

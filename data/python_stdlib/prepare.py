@@ -2,7 +2,7 @@
 The offline default dataset: the source of the Python standard library that runs this script.
 
 One document per .py file, each followed by end-of-text, byte-level by default (256 byte ids + end-of-text).
-Skipped: site-packages (whatever happens to be installed, not the stdlib, ~15x its size) and the test folders
+Skipped: site-packages (whatever happens to be installed, not the stdlib) and the test folders
 (test/, tests/, idle_test/: ~1.6x the size of the library, much of it generated or repetitive data), which
 leaves ~730 files, ~12 MB for Python 3.11. Files go to val by a hash of their relative path, so the split is the
 same on every machine and no file straddles it.
