@@ -1,5 +1,6 @@
 """
-Tokenizers and the file format shared by every dataset.
+Tokenizers and the file format shared by every dataset, and what the prepare.py scripts share: their flags, their
+example sets, and the writing of a dataset, each file atomically.
 
 A prepared dataset is a folder with train.bin and val.bin (token ids as np.uint16, back to back, read by
 train.py with np.memmap as nanoGPT does) and meta.pkl, a dict of plain Python values:

@@ -458,6 +458,7 @@ def test_synthetic_experiment_runs_a_curriculum_of_lengths(tmp_path, monkeypatch
     checkpoint with the same tokens per batch; every stage is scored on its own val set; copy gets one stage at
     the last length, as many iterations as the whole curriculum; causal2x is causal with twice the heads."""
     real_run, commands = subprocess.run, []
+
     def fake_run(cmd, stdout=None, **kw):
         if cmd[1].endswith('prepare.py'):  # prepare the data for real, small
             return real_run(cmd + ['--n_train=20', '--n_val=4'], stdout=subprocess.DEVNULL, **kw)
@@ -492,6 +493,7 @@ def test_lm_experiment_runs_the_wide_baseline_and_keeps_longer_runs_apart(tmp_pa
     extra train.py flags name the folder, so a longer run never reuses a shorter one's checkpoint."""
     lm = load_script('experiments/selective_lm.py', 'selective_lm')
     commands = []
+
     def fake_run(cmd, stdout, **kw):
         commands.append(cmd)
         fake_checkpoint(cmd)
