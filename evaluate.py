@@ -138,8 +138,8 @@ def val_loss(model, data, T, settings, example_len=None, **options):
 
 def check_fits(model, settings, T, with_logits):
     """Refuse a case that cannot fit in free memory before allocating it (a MemoryError reads OOM). The estimate:
-    the float32 logits twice (the model's and the loss's log-softmax) and a few activations of width n_embd; on a
-    CPU it lands within about 10% of the peak of a val loss case (causal and infini, tiny models)."""
+    the float32 logits twice (the model's and the loss's log-softmax) and a few activations of width n_embd. It is
+    an estimate, not a bound: a case it lets through may still run out of memory, and then reads OOM."""
     c = model.config
     need = settings.batch_size * T * 4 * (2 * c.vocab_size * with_logits + 8 * c.n_embd)
     free = free_memory_bytes(settings)
@@ -264,20 +264,64 @@ def failures(rows, key):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# passkey accuracy by length and depth
+# answer accuracy: does greedy decoding give the answer after the prompt, and what do the answer tokens cost
+
+def answer_token_scores(logits, answers):
+    """(right, loss) of the logits (B, A, vocab) that predict answers (B, A): right (B, A) is True where the answer
+    token is the likeliest one, loss (B,) the mean cross-entropy of each example's answer tokens."""
+    logits = logits.float()
+    right = logits.argmax(-1) == answers
+    loss = cross_entropy(logits, answers, reduction='none').view(answers.shape).mean(-1)
+    return right, loss
+
 
 @torch.no_grad()
+def answer_scores(model, prompts, answers, **options):
+    """Score a batch of prompts (B, P) and their answers (B, A), token ids on the model's device: (right, loss) as
+    answer_token_scores gives them. options go to every forward.
+
+    Greedy decoding gets an answer exactly right (right.all(-1)) when each answer token is the likeliest one given
+    the prompt and the right answer tokens before it (by induction over the answer's tokens). So teacher forcing
+    decides it, and gives the answer's loss too. Each answer token is read with the context GPT.generate gives it:
+    a streaming model reads the prompt through its cache, block_size tokens at a time (its memory stays bounded);
+    a model with a context limit sees at most the last block_size tokens (nanoGPT's cropping)."""
+    B, P = prompts.shape
+    A = answers.size(1)
+    block_size = model.config.block_size
+    if model.streams:  # the prompt through the cache, as GPT.prefill reads it, then the answer in one forward
+        cache = model.new_cache(B, P + A)
+        for start in range(0, P, block_size):
+            logits, _ = model(prompts[:, start:start + block_size], cache=cache, **options)
+        if A > 1:
+            rest, _ = model(answers[:, :-1], answers[:, 1:], cache=cache, **options)
+            logits = torch.cat((logits[:, -1:], rest), dim=1)
+    elif P + A - 1 <= block_size:  # one forward over prompt + answer
+        ids = torch.cat((prompts, answers), dim=1)
+        targets = ids[:, 1:].clone()
+        targets[:, :-A] = -1  # only the answer's tokens are targets
+        logits, _ = model(ids[:, :-1], targets, **options)
+        logits = logits[:, -A:]
+    else:  # past block_size each answer token sees its own window, the last block_size tokens before it
+        ids = torch.cat((prompts, answers), dim=1)
+        logits = torch.cat([model(ids[:, max(0, P + j - block_size):P + j], **options)[0] for j in range(A)], dim=1)
+    return answer_token_scores(logits, answers)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# passkey accuracy by length and depth
+
 def passkey_accuracy(model, tok, length, depth, settings):
     """Fraction of passkey_trials examples of `length` tokens whose answer greedy decoding gets exactly right."""
     from data.passkey.task import make_passkey
     rng = np.random.default_rng([settings.seed, length, int(depth * 1000)])
     examples = [make_passkey(length, depth, rng, tok) for _ in range(settings.passkey_trials)]
     correct = 0
-    for prompt, answer in examples:
-        idx = torch.tensor([list(prompt)], dtype=torch.long, device=settings.device)
+    for prompt, answer in examples:  # one at a time: with a BPE tokenizer answers differ in length
+        prompts = torch.tensor([prompt], dtype=torch.long, device=settings.device)
+        answers = torch.tensor([answer], dtype=torch.long, device=settings.device)
         with autocast(settings.device_type, settings.dtype):
-            out = model.generate(idx, len(answer), top_k=1)
-        correct += out[0, len(prompt):].tolist() == list(answer)
+            right, _ = answer_scores(model, prompts, answers)
+        correct += bool(right.all())
     return correct / len(examples)
 
 
@@ -369,7 +413,8 @@ def selective_budgets(run, settings):
     """The budget search on one selective checkpoint, and its KV memory: out_dir/budgets.md and .csv (a row per
     greedy step, as it is taken)."""
     model, data, example_len = run.model, run.data, run.example_len
-    N, L = model.config.block_size, model.config.n_layer
+    block_size, n_layer = model.config.block_size, model.config.n_layer
+    full_entries = n_layer * block_size  # a standard KV cache's, every layer holding a full window
     table = GrowingTable(settings, 'budgets', ['step', 'entries', 'val_loss', 'budgets'])
 
     def progress(b, loss):
@@ -377,43 +422,45 @@ def selective_budgets(run, settings):
         if table.count > 1:
             print(f'  budgets {b}: {sum(b)} entries, val loss {loss:.4f}')
 
-    full = pruned_val_loss(model, data, [N] * L, settings, example_len)
-    progress([N] * L, full)
-    goal, source, reference = budget_target(settings, full, data, N, example_len)
-    print(f'target val loss {goal:.4f} ({source}); unpruned selective {full:.4f}; greedy search over {L} layers')
-    steps = choose_budgets([N] * L, lambda b: pruned_val_loss(model, data, b, settings, example_len), goal,
-                           settings.shrink, progress, first_loss=full)
+    full = pruned_val_loss(model, data, [block_size] * n_layer, settings, example_len)
+    progress([block_size] * n_layer, full)
+    goal, source, reference = budget_target(settings, full, data, block_size, example_len)
+    print(f'target val loss {goal:.4f} ({source}); unpruned selective {full:.4f}; greedy search over {n_layer} '
+          f'layers')
+    steps = choose_budgets([block_size] * n_layer, lambda b: pruned_val_loss(model, data, b, settings, example_len),
+                           goal, settings.shrink, progress, first_loss=full)
     chosen, loss = steps[-1]
 
-    # memory of a real cache with these budgets after a full window, against a standard KV cache of N tokens
-    cache = model.new_cache(1, N, budget=chosen, evict=settings.evict)
+    # memory of a real cache with these budgets after a full window, against a standard KV cache of block_size tokens
+    cache = model.new_cache(1, block_size, budget=chosen, evict=settings.evict)
     with torch.no_grad():
-        model(torch.from_numpy(data[:N].astype(np.int64))[None].to(settings.device), cache=cache)
+        model(torch.from_numpy(data[:block_size].astype(np.int64))[None].to(settings.device), cache=cache)
     per_entry = 2 * model.config.n_head * model.config.head_size * next(model.parameters()).element_size()
     reached = 'reached' if loss <= goal else 'NOT reached: the unpruned selective model is already above it'
-    lines = [f'checkpoint: {run.path} (block_size {N}, {L} layers) · val loss: {settings.eval_windows} windows '
-             f'of {N} tokens · eviction: {settings.evict}', f'target val loss {goal:.4f} ({source}): {reached}', '']
+    lines = [f'checkpoint: {run.path} (block_size {block_size}, {n_layer} layers) · val loss: '
+             f'{settings.eval_windows} windows of {block_size} tokens · eviction: {settings.evict}',
+             f'target val loss {goal:.4f} ({source}): {reached}', '']
     lines += markdown_table('Budgets per layer (KV entries kept, first token and current one included)',
                             ['layer', 'budget', 'of block_size'],
-                            [[str(l), str(b), f'{b / N:.1%}'] for l, b in enumerate(chosen)])
-    rows = [['selective, full cache', str(L * N), fmt_bytes(L * N * per_entry), f'{full:.4f}'],
+                            [[str(l), str(b), f'{b / block_size:.1%}'] for l, b in enumerate(chosen)])
+    rows = [['selective, full cache', str(full_entries), fmt_bytes(full_entries * per_entry), f'{full:.4f}'],
             ['selective, pruned to the budgets', str(sum(chosen)), fmt_bytes(sum(chosen) * per_entry), f'{loss:.4f}'],
             ['the pruned cache.nbytes() (+ F and positions)', str(sum(chosen)), fmt_bytes(cache.nbytes()), '']]
     if reference:
-        rows.append([reference, str(L * N), fmt_bytes(L * N * per_entry), f'{goal:.4f}'])
+        rows.append([reference, str(full_entries), fmt_bytes(full_entries * per_entry), f'{goal:.4f}'])
     lines += markdown_table('KV memory (keys and values of all layers, batch 1)',
                             ['model', 'entries', 'bytes', 'val loss'], rows)
-    lines.append(f'memory reduction: {L * N / sum(chosen):.1f}x fewer KV entries (the paper counts these: '
+    lines.append(f'memory reduction: {full_entries / sum(chosen):.1f}x fewer KV entries (the paper counts these: '
                  f'16x, 25x, 47x at contexts 512, 1k, 2k)')
     finish(table, settings, lines)
 
 
-def budget_target(settings, full, data, N, example_len):
+def budget_target(settings, full, data, block_size, example_len):
     """--target as (the val loss to stay under, where it comes from, the reference model's row label or None)."""
     target = settings.target
     if os.path.isfile(target):  # the paper's criterion: the val loss of another model (a standard one), full cache
         reference, _ = load_model(target, settings.device, use_kernels=settings.use_kernels)
-        goal = val_loss(reference, data, N, settings, example_len)
+        goal = val_loss(reference, data, block_size, settings, example_len)
         label = f'{target} ({reference.config.attention}, n_head={reference.config.n_head}), full cache'
         return goal, f'val loss of {label}', label
     try:

@@ -1,5 +1,6 @@
 """
-Tokenizers and the file format shared by every dataset.
+Tokenizers and the file format shared by every dataset, and what the prepare.py scripts share: their flags, their
+example sets, and the writing of a dataset, each file atomically.
 
 A prepared dataset is a folder with train.bin and val.bin (token ids as np.uint16, back to back, read by
 train.py with np.memmap as nanoGPT does) and meta.pkl, a dict of plain Python values:
@@ -14,6 +15,8 @@ train.py with np.memmap as nanoGPT does) and meta.pkl, a dict of plain Python va
 Every tokenizer has encode(str) -> list[int], decode(list[int]) -> str, .identity, .vocab_size and .eot_token.
 """
 
+import argparse
+import hashlib
 import os
 import pickle
 import threading
@@ -231,23 +234,98 @@ def to_uint16(ids):
     return ids.astype(np.uint16)
 
 
+def write_atomically(path, write):
+    """write(f) into a temporary file beside path, then rename it to path (atomic within a folder): a killed
+    prepare never leaves a half-written file that looks whole."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_split(path, ids):
+    """A split's token ids, as np.uint16 back to back, written atomically to path (train.bin or val.bin)."""
+    write_atomically(path, to_uint16(ids).tofile)
+
+
 def write_dataset(out_dir, train_ids, val_ids, tok, dataset, **extra):
-    """Write train.bin, val.bin and meta.pkl into out_dir and print their sizes."""
+    """Write train.bin, val.bin and meta.pkl into out_dir and print their sizes. Each file is written atomically,
+    and meta.pkl last (an old one is removed first): a folder with a meta.pkl holds a whole dataset."""
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise SystemExit(f'empty split (train {len(train_ids):,} tokens, val {len(val_ids):,}): give more input')
     meta = {'vocab_size': tok.vocab_size, 'tokenizer': tok.identity, 'eot_token': tok.eot_token,
             'dataset': dataset, **extra}
     try:
         os.makedirs(out_dir, exist_ok=True)
-        to_uint16(train_ids).tofile(os.path.join(out_dir, 'train.bin'))
-        to_uint16(val_ids).tofile(os.path.join(out_dir, 'val.bin'))
-        with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
-            pickle.dump(meta, f)
+        meta_path = os.path.join(out_dir, 'meta.pkl')
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        write_split(os.path.join(out_dir, 'train.bin'), train_ids)
+        write_split(os.path.join(out_dir, 'val.bin'), val_ids)
+        write_atomically(meta_path, lambda f: pickle.dump(meta, f))
     except OSError as e:
         raise SystemExit(f'cannot write the dataset to --out_dir={out_dir} ({e.strerror or e})') from None
     print(f'{dataset}: train {len(train_ids):,} tokens, val {len(val_ids):,} tokens, '
           f'vocab {tok.vocab_size:,} ({tok.identity["kind"]}) -> {out_dir}')
     return meta
+
+
+# -----------------------------------------------------------------------------------------------------------
+# What the prepare.py scripts share: their flags, their example sets, a split by file.
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse, with a bad flag a one-line error (argparse would print its usage first)."""
+
+    def error(self, message):
+        raise SystemExit(f'{message}; --help lists the flags')
+
+
+def parse_flags(argv, doc, add_flags, out_dir, out_dir_help=None, examples=None):
+    """A prepare.py's flags: add_flags(parser) adds the script's own; examples=(n_train, n_val), for a task made of
+    examples, adds --n_train, --n_val and --seed after them; --out_dir comes last, its default out_dir. The
+    description is the first paragraph of the script's docstring, doc."""
+    parser = FlagParser(description=doc.split('\n\n')[0].strip(), allow_abbrev=False)
+    add_flags(parser)
+    if examples:
+        parser.add_argument('--n_train', type=int, default=examples[0])
+        parser.add_argument('--n_val', type=int, default=examples[1])
+        parser.add_argument('--seed', type=int, default=1337)
+    parser.add_argument('--out_dir', default=out_dir, help=out_dir_help)
+    args = parser.parse_args(argv)
+    if examples and (args.n_train < 1 or args.n_val < 1):
+        raise SystemExit('--n_train and --n_val must be at least 1')
+    return args
+
+
+def make_examples(make_example, inputs):
+    """One example per item of inputs, back to back, as one flat np.int64 array of ids. make_example(item) returns
+    (prompt_ids, answer_ids); every example has the same length."""
+    examples = []
+    for item in inputs:
+        prompt, answer = make_example(item)
+        examples.append(prompt + answer)
+    return np.array(examples, dtype=np.int64).reshape(-1)
+
+
+def example_splits(make_set, args):
+    """(train_ids, val_ids): make_set(n) for --n_train examples, then for --n_val. An example that does not fit in
+    --length tokens (make_set's ValueError) is a one-line error."""
+    try:
+        return make_set(args.n_train), make_set(args.n_val)
+    except ValueError as e:
+        raise SystemExit(f'--length={args.length}: {e}') from None
+
+
+def split_by_file(paths, val_fraction):
+    """(train, val) lists of paths: a file is val when the hash of its path, read as a number in [0, 1), is below
+    val_fraction. At least one file goes to val, so tiny inputs still have a validation set."""
+    def position(path):
+        digest = hashlib.md5(path.replace(os.sep, '/').encode()).digest()
+        return int.from_bytes(digest[:8], 'big') / 2 ** 64
+    by_hash = sorted(paths, key=position)
+    n_val = max(1, sum(position(p) < val_fraction for p in paths))
+    val = set(by_hash[:n_val])
+    return [p for p in paths if p not in val], [p for p in paths if p in val]
 
 
 def encode_prompt(start, tok):

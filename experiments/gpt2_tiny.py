@@ -5,14 +5,13 @@ tanh GELU; 4 layers, 128 wide, 256 bytes of context) trained by train.py on the 
 Hugging Face layout (gpt2.save_pretrained). Each attention loads it through gpt2.py, the --init_from=gpt2 path,
 and its val loss is measured before and after a short fine-tune on the same data.
 
-  python experiments/gpt2_tiny.py                         # ~15 minutes on a 2-core CPU
+  python experiments/gpt2_tiny.py
   python experiments/gpt2_tiny.py --finetune_iters=400 --attentions=selective
 
 The fine-tune is a plain AdamW loop here (train.py would refuse the byte-level data: GPT-2 reads GPT-2's BPE).
 It uses train.py's batches and loss estimate: the same 20 val batches of 8 x 256 tokens for every number.
 """
 import os
-import subprocess
 import sys
 import types
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ sys.path.insert(0, ROOT)
 import gpt2  # noqa: E402
 from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
+from experiments.common import finished, run_train  # noqa: E402
 from runlog import attention_stats  # noqa: E402
 from train import estimate_loss, get_batch  # noqa: E402
 
@@ -40,10 +40,9 @@ FLAGS = flags_of(globals())
 def pretrain(cfg):
     """The tiny GPT-2: train.py with GPT-2's positions and GELU, saved once in the Hugging Face layout."""
     run, folder = os.path.join(cfg.out_dir, 'run'), os.path.join(cfg.out_dir, 'hf')
-    if not os.path.isfile(os.path.join(run, 'ckpt.pt')):
-        subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), f'--out_dir={run}', '--positions=learned',
-                        '--gelu=tanh', f'--max_iters={cfg.pretrain_iters}', f'--seed={cfg.seed}', '--device=cpu'],
-                       check=True)
+    if not finished(run):
+        run_train(run, ['--positions=learned', '--gelu=tanh', f'--max_iters={cfg.pretrain_iters}', f'--seed={cfg.seed}',
+                        '--device=cpu'])
     model, _ = load_model(os.path.join(run, 'ckpt.pt'))
     gpt2.save_pretrained(model, folder)
     return folder

@@ -32,7 +32,6 @@ wrote), by depth; accuracy by depth and of each digit; seconds per prompt and th
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -43,11 +42,12 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from attention_infini import gate_values, memory_weights, read_memory, sigma  # noqa: E402
-from checkpoints import load_checkpoint, load_model  # noqa: E402
+from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
 from data.passkey.task import NEEDLE, make_passkey  # noqa: E402
-from model import cross_entropy  # noqa: E402
+from evaluate import answer_scores, answer_token_scores  # noqa: E402
+from experiments.common import finished, prepare, run_train  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out-infini-passkey'   # data, checkpoints, evaluations and results.md go here (gitignored: out*/)
@@ -138,66 +138,29 @@ def trials_by_length(text, length_list):
 # -----------------------------------------------------------------------------------------------------------
 # Training: train.py in a subprocess, one run at a time.
 
-def finished(ckpt_path, iters):
-    return os.path.isfile(ckpt_path) and load_checkpoint(ckpt_path).get('iter_num', 0) >= iters
-
-
-def prepare_data(folder, length=DATA_LENGTH):
-    if not os.path.isfile(os.path.join(folder, 'val.bin')):
-        subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'passkey', 'prepare.py'), f'--length={length}',
-                        '--n_train=20000', '--n_val=200', f'--out_dir={folder}'], check=True, cwd=ROOT)
-
-
-def train_run(run_dir, flags, run_seed, iters, data_dir, base=None):
+def train_run(run_dir, flags, train_seed, iters, data_dir, base=None):
     """Train (or resume) one run; base: the checkpoint a fine-tuning run starts from."""
-    ckpt_path = os.path.join(run_dir, 'ckpt.pt')
-    if finished(ckpt_path, iters):
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    start_from = ['--init_from=resume'] if os.path.isfile(ckpt_path) else [f'--init_from={base}'] if base else []
-    cmd = [sys.executable, 'train.py', *COMMON, *flags, f'--data_dir={data_dir}', f'--seed={run_seed}',
-           f'--max_iters={iters}', f'--out_dir={run_dir}', *start_from]
-    print(' '.join(cmd[1:]), flush=True)
-    with open(os.path.join(run_dir, 'train.log'), 'a') as log:  # the printout; log.csv has the numbers and time
-        done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f'training failed, see {run_dir}/train.log')
+    if not finished(run_dir, iters):
+        run_train(run_dir, [*COMMON, *flags, f'--data_dir={data_dir}', f'--seed={train_seed}', f'--max_iters={iters}'],
+                  init_from=base)
 
 
 # -----------------------------------------------------------------------------------------------------------
 # Evaluation
 
-def examples(length, depth_list, trials, run_seed):
+def passkey_cases(length, depth_list, trials, seed):
     """trials examples per depth: (prompt ids, answer ids, needle start, needle length), the same for every model."""
     tok = ByteTokenizer()
     needle_head = tok.encode(NEEDLE.split('{key}')[0])  # '\nThe pass key is ': only the needle starts so
     out = []
     for depth in depth_list:
-        rng = np.random.default_rng([run_seed, length, int(depth * 1000)])
+        rng = np.random.default_rng([seed, length, int(depth * 1000)])
         for _ in range(trials):
             prompt, answer = make_passkey(length, depth, rng, tok)
             start = next(i for i in range(len(prompt)) if prompt[i:i + len(needle_head)] == needle_head)
             needle_len = len(tok.encode(NEEDLE.format(key=tok.decode(answer))))
             out.append((prompt, answer, start, needle_len))
     return out
-
-
-@torch.no_grad()
-def score(model, batch, **options):
-    """Accuracy and digit loss of a batch of same-length examples, in one forward over prompt + answer.
-
-    Greedy decoding gets all 5 digits right exactly when each digit is the most likely token given the prompt and
-    the right digits before it (by induction over the digits), so one teacher-forced forward decides it. The
-    streaming cache gives the same logits as this forward (tests/test_infini.py). options go to the forward."""
-    ids = torch.tensor([p + a for p, a, _, _ in batch])
-    n_answer = len(batch[0][1])
-    x, y = ids[:, :-1], ids[:, 1:].clone()
-    y[:, :-n_answer] = -1  # only the digits are targets
-    logits, _ = model(x, y, **options)
-    digits = logits[:, -n_answer:]
-    correct = (digits.argmax(-1) == y[:, -n_answer:]).all(-1)
-    losses = cross_entropy(digits, y[:, -n_answer:], reduction='none').view(len(batch), n_answer).mean(-1)
-    return correct.tolist(), losses.tolist()
 
 
 @torch.no_grad()
@@ -229,9 +192,10 @@ def needle_shares(model, batch):
 
 @torch.no_grad()
 def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
-    """score() through the streaming cache: the prompt is read `chunk` tokens at a time, then the answer, so memory
-    stays bounded whatever the length (the cache holds M, z and one segment). Returns correct and losses as score()
-    does, digits (B, 5) bools: which digits are the most likely token, and with probe=True read_probe's numbers.
+    """evaluate.answer_scores through the streaming cache, `chunk` tokens of the prompt at a time, then the answer,
+    so memory stays bounded whatever the length (the cache holds M, z and one segment). Returns per example whether
+    all 5 digits are right and their mean loss (lists), digits (B, 5) bools: which digits are the most likely
+    token, and with probe=True read_probe's numbers.
 
     probe=True measures the memory read of every head at the last prompt token (the query that predicts the first
     digit), split into what the needle wrote and what everything else wrote (read_probe). Each segment that holds
@@ -240,17 +204,17 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
     config = model.config
     N, H, C = config.segment_len, config.n_head, config.n_embd
     D = C // H
-    B, L = len(batch), len(batch[0][0])
+    B, T = len(batch), len(batch[0][0])  # T: the prompt's length
     prompts = torch.tensor([p for p, _, _, _ in batch])
     answers = torch.tensor([a for _, a, _, _ in batch])
     starts = torch.tensor([s for _, _, s, _ in batch])
     ends = starts + torch.tensor([n for _, _, _, n in batch])
     chunk = max(N, chunk // N * N)  # whole segments, so a needle segment can start a chunk
-    cuts = set(range(0, L - 1, chunk))
+    cuts = set(range(0, T - 1, chunk))
     if probe:
         for s, e in zip(starts.tolist(), ends.tolist()):
             cuts |= set(range(s // N * N, e + N, N))
-    cuts = sorted(c for c in cuts if c < L - 1) + [L - 1]  # the last prompt token goes with the answer
+    cuts = sorted(c for c in cuts if c < T - 1) + [T - 1]  # the last prompt token goes with the answer
     captured = []
     hooks = [block.attn.c_attn.register_forward_hook(lambda m, i, o: captured.append(o))
              for block in model.transformer.h] if probe else []
@@ -285,13 +249,12 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
     finally:
         for hook in hooks:
             hook.remove()
-    digits = logits.argmax(-1) == answers
-    losses = cross_entropy(logits, answers, reduction='none').view(B, -1).mean(-1)
+    digits, losses = answer_token_scores(logits, answers)
     probed = None
     if probe and memory is not None:
         queries = [qkv.split(C, dim=2)[0][:, 0].view(B, H, 1, D).float() for qkv in captured]
         probed = read_probe(queries, memory, needle_k, needle_kr, config.feature_scale)
-        stored = (L - 1) // N * N  # the complete segments before the query's segment are in the memory
+        stored = (T - 1) // N * N  # the complete segments before the query's segment are in the memory
         for key in probed:  # where the needle is not all in the memory yet, there is nothing to measure
             probed[key][ends > stored] = float('nan')
     return digits.all(-1).tolist(), losses.tolist(), digits, probed
@@ -348,13 +311,14 @@ def evaluate_length(model, length, cases, reads, trained_read, settings, depth_l
         for i in range(0, len(cases), settings.batch_size):
             batch = cases[i:i + settings.batch_size]
             if model.streams:
-                c, l_, d, p = stream_score(model, batch, settings.chunk, probe, bar, **options)
+                right, loss, digit_right, probed = stream_score(model, batch, settings.chunk, probe, bar, **options)
+                digits.append(digit_right)
+                probes += [] if probed is None else [probed]
             else:  # a fixed-context model reads its whole (short) prompt in one forward
-                c, l_ = score(model, batch, **options)
-                d, p = None, None
-            correct, losses = correct + c, losses + l_
-            digits += [] if d is None else [d]
-            probes += [] if p is None else [p]
+                digit_right, loss = answer_scores(model, torch.tensor([p for p, _, _, _ in batch]),
+                                                  torch.tensor([a for _, a, _, _ in batch]), **options)
+                right, loss = digit_right.all(-1).tolist(), loss.tolist()
+            correct, losses = correct + right, losses + loss
         out['seconds'][read] = time.time() - started
         depths = np.repeat(depth_list, len(cases) // len(depth_list))
         out['scores'][read] = dict(accuracy=float(np.mean(correct)), digit_loss=float(np.mean(losses)),
@@ -447,7 +411,7 @@ def evaluate_checkpoint(ckpt_path, settings):
         if trained_read == 'on' and not gain:
             reads += ['off'] + (['local'] + [f'off L{layer}' for layer in range(model.config.n_layer)]
                                 if length <= settings.all_reads_up_to else [])
-        cases = examples(length, depth_list, trials[length], settings.seed)
+        cases = passkey_cases(length, depth_list, trials[length], settings.seed)
         entry = evaluate_length(model, length, cases, reads, trained_read, settings, depth_list)
         result['lengths'][str(length)] = dict(key=key, **entry)
         with open(cache_path + '.tmp', 'w') as f:  # after every length: a stopped evaluation keeps what it measured
@@ -613,7 +577,7 @@ def run_list(text, default_iters):
 
 def main(argv):
     settings, _ = configure(argv, FLAGS, __doc__)
-    runs_ = run_list(settings.runs, settings.max_iters)
+    run_plan = run_list(settings.runs, settings.max_iters)
     seed_list = parse_list('seeds', settings.seeds, int)
     length_list = parse_list('lengths', settings.lengths, int)
     parse_list('depths', settings.depths, float)
@@ -633,26 +597,26 @@ def main(argv):
             train_with_base(base_name, base_iters, s)
             base = os.path.join(folder(base_name, base_iters, s), 'ckpt.pt')
         length = TRAIN_LENGTH.get(name, DATA_LENGTH)
-        data_dir = os.path.join(out, f'data{length}')
-        prepare_data(data_dir, length)
+        data_dir = prepare('passkey', os.path.join(out, f'data{length}'),
+                           [f'--length={length}', '--n_train=20000', '--n_val=200'])
         train_run(folder(name, iters, s), RUNS[name][0], s, iters, data_dir, base)
 
     if settings.train:
-        for name, iters in runs_:
+        for name, iters in run_plan:
             for s in seed_list:
                 train_with_base(name, iters, s)
     if not settings.evaluate:
         return
     results = {}
-    for name, iters in runs_:
+    for name, iters in run_plan:
         for s in seed_list:
             ckpt_path = os.path.join(folder(name, iters, s), 'ckpt.pt')
-            if not finished(ckpt_path, iters):
+            if not finished(folder(name, iters, s), iters):
                 print(f'{name}, {iters} iterations, seed {s}: not trained yet (python experiments/infini_passkey.py '
                       f'--runs={name}@{iters} --seeds={s})')
                 continue
             results.setdefault(f'{name}, {iters} it', {})[s] = evaluate_checkpoint(ckpt_path, settings)
-    names = dict.fromkeys(name for name, _ in runs_)  # each described once
+    names = dict.fromkeys(name for name, _ in run_plan)  # each described once
     lines = [f'{name}: {RUNS[name][1]}' for name in names] + [''] + tables(results, length_list)
     text = '\n'.join(lines)
     print(text)

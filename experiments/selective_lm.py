@@ -12,13 +12,12 @@ A run is <attention>-<positions>; it is `python train.py --attention=A --positio
 defaults otherwise (on a CPU: 4 layers x 4 heads x 128 wide, block 256, batch 8, 1000 iterations, lr 2e-3).
 causal2x-rope is causal with 8 heads of 32 (train.py --n_head=8 --head_size=32): twice the heads and attention weights;
 causal4x-rope has 16 heads of 32, four times; causal6l-rope has 6 layers instead of 4 (1.5x the whole model).
-Runs are trained once (out_dir/<run>-s<seed>[-lr<lr>][-<extra>]/ckpt.pt is reused) and one at a time; set
-OMP_NUM_THREADS to the cores you give them. The val loss of a run is train.py's own estimate at each eval (the
-same 20 batches of 8 x 256 tokens for every run), read from its log.csv (runlog.py). Tables (final val loss, mean and spread
-over seeds; the curve of seed means) are printed and written to out_dir/results.md.
+Runs are trained once (out_dir/<run>-s<seed>[-lr<lr>][-<extra>]/ckpt.pt is reused; a stopped run resumes) and one
+at a time; set OMP_NUM_THREADS to the cores you give them. The val loss of a run is train.py's own estimate at each
+eval (the same 20 batches of 8 x 256 tokens for every run), read from its log.csv (runlog.py). Tables (final val
+loss, mean and spread over seeds; the curve of seed means) are printed and written to out_dir/results.md.
 """
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -26,6 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import configure, flags_of  # noqa: E402
+from experiments.common import finished, run_train  # noqa: E402
 from runlog import read_log  # noqa: E402
 
 RUNS = ('causal-learned', 'causal-rope', 'causal-alibi', 'selective-learned', 'selective-rope', 'selective-alibi',
@@ -53,27 +53,16 @@ def run_dir(settings, run, seed, lr):
     return os.path.join(settings.out_dir, f'{run}-s{seed}' + (f'-lr{lr}' if lr else '') + extra)
 
 
-def train_run(settings, run, seed, lr):
-    """Train one run unless it has finished (train.log holds its printout once it has); return {step: val loss}
-    read from its log.csv."""
+def val_curve(settings, run, seed, lr):
+    """Train one run unless it has finished; return {step: val loss} read from its log.csv (None when the run has
+    not finished)."""
     folder = run_dir(settings, run, seed, lr)
-    log = os.path.join(folder, 'train.log')
-    done = os.path.isfile(os.path.join(folder, 'ckpt.pt')) and os.path.isfile(log)
-    if not done and settings.train:
+    if not finished(folder) and settings.train:
         attention, positions = run.split('-')
-        os.makedirs(folder, exist_ok=True)
         model = BIGGER.get(attention, [f'--attention={attention}'])
-        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *model, f'--positions={positions}',
-               f'--seed={seed}', f'--out_dir={folder}'] + ([f'--learning_rate={lr}'] if lr else [])
-        cmd += settings.extra.split()
-        resume = os.path.isfile(os.path.join(folder, 'ckpt.pt'))  # a run stopped before its end continues
-        cmd += ['--init_from=resume'] if resume else []
-        print(' '.join(cmd[1:]), flush=True)
-        with open(log + '.part', 'a' if resume else 'w') as f:
-            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
-                raise SystemExit(f'{run} seed {seed} failed: see {log}.part')
-        os.replace(log + '.part', log)
-    if not os.path.isfile(log):
+        flags = [*model, f'--positions={positions}', f'--seed={seed}'] + ([f'--learning_rate={lr}'] if lr else [])
+        run_train(folder, flags + settings.extra.split())
+    if not finished(folder):
         return None
     return {int(r['iter']): r['val_loss'] for r in read_log(folder) if r['val_loss'] is not None}
 
@@ -90,7 +79,7 @@ def main(argv):
     for seed in seed_list:  # all runs of one seed before the next: a stopped sweep still compares every run
         for run in names:
             for lr in lr_list:
-                curve = train_run(settings, run, seed, lr)
+                curve = val_curve(settings, run, seed, lr)
                 if curve:
                     curves[run, lr, seed] = curve
     lines = ['| run | lr | seeds | final val loss: mean | spread (min..max) | each seed |',

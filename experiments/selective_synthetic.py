@@ -27,7 +27,6 @@ What is measured, on every example of a val set (the same for every model):
 """
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -38,6 +37,8 @@ sys.path.insert(0, ROOT)
 from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import load_meta  # noqa: E402
+from evaluate import answer_scores  # noqa: E402
+from experiments.common import finished, prepare, run_train  # noqa: E402
 
 TASKS = ('varassign', 'parity', 'copy')
 
@@ -63,21 +64,19 @@ TRAINING = ('stages', 'iters', 'n_layer', 'n_head', 'n_embd', 'batch_tokens', 'l
 # ---------------------------------------------------------------------------------------------------------
 # Scoring.
 
-@torch.no_grad()
 def answer_accuracy(model, examples, answer_len, batch_size=64):
-    """The share of examples (N, L) whose last answer_len tokens greedy decoding gets exactly right. One forward
-    gives what greedy decoding would: an answer is exactly right when the argmax at each of its positions, the
-    right earlier tokens given, is the right token."""
+    """The share of examples (n, T) whose last answer_len tokens greedy decoding gets exactly right, scored
+    batch_size examples at a time by evaluate.answer_scores (one teacher-forced forward each)."""
     correct = []
     for i in range(0, len(examples), batch_size):
         x = examples[i:i + batch_size]
-        logits, _ = model(x[:, :-1], x[:, 1:])  # with targets, the logits of every position
-        correct.append((logits[:, -answer_len:].argmax(-1) == x[:, -answer_len:]).all(-1))
+        right, _ = answer_scores(model, x[:, :-answer_len], x[:, -answer_len:])
+        correct.append(right.all(-1))
     return torch.cat(correct).float().mean().item()
 
 
 def last_value_accuracy(examples):
-    """varassign: the share of examples (N, L) whose answer is the last digit assigned, whatever the variable asked.
+    """varassign: the share of examples (n, T) whose answer is the last digit assigned, whatever the variable asked.
     A model that has not learned the lookup can reach this by copying that digit."""
     hits = [bytes(row).decode().split()[-2][-1] == bytes(row).decode()[-1] for row in examples.to(torch.uint8).numpy()]
     return float(np.mean(hits))
@@ -101,7 +100,7 @@ def copy_accuracy(model, examples, batch_size=64):
 
 @torch.no_grad()
 def unmasked_tokens(model, prompts, tau=1.0):
-    """Per layer, the mean over prompts (N, T) of the tokens the last prompt token still sees: those with
+    """Per layer, the mean over prompts (n, T) of the tokens the last prompt token still sees: those with
     F < tau at that query (every token, for an attention without selection)."""
     blocks = model.transformer.h
     if model.config.attention != 'selective':
@@ -142,18 +141,12 @@ def run_dir(settings, name, seed):
 
 def stage_data(settings, stage, length):
     """Prepare (once) the dataset of one curriculum stage, examples of `length` tokens; return its folder."""
-    folder = os.path.join(task_dir(settings), 'data', f'stage{stage}-len{length}')
-    if os.path.isfile(os.path.join(folder, 'meta.pkl')):
-        return folder
-    script = os.path.join(ROOT, 'data', settings.task, 'prepare.py')
-    cmd = [sys.executable, script, f'--length={length}', f'--out_dir={folder}']
+    flags = [f'--length={length}']
     if settings.task == 'varassign':
-        cmd += ['--min_assign=2', f'--n_vars={settings.n_vars}', '--n_train=200000']
+        flags += ['--min_assign=2', f'--n_vars={settings.n_vars}', '--n_train=200000']
     elif settings.task == 'parity':
-        cmd += ['--min_bits=2']
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        raise SystemExit(f'preparing {folder} failed (see above)')
-    return folder
+        flags += ['--min_bits=2']
+    return prepare(settings.task, os.path.join(task_dir(settings), 'data', f'stage{stage}-len{length}'), flags)
 
 
 def model_flags(settings, name):
@@ -166,35 +159,25 @@ def model_flags(settings, name):
     return [f'--attention={name}', f'--n_head={settings.n_head}']
 
 
-def train_run(settings, name, seed, folders, iters):
+def train_stages(settings, name, seed, folders, iters):
     """Train one model through the curriculum's stages; return the checkpoint paths of the stages trained."""
     previous, ckpts = None, []
     for stage, data in enumerate(folders):
         folder = os.path.join(run_dir(settings, name, seed), f'stage{stage}')
-        ckpt, log = os.path.join(folder, 'ckpt.pt'), os.path.join(folder, 'train.log')
-        if not (os.path.isfile(ckpt) and os.path.isfile(log)):  # the log is renamed into place when a stage ends
+        if not finished(folder):
             if not settings.train:
                 return ckpts
             length = load_meta(data)['example_len']
-            cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--data_dir={data}', f'--out_dir={folder}',
-                   f'--positions={settings.positions}', f'--seed={seed}',
-                   f'--block_size={length}', f'--max_iters={iters}',
-                   f'--eval_interval={max(1, iters // 8)}', '--eval_iters=10', '--warmup_iters=50',
-                   f'--learning_rate={settings.learning_rate}',
-                   f'--batch_size={max(1, settings.batch_tokens // length)}', '--weight_decay=0']
-            cmd += ([*model_flags(settings, name), f'--n_layer={settings.n_layer}', f'--n_embd={settings.n_embd}']
-                    if previous is None else [f'--init_from={previous}'])
-            cmd += settings.extra.split()
-            resume = os.path.isfile(ckpt)  # a stage stopped before its end continues
-            cmd += ['--init_from=resume'] if resume else []
-            print(' '.join(cmd[1:]), flush=True)
-            os.makedirs(folder, exist_ok=True)
-            with open(log + '.part', 'a' if resume else 'w') as f:
-                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
-                    raise SystemExit(f'{name} seed {seed} stage {stage} failed: see {log}.part')
-            os.replace(log + '.part', log)
-        previous = ckpt
-        ckpts.append(ckpt)
+            flags = [f'--data_dir={data}', f'--positions={settings.positions}', f'--seed={seed}',
+                     f'--block_size={length}', f'--max_iters={iters}',
+                     f'--eval_interval={max(1, iters // 8)}', '--eval_iters=10', '--warmup_iters=50',
+                     f'--learning_rate={settings.learning_rate}',
+                     f'--batch_size={max(1, settings.batch_tokens // length)}', '--weight_decay=0']
+            flags += ([*model_flags(settings, name), f'--n_layer={settings.n_layer}', f'--n_embd={settings.n_embd}']
+                      if previous is None else [])
+            run_train(folder, flags + settings.extra.split(), init_from=previous)
+        previous = os.path.join(folder, 'ckpt.pt')
+        ckpts.append(previous)
     return ckpts
 
 
@@ -202,9 +185,9 @@ def score_run(settings, ckpt, data):
     """(accuracy, unmasked tokens per layer, prompt length) of one checkpoint on its stage's val set."""
     model, _ = load_model(ckpt, 'cpu')
     model.eval()
-    L = load_meta(data)['example_len']
+    example_len = load_meta(data)['example_len']
     examples = torch.from_numpy(np.fromfile(os.path.join(data, 'val.bin'), dtype=np.uint16).astype(np.int64))
-    examples = examples.view(-1, L)
+    examples = examples.view(-1, example_len)
     if settings.task != 'copy':  # the final question's one-digit answer (the loss may have counted more)
         accuracy = answer_accuracy(model, examples, 1)
     else:
@@ -232,7 +215,7 @@ def main(argv):
     for seed in seed_list:
         for name in names:
             # each stage's checkpoint on its own stage's val set: how far along the curriculum the lookup holds
-            ckpts = train_run(settings, name, seed, folders, iters)
+            ckpts = train_stages(settings, name, seed, folders, iters)
             results[name, seed] = [score_run(settings, c, d) for c, d in zip(ckpts, folders)]
     about = f', {settings.n_vars} variable names' if settings.task == 'varassign' else ''
     shown = [load_meta(d)['example_len'] for d in folders]

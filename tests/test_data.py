@@ -152,11 +152,11 @@ def test_python_stdlib_prepare_as_a_user_runs_it(tmp_path):
 
 def test_python_stdlib_split_is_by_file_and_deterministic():
     paths = [f'pkg{i // 10}/mod{i}.py' for i in range(400)]
-    train, val = stdlib.split_by_file(paths, 0.05)
+    train, val = common.split_by_file(paths, 0.05)
     assert sorted(train + val) == sorted(paths) and not set(train) & set(val)
     assert 5 < len(val) < 40
-    assert stdlib.split_by_file(list(reversed(paths)), 0.05)[1] == list(reversed(val))
-    assert len(stdlib.split_by_file(paths[:3], 0.05)[1]) == 1  # tiny inputs still get a val file
+    assert common.split_by_file(list(reversed(paths)), 0.05)[1] == list(reversed(val))
+    assert len(common.split_by_file(paths[:3], 0.05)[1]) == 1  # tiny inputs still get a val file
 
 
 def test_python_stdlib_char_and_max_files(tmp_path):
@@ -299,6 +299,36 @@ def test_copy_prepare(tmp_path):
     for row in examples:  # a random string repeated: its period is between 8 and length / 2
         period = next(p for p in range(1, 33) if np.array_equal(row[p:], row[:32 - p]))
         assert 8 <= period <= 16
+
+
+def test_a_killed_prepare_leaves_no_file_that_looks_whole(tmp_path):
+    """Each file is written to a temporary file and renamed into place: a write that dies half-way leaves the old
+    file as it was. write_dataset removes an old meta.pkl first and writes it last, so a folder whose meta.pkl is
+    there holds a whole dataset."""
+    path = tmp_path / 'val.bin'
+    common.write_split(str(path), [1, 2, 3])
+
+    def dies(f):
+        f.write(b'\0\0')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        common.write_atomically(str(path), dies)
+    assert np.fromfile(path, dtype=np.uint16).tolist() == [1, 2, 3]
+    common.write_dataset(str(tmp_path), [1, 2], [3], ByteTokenizer(), 'tiny')
+    with pytest.raises(SystemExit, match='cannot write'):  # train.bin cannot be written: a folder is in its way
+        (tmp_path / 'train.bin').unlink()
+        (tmp_path / 'train.bin').mkdir()
+        common.write_dataset(str(tmp_path), [1, 2], [3], ByteTokenizer(), 'tiny')
+    assert not (tmp_path / 'meta.pkl').exists()
+
+
+def test_a_bad_prepare_flag_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r'^unrecognized arguments: --lenght=8; --help lists the flags$'):
+        copy_task.main(['--lenght=8', f'--out_dir={tmp_path}'])
+    with pytest.raises(SystemExit, match=r"^argument --n_val: invalid int value: 'x'; --help"):
+        passkey.main(['--n_val=x'])
+    with pytest.raises(SystemExit, match='--n_train and --n_val must be at least 1'):
+        passkey.main(['--n_train=0', f'--out_dir={tmp_path}'])
 
 
 # pg19: the hub is out of reach here, so the tests read a local folder in the release's layout

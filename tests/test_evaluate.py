@@ -141,25 +141,57 @@ def test_loss_cell_shows_the_spread_and_the_change():
     assert evaluate.loss_cell(dict(row, val_loss=None, status='n/a')) == 'n/a'
 
 
-class Oracle:
-    """A stand-in model whose greedy answer is the key it reads in the prompt (or a wrong one)."""
-    streams = True
+def slow_answer_scores(model, prompts, answers):
+    """answer_scores the slow, obvious way: per example and answer token, one forward over the prompt and the right
+    answer tokens before it (the last block_size of them for a model with a context limit, as generate crops)."""
+    right, loss = [], []
+    for prompt, answer in zip(prompts.tolist(), answers.tolist()):
+        hits, costs = [], []
+        for j, token in enumerate(answer):
+            context = prompt + answer[:j]
+            if not model.streams:
+                context = context[-model.config.block_size:]
+            logits = model(torch.tensor([context]))[0][0, -1].double()
+            hits.append(int(logits.argmax()) == token)
+            costs.append(-torch.log_softmax(logits, -1)[token].item())
+        right.append(hits)
+        loss.append(sum(costs) / len(costs))
+    return torch.tensor(right), torch.tensor(loss, dtype=torch.float64)
 
-    def __init__(self, right):
-        self.right = right
 
-    def generate(self, idx, max_new_tokens, top_k=None):
-        key = re.search(r'pass key is (\d+)\. Remember', bytes(idx[0].tolist()).decode()).group(1)
-        key = key if self.right else key[::-1] + '0'
-        return torch.cat((idx, torch.tensor([list(key.encode())[:max_new_tokens]])), dim=1)
+@pytest.mark.parametrize('attention, positions', [('causal', 'rope'), ('causal', 'learned'), ('selective', 'rope'),
+                                                  ('in', 'alibi'), ('infini', 'rope')])
+@pytest.mark.parametrize('prompt_len', [9, 30])  # 30: past block_size (cropped) or several cache chunks (infini)
+def test_answer_scores_equal_a_slow_loop_and_greedy_decoding(attention, positions, prompt_len):
+    """answer_scores (one teacher-forced forward, or one window per answer token past block_size, or the streaming
+    cache) gives each answer token's right and the answer's loss as a per-example, per-token loop does; an answer is
+    all right exactly when greedy decoding produces it. Half the answers are greedy's own, half have a token changed."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=23, n_layer=2, n_head=2, n_embd=16, attention=attention,
+                          positions=positions, segment_len=4)).double().eval()
+    prompts = torch.randint(0, 23, (6, prompt_len))
+    greedy = model.generate(prompts, 4, temperature=0)[:, prompt_len:]
+    answers = greedy.clone()
+    answers[3:, 2] = (answers[3:, 2] + 1) % 23
+    right, loss = evaluate.answer_scores(model, prompts, answers)
+    slow_right, slow_loss = slow_answer_scores(model, prompts, answers)
+    assert right.tolist() == slow_right.tolist()
+    torch.testing.assert_close(loss.double(), slow_loss, rtol=1e-6, atol=1e-6)
+    assert right.all(-1).tolist() == [True] * 3 + [False] * 3
 
 
-def test_passkey_accuracy_scores_exact_answers():
+def test_passkey_accuracy_scores_exact_answers(monkeypatch):
+    """passkey_accuracy counts the examples whose every answer token answer_scores finds right."""
     from data.common import tokenizer_from_meta
     settings = evaluate.setup(['--device=cpu', '--passkey_trials=3'])
     tok = tokenizer_from_meta({'kind': 'byte'})
-    assert evaluate.passkey_accuracy(Oracle(right=True), tok, 300, 0.5, settings) == 1.0
-    assert evaluate.passkey_accuracy(Oracle(right=False), tok, 300, 0.5, settings) == 0.0
+    for knows in (True, False):
+        def fake_scores(model, prompts, answers):  # right where the answer is the key in the prompt (or not at all)
+            key = re.search(r'pass key is (\d+)\. Remember', bytes(prompts[0].tolist()).decode()).group(1)
+            right = answers == torch.tensor([list(key.encode())])
+            return right if knows else ~right, torch.zeros(len(answers))
+        monkeypatch.setattr(evaluate, 'answer_scores', fake_scores)
+        assert evaluate.passkey_accuracy(None, tok, 300, 0.5, settings) == (1.0 if knows else 0.0)
 
 
 def test_choose_budgets_is_greedy_and_stops_at_the_target():

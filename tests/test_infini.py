@@ -341,34 +341,22 @@ def passkey_experiment():
     return experiment
 
 
-def test_passkey_score_is_greedy_decoding():
-    """experiments/infini_passkey.py scores an answer with one teacher-forced forward: right exactly when greedy
-    decoding through the cache produces it. The model's own greedy output scores right, one changed token wrong."""
-    experiment = passkey_experiment()
-    model = model64(vocab_size=257, memory_read='on').float()
-    prompts = torch.randint(0, 257, (2, 30))
-    greedy = model.generate(prompts, 5, top_k=1)[:, 30:].tolist()
-    wrong = [greedy[1][:2] + [(greedy[1][2] + 1) % 257] + greedy[1][3:]]
-    batch = [(p, a, 0, 0) for p, a in zip(prompts.tolist() + prompts[1:].tolist(), greedy + wrong)]
-    correct, losses = experiment.score(model, batch)
-    assert correct == [True, True, False] and len(losses) == 3
-
-
 @pytest.mark.parametrize('update', ['linear', 'delta'])
-def test_streamed_passkey_score_and_shares_equal_one_forward(update):
+def test_streamed_passkey_score_equals_answer_scores_and_shares_one_forward(update):
     """The passkey evaluation streams long prompts through the cache a few tokens at a time (stream_score). It scores
-    as one forward over prompt + answer does (score), and its needle shares equal those from every key at once
-    (needle_shares); needles at different places in one batch, some not in the memory yet (nan in both)."""
+    as evaluate.answer_scores does, and its needle shares equal those from every key at once (needle_shares);
+    needles at different places in one batch, some not in the memory yet (nan in both)."""
+    import evaluate
     experiment = passkey_experiment()
     model = model64(vocab_size=257, memory_update=update, feature_scale=2.0)
     torch.manual_seed(3)
-    prompts, answers = torch.randint(0, 257, (3, 30)).tolist(), torch.randint(0, 257, (3, 5)).tolist()
-    batch = [(p, a, start, 5) for p, a, start in zip(prompts, answers, (1, 9, 25))]  # 25 + 5 > 28 stored
-    correct, losses = experiment.score(model, batch)
+    prompts, answers = torch.randint(0, 257, (3, 30)), torch.randint(0, 257, (3, 5))
+    batch = [(p, a, start, 5) for p, a, start in zip(prompts.tolist(), answers.tolist(), (1, 9, 25))]  # 25 + 5 > 28
+    right, losses = evaluate.answer_scores(model, prompts, answers)
     for chunk in (4, 8, 64):
-        c, l_, digits, probed = experiment.stream_score(model, batch, chunk=chunk, probe=True)
-        assert c == correct and digits.shape == (3, 5)
-        torch.testing.assert_close(torch.tensor(l_), torch.tensor(losses), rtol=1e-5, atol=1e-5)
+        correct, chunk_losses, digits, probed = experiment.stream_score(model, batch, chunk=chunk, probe=True)
+        assert correct == right.all(-1).tolist() and digits.tolist() == right.tolist()
+        torch.testing.assert_close(torch.tensor(chunk_losses), losses, rtol=1e-5, atol=1e-5)
         shares, _ = experiment.needle_shares(model, batch)
         torch.testing.assert_close(probed['share'], shares.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
         assert probed['share'][2].isnan().all() and not probed['share'][:2].isnan().any()

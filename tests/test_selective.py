@@ -442,19 +442,30 @@ def test_last_value_baseline():
     assert synthetic.last_value_accuracy(examples) == pytest.approx(1 / 3)
 
 
+def fake_checkpoint(cmd):
+    """What a train.py command would leave in its --out_dir, as far as the experiments read it: a checkpoint at its
+    last iteration, and log.csv's two columns."""
+    folder = next(c[len('--out_dir='):] for c in cmd if c.startswith('--out_dir='))
+    iters = int(next((c[len('--max_iters='):] for c in cmd if c.startswith('--max_iters=')), 1000))
+    torch.save({'model': {}, 'model_args': {}, 'iter_num': iters, 'config': {'max_iters': iters}},
+               os.path.join(folder, 'ckpt.pt'))
+    with open(os.path.join(folder, 'log.csv'), 'w') as f:
+        f.write(f'iter,loss,val_loss\n{iters},1.3,\n{iters},,1.5\n')
+
+
 def test_synthetic_experiment_runs_a_curriculum_of_lengths(tmp_path, monkeypatch):
     """experiments/selective_synthetic.py: one stage per example length, each fine-tuning the previous one's
     checkpoint with the same tokens per batch; every stage is scored on its own val set; copy gets one stage at
     the last length, as many iterations as the whole curriculum; causal2x is causal with twice the heads."""
-    real_run, commands = synthetic.subprocess.run, []
+    real_run, commands = subprocess.run, []
+
     def fake_run(cmd, stdout=None, **kw):
         if cmd[1].endswith('prepare.py'):  # prepare the data for real, small
             return real_run(cmd + ['--n_train=20', '--n_val=4'], stdout=subprocess.DEVNULL, **kw)
         commands.append(cmd)
-        folder = next(c[len('--out_dir='):] for c in cmd if c.startswith('--out_dir='))
-        open(os.path.join(folder, 'ckpt.pt'), 'w').close()
+        fake_checkpoint(cmd)
         return types.SimpleNamespace(returncode=0)
-    monkeypatch.setattr(synthetic.subprocess, 'run', fake_run)
+    monkeypatch.setattr(subprocess, 'run', fake_run)
     monkeypatch.setattr(synthetic, 'score_run', lambda settings, ckpt, data: (0.5, [3.0], 15))
     synthetic.main([f'--out_dir={tmp_path}', '--stages=16,32', '--models=selective', '--iters=10'])
     first, second = commands
@@ -482,14 +493,12 @@ def test_lm_experiment_runs_the_wide_baseline_and_keeps_longer_runs_apart(tmp_pa
     extra train.py flags name the folder, so a longer run never reuses a shorter one's checkpoint."""
     lm = load_script('experiments/selective_lm.py', 'selective_lm')
     commands = []
+
     def fake_run(cmd, stdout, **kw):
         commands.append(cmd)
-        folder = next(c[len('--out_dir='):] for c in cmd if c.startswith('--out_dir='))
-        open(os.path.join(folder, 'ckpt.pt'), 'w').close()
-        with open(os.path.join(folder, 'log.csv'), 'w') as f:  # what train.py writes, the two columns read
-            f.write('iter,loss,val_loss\n1000,1.3,\n1000,,1.5\n')
+        fake_checkpoint(cmd)
         return types.SimpleNamespace(returncode=0)
-    monkeypatch.setattr(lm.subprocess, 'run', fake_run)
+    monkeypatch.setattr(subprocess, 'run', fake_run)
     lm.main([f'--out_dir={tmp_path}', '--runs=causal2x-rope,causal4x-rope,causal6l-rope', '--seeds=3',
              '--extra=--max_iters=3000'])
     cmd = commands[0]

@@ -12,14 +12,13 @@ to back with example_len in meta.pkl.
   python data/copy/prepare.py --length=64
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import ByteTokenizer, seeded_rng, write_dataset  # noqa: E402
+from data.common import ByteTokenizer, example_splits, parse_flags, seeded_rng, write_dataset  # noqa: E402
 
 ALPHABET = np.frombuffer(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/', dtype=np.uint8)
 
@@ -32,19 +31,13 @@ def make_set(n, length, rng):
 
 
 def main(argv=None):
-    here = os.path.dirname(os.path.abspath(__file__))
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(), allow_abbrev=False)
-    parser.add_argument('--length', type=int, default=64, help='tokens per example')
-    parser.add_argument('--n_train', type=int, default=200000)
-    parser.add_argument('--n_val', type=int, default=2000)
-    parser.add_argument('--seed', type=int, default=1337)
-    parser.add_argument('--out_dir', default=here)
-    args = parser.parse_args(argv)
-    if args.length < 16 or args.n_train < 1 or args.n_val < 1:
-        raise SystemExit('--length must be at least 16, --n_train and --n_val at least 1')
+    def own_flags(parser):
+        parser.add_argument('--length', type=int, default=64, help='tokens per example')
+    args = parse_flags(argv, __doc__, own_flags, os.path.dirname(os.path.abspath(__file__)), examples=(200000, 2000))
+    if args.length < 16:
+        raise SystemExit(f'--length={args.length} must be at least 16')
     rng = seeded_rng(args.seed)
-    train_ids = make_set(args.n_train, args.length, rng)
-    val_ids = make_set(args.n_val, args.length, rng)
+    train_ids, val_ids = example_splits(lambda n: make_set(n, args.length, rng), args)
     write_dataset(args.out_dir, train_ids, val_ids, ByteTokenizer(), 'copy', example_len=args.length)
 
 

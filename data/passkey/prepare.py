@@ -14,45 +14,25 @@ so train.py samples windows that start at an example.
   python data/passkey/prepare.py --length=1024 --n_train=2000 --n_val=100
 """
 
-import argparse
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import ByteTokenizer, seeded_rng, write_dataset  # noqa: E402
+from data.common import (ByteTokenizer, example_splits, make_examples, parse_flags, seeded_rng,  # noqa: E402
+                         write_dataset)
 from data.passkey.task import make_passkey  # noqa: E402
 
 
-def make_set(n, length, rng, tok):
-    """n examples with uniformly random depths and keys, back to back, as one flat array of ids."""
-    examples = []
-    for _ in range(n):
-        prompt, answer = make_passkey(length, rng.uniform(0, 1), rng, tok)
-        examples.append(prompt + answer)
-    return np.array(examples, dtype=np.int64).reshape(-1)
-
-
 def main(argv=None):
-    here = os.path.dirname(os.path.abspath(__file__))
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(), allow_abbrev=False)
-    parser.add_argument('--length', type=int, default=1024, help='tokens per example (prompt + answer)')
-    parser.add_argument('--n_train', type=int, default=2000)
-    parser.add_argument('--n_val', type=int, default=100)
-    parser.add_argument('--seed', type=int, default=1337)
-    parser.add_argument('--out_dir', default=here)
-    args = parser.parse_args(argv)
-    if args.n_train < 1 or args.n_val < 1:
-        raise SystemExit('--n_train and --n_val must be at least 1')
-
+    def own_flags(parser):
+        parser.add_argument('--length', type=int, default=1024, help='tokens per example (prompt + answer)')
+    args = parse_flags(argv, __doc__, own_flags, os.path.dirname(os.path.abspath(__file__)), examples=(2000, 100))
     tok = ByteTokenizer()
     rng = seeded_rng(args.seed)
-    try:
-        train_ids = make_set(args.n_train, args.length, rng, tok)
-        val_ids = make_set(args.n_val, args.length, rng, tok)
-    except ValueError as e:
-        raise SystemExit(f'--length={args.length}: {e}') from None
+
+    def make_set(n):  # uniformly random depths and keys
+        return make_examples(lambda _: make_passkey(args.length, rng.uniform(0, 1), rng, tok), range(n))
+    train_ids, val_ids = example_splits(make_set, args)
     write_dataset(args.out_dir, train_ids, val_ids, tok, 'passkey', example_len=args.length)
 
 

@@ -12,7 +12,7 @@ QUESTION = '\nWhat is the pass key? The pass key is '
 
 def make_passkey(length, depth, rng, tok):
     """One example of exactly `length` tokens: (prompt_ids, answer_ids), two lists of ints, the answer being the
-    key's 5 digits. The needle starts after round(depth * F) filler tokens, F being all the filler there is.
+    key's 5 digits. The needle starts after round(depth * n_filler) filler tokens, n_filler being all there is.
     Pieces are joined as ids, not as text, so the length is exact with any tokenizer (filler may end mid-word)."""
     key = str(rng.integers(10000, 100000))
     needle = tok.encode(NEEDLE.format(key=key))

@@ -15,15 +15,14 @@ datasets), so only the books it uses are downloaded. --local_dir reads the layou
 (train/ and validation/ folders of <id>.txt files); a folder of .txt files without them is split by file name.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import encode_documents, get_tokenizer, read_text, write_dataset  # noqa: E402
-from data.python_stdlib.prepare import split_by_file  # noqa: E402
+from data.common import (encode_documents, get_tokenizer, parse_flags, read_text, split_by_file,  # noqa: E402
+                         write_dataset)
 
 HUB_ID = 'emozilla/pg19'  # PG-19 as Parquet (the original loading script no longer runs in datasets >= 3)
 SPLITS = {'train': 'train', 'val': 'validation'}  # our split: PG-19's
@@ -65,15 +64,15 @@ def local_books(local_dir, val_fraction):
 
 
 def main(argv=None):
-    here = os.path.dirname(os.path.abspath(__file__))
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(), allow_abbrev=False)
-    # no 'char': a vocabulary of every character in thousands of books would be large and fit no other model
-    parser.add_argument('--tokenizer', default='gpt2', choices=('gpt2', 'byte'), help="GPT-2's BPE, as GPT-2 reads")
-    parser.add_argument('--max_books', type=int, default=1000, help='train books to use (0 = all 28,602)')
-    parser.add_argument('--local_dir', default='', help='read .txt files from this folder instead of the hub')
-    parser.add_argument('--val_fraction', type=float, default=0.05, help='a flat --local_dir: share of files to val')
-    parser.add_argument('--out_dir', default=here)
-    args = parser.parse_args(argv)
+    def own_flags(parser):
+        # no 'char': a vocabulary of every character in thousands of books would be large and fit no other model
+        parser.add_argument('--tokenizer', default='gpt2', choices=('gpt2', 'byte'),
+                            help="GPT-2's BPE, as GPT-2 reads")
+        parser.add_argument('--max_books', type=int, default=1000, help='train books to use (0 = all 28,602)')
+        parser.add_argument('--local_dir', default='', help='read .txt files from this folder instead of the hub')
+        parser.add_argument('--val_fraction', type=float, default=0.05,
+                            help='a flat --local_dir: share of files to val')
+    args = parse_flags(argv, __doc__, own_flags, os.path.dirname(os.path.abspath(__file__)))
     if args.max_books < 0:
         raise SystemExit(f"--max_books={args.max_books} must be 0 (all) or more")
 

@@ -2,7 +2,7 @@
 The offline default dataset: the source of the Python standard library that runs this script.
 
 One document per .py file, each followed by end-of-text, byte-level by default (256 byte ids + end-of-text).
-Skipped: site-packages (whatever happens to be installed, not the stdlib, ~15x its size) and the test folders
+Skipped: site-packages (whatever happens to be installed, not the stdlib) and the test folders
 (test/, tests/, idle_test/: ~1.6x the size of the library, much of it generated or repetitive data), which
 leaves ~730 files, ~12 MB for Python 3.11. Files go to val by a hash of their relative path, so the split is the
 same on every machine and no file straddles it.
@@ -12,8 +12,6 @@ same on every machine and no file straddles it.
   python data/python_stdlib/prepare.py --input=DIR --max_files=50 --out_dir=/tmp/tiny
 """
 
-import argparse
-import hashlib
 import os
 import platform
 import sys
@@ -21,8 +19,8 @@ import sysconfig
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import (TOKENIZERS, check_val_fraction, encode_documents, get_tokenizer, read_text,  # noqa: E402
-                         write_dataset)
+from data.common import (TOKENIZERS, check_val_fraction, encode_documents, get_tokenizer, parse_flags,  # noqa: E402
+                         read_text, split_by_file, write_dataset)
 
 SKIP_DIRS = {'site-packages', 'test', 'tests', 'idle_test', '__pycache__'}
 
@@ -36,28 +34,14 @@ def python_files(root):
     return sorted(paths)
 
 
-def split_by_file(paths, val_fraction):
-    """(train, val) lists of paths: a file is val when the hash of its path, read as a number in [0, 1), is below
-    val_fraction. At least one file goes to val, so tiny inputs still have a validation set."""
-    def position(path):
-        digest = hashlib.md5(path.replace(os.sep, '/').encode()).digest()
-        return int.from_bytes(digest[:8], 'big') / 2 ** 64
-    by_hash = sorted(paths, key=position)
-    n_val = max(1, sum(position(p) < val_fraction for p in paths))
-    val = set(by_hash[:n_val])
-    return [p for p in paths if p not in val], [p for p in paths if p in val]
-
-
 def main(argv=None):
-    here = os.path.dirname(os.path.abspath(__file__))
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(), allow_abbrev=False)
-    parser.add_argument('--tokenizer', default='byte', choices=TOKENIZERS)
-    parser.add_argument('--input', default=sysconfig.get_paths()['stdlib'],
-                        help='folder of .py files (default: the running Python\'s standard library)')
-    parser.add_argument('--max_files', type=int, default=0, help='use only the first N files (0 = all)')
-    parser.add_argument('--val_fraction', type=float, default=0.05)
-    parser.add_argument('--out_dir', default=here)
-    args = parser.parse_args(argv)
+    def own_flags(parser):
+        parser.add_argument('--tokenizer', default='byte', choices=TOKENIZERS)
+        parser.add_argument('--input', default=sysconfig.get_paths()['stdlib'],
+                            help='folder of .py files (default: the running Python\'s standard library)')
+        parser.add_argument('--max_files', type=int, default=0, help='use only the first N files (0 = all)')
+        parser.add_argument('--val_fraction', type=float, default=0.05)
+    args = parse_flags(argv, __doc__, own_flags, os.path.dirname(os.path.abspath(__file__)))
     check_val_fraction(args.val_fraction)
     if args.max_files < 0:
         raise SystemExit(f'--max_files={args.max_files} must be >= 0 (0 = all files)')

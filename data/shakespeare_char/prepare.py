@@ -6,13 +6,12 @@ training and the rest for validation, one id per distinct character (65) plus en
   python data/shakespeare_char/prepare.py --input=PATH         # a local copy of input.txt (offline)
 """
 
-import argparse
 import os
 import sys
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import CharTokenizer, is_binary, read_text, write_dataset  # noqa: E402
+from data.common import CharTokenizer, is_binary, parse_flags, read_text, write_dataset  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
@@ -29,11 +28,9 @@ def download(url, path):
 
 
 def main(argv=None):
-    here = os.path.dirname(os.path.abspath(__file__))
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(), allow_abbrev=False)
-    parser.add_argument('--input', default='', help='a local input.txt (default: download it into --out_dir)')
-    parser.add_argument('--out_dir', default=here)
-    args = parser.parse_args(argv)
+    def own_flags(parser):
+        parser.add_argument('--input', default='', help='a local input.txt (default: download it into --out_dir)')
+    args = parse_flags(argv, __doc__, own_flags, os.path.dirname(os.path.abspath(__file__)))
 
     path = args.input or os.path.join(args.out_dir, 'input.txt')
     if args.input and not os.path.isfile(path):

@@ -7,13 +7,12 @@ followed by end-of-text). As nanoGPT's shakespeare, the first 90% of the tokens 
   python data/text/prepare.py --input=corpus/ --tokenizer=gpt2 --ext=.md,.txt    # only these files
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.common import (TOKENIZERS, check_val_fraction, encode_documents, get_tokenizer, is_binary,  # noqa: E402
-                         read_text, write_dataset)
+                         parse_flags, read_text, write_dataset)
 
 
 def text_files(root, extensions):
@@ -29,14 +28,15 @@ def text_files(root, extensions):
 
 def main(argv=None):
     data_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(), allow_abbrev=False)
-    parser.add_argument('--input', required=True, help='a text file, or a folder of them')
-    parser.add_argument('--tokenizer', default='byte', choices=TOKENIZERS)
-    parser.add_argument('--name', default='text', help='the dataset name: it goes to data/NAME/')
-    parser.add_argument('--ext', default='', help='folder input: comma-separated file endings to keep (all if empty)')
-    parser.add_argument('--val_fraction', type=float, default=0.1)
-    parser.add_argument('--out_dir', default='', help='where to write (default: data/NAME/)')
-    args = parser.parse_args(argv)
+
+    def own_flags(parser):
+        parser.add_argument('--input', required=True, help='a text file, or a folder of them')
+        parser.add_argument('--tokenizer', default='byte', choices=TOKENIZERS)
+        parser.add_argument('--name', default='text', help='the dataset name: it goes to data/NAME/')
+        parser.add_argument('--ext', default='',
+                            help='folder input: comma-separated file endings to keep (all if empty)')
+        parser.add_argument('--val_fraction', type=float, default=0.1)
+    args = parse_flags(argv, __doc__, own_flags, '', out_dir_help='where to write (default: data/NAME/)')
     if not args.name or os.sep in args.name or args.name.startswith('.'):
         raise SystemExit(f'--name={args.name} must be a plain folder name (it becomes data/NAME/)')
 

@@ -16,14 +16,14 @@ after the other with train.py --init_from (experiments/selective_synthetic.py).
   python data/varassign/prepare.py --length=128 --min_assign=1 --max_assign=8 --out_dir=data/varassign/easy
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import ByteTokenizer, seeded_rng, write_dataset  # noqa: E402
+from data.common import (ByteTokenizer, example_splits, make_examples, parse_flags, seeded_rng,  # noqa: E402
+                         write_dataset)
 
 VARIABLES = 'abcdefghijklmnopqrstuvwxyz'
 PAD = ' '
@@ -55,39 +55,23 @@ def make_varassign(length, n_assign, n_vars, rng):
     return tok.encode(prompt), tok.encode(answer)
 
 
-def make_set(n, length, min_assign, max_assign, n_vars, rng):
-    """n examples with a uniform number of assignments in [min_assign, max_assign], back to back, as one array."""
-    examples = []
-    for n_assign in rng.integers(min_assign, max_assign + 1, size=n):
-        prompt, answer = make_varassign(length, int(n_assign), n_vars, rng)
-        examples.append(prompt + answer)
-    return np.array(examples, dtype=np.int64).reshape(-1)
-
-
 def main(argv=None):
-    here = os.path.dirname(os.path.abspath(__file__))
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(), allow_abbrev=False)
-    parser.add_argument('--length', type=int, default=128, help='tokens per example (prompt + answer)')
-    parser.add_argument('--min_assign', type=int, default=1)
-    parser.add_argument('--max_assign', type=int, default=0, help='0 = as many as fit')
-    parser.add_argument('--n_vars', type=int, default=4, help='how many variable names (letters) are used')
-    parser.add_argument('--n_train', type=int, default=50000)
-    parser.add_argument('--n_val', type=int, default=1000)
-    parser.add_argument('--seed', type=int, default=1337)
-    parser.add_argument('--out_dir', default=here)
-    args = parser.parse_args(argv)
+    def own_flags(parser):
+        parser.add_argument('--length', type=int, default=128, help='tokens per example (prompt + answer)')
+        parser.add_argument('--min_assign', type=int, default=1)
+        parser.add_argument('--max_assign', type=int, default=0, help='0 = as many as fit')
+        parser.add_argument('--n_vars', type=int, default=4, help='how many variable names (letters) are used')
+    args = parse_flags(argv, __doc__, own_flags, os.path.dirname(os.path.abspath(__file__)), examples=(50000, 1000))
     max_assign = args.max_assign or max_assignments(args.length)
-    if args.n_train < 1 or args.n_val < 1:
-        raise SystemExit('--n_train and --n_val must be at least 1')
     if not 1 <= args.min_assign <= max_assign:
         fit = f' (0 = as many as fit in --length={args.length})' if not args.max_assign else ''
         raise SystemExit(f'--min_assign={args.min_assign} must be between 1 and --max_assign={max_assign}{fit}')
     rng = seeded_rng(args.seed)
-    try:
-        train_ids = make_set(args.n_train, args.length, args.min_assign, max_assign, args.n_vars, rng)
-        val_ids = make_set(args.n_val, args.length, args.min_assign, max_assign, args.n_vars, rng)
-    except ValueError as e:
-        raise SystemExit(f'--length={args.length}: {e}') from None
+
+    def make_set(n):  # a uniform number of assignments in [min_assign, max_assign] per example
+        return make_examples(lambda n_assign: make_varassign(args.length, int(n_assign), args.n_vars, rng),
+                             rng.integers(args.min_assign, max_assign + 1, size=n))
+    train_ids, val_ids = example_splits(make_set, args)
     # answer_len = 1: train.py counts the loss of the answer only
     write_dataset(args.out_dir, train_ids, val_ids, ByteTokenizer(), 'varassign', example_len=args.length, answer_len=1)
 
