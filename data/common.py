@@ -91,10 +91,10 @@ class TiktokenTokenizer:
         return self.enc.decode([i for i in ids if 0 <= i < self.vocab_size])
 
 
-def load_tiktoken(name):
+def load_tiktoken(name, timeout=TIKTOKEN_TIMEOUT):
     """tiktoken.get_encoding(name), or a one-line SystemExit when it cannot be had (it is downloaded on first use).
     tiktoken's download has no timeout, so on a machine whose network drops packets it would hang: wait in a
-    thread for at most TIKTOKEN_TIMEOUT seconds."""
+    thread for at most `timeout` seconds."""
     try:
         import tiktoken
     except ImportError:
@@ -111,10 +111,10 @@ def load_tiktoken(name):
 
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
-    thread.join(TIKTOKEN_TIMEOUT)
+    thread.join(timeout)
     if 'enc' in result:
         return result['enc']
-    reason = result.get('error', f'no answer in {TIKTOKEN_TIMEOUT:g} s')
+    reason = result.get('error', f'no answer in {timeout:g} s')
     raise SystemExit(f"cannot load tiktoken's '{name}' encoding, which is downloaded on first use and needs the "
                      f"internet ({reason}); prepare the data with --tokenizer=byte (or char) instead")
 
