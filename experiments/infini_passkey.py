@@ -102,6 +102,14 @@ RUNS = {  # name: (train.py flags, what it is)
                                          'fine-tuned on 1,024-token examples for the run\'s own iterations'),
     'paper_then_sharp_boost63_then_more': ([], 'three stages: the two-stage run (6,000 + 6,000 iterations), then '
                                            'the same training longer: the control for the third stages'),
+    # the read at unit RMS keeps its size; past 64k its direction still turns to the filler's (docs/infini.md):
+    # a sharper feature map raises the needle's contrast over the filler
+    'paper_then_sharp_boost63_then_rms_sharp8': (['--read_norm=rms', '--feature_scale=8'],
+                                                 'three stages: the two-stage run, then fine-tuned with the read at '
+                                                 'unit RMS and sigma(x) = ELU(8x) + 1'),
+    'paper_then_sharp_boost63_then_1k_rms': (['--block_size=1024', '--batch_size=4', '--read_norm=rms'],
+                                             'three stages: the two-stage run, then fine-tuned on 1,024-token '
+                                             'examples with the read at unit RMS'),
 }
 # runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
 # which is fast, and the sharper, crowded memory is taught after (docs/infini.md, "Two stages")
@@ -110,8 +118,11 @@ BASE = {name: ('paper', None) for name in RUNS if name.startswith('paper_then_')
 BASE['paper_then_sharp_boost63_then_1k'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_rms'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_more'] = ('paper_then_sharp_boost63', 6000)
+BASE['paper_then_sharp_boost63_then_rms_sharp8'] = ('paper_then_sharp_boost63', 6000)
+BASE['paper_then_sharp_boost63_then_1k_rms'] = ('paper_then_sharp_boost63', 6000)
 DATA_LENGTH = 256  # the training examples' length
-TRAIN_LENGTH = {'paper_then_sharp_boost63_then_1k': 1024}  # runs trained on longer examples
+# runs trained on longer examples
+TRAIN_LENGTH = {'paper_then_sharp_boost63_then_1k': 1024, 'paper_then_sharp_boost63_then_1k_rms': 1024}
 EVAL_VERSION = 3  # what eval.json holds: bump when the measurements change, so older files are recomputed
 
 
