@@ -110,6 +110,20 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63_then_1k_rms': (['--block_size=1024', '--batch_size=4', '--read_norm=rms'],
                                              'three stages: the two-stage run, then fine-tuned on 1,024-token '
                                              'examples with the read at unit RMS'),
+    # a curriculum over lengths for the best third stage: the rms+sharp8 model has seen 4 segments per example; a
+    # fourth stage shows it 16 or 64, with the same flags (4,096 tokens at one example per batch keep the tokens
+    # per iteration). The control trains the same model longer on 256-token examples.
+    'paper_then_sharp_boost63_then_rms_sharp8_then_more': (['--read_norm=rms', '--feature_scale=8'],
+                                                           'four stages: the rms+sharp8 third stage, then the same '
+                                                           'training longer: the control for the fourth stages'),
+    'paper_then_sharp_boost63_then_rms_sharp8_then_1k': (['--block_size=1024', '--batch_size=4', '--read_norm=rms',
+                                                          '--feature_scale=8'],
+                                                         'four stages: the rms+sharp8 third stage, then fine-tuned '
+                                                         'on 1,024-token examples'),
+    'paper_then_sharp_boost63_then_rms_sharp8_then_4k': (['--block_size=4096', '--batch_size=1', '--read_norm=rms',
+                                                          '--feature_scale=8'],
+                                                         'four stages: the rms+sharp8 third stage, then fine-tuned '
+                                                         'on 4,096-token examples'),
 }
 # runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
 # which is fast, and the sharper, crowded memory is taught after (docs/infini.md, "Two stages")
@@ -120,9 +134,13 @@ BASE['paper_then_sharp_boost63_then_rms'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_more'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_rms_sharp8'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_1k_rms'] = ('paper_then_sharp_boost63', 6000)
+for name in ('then_more', 'then_1k', 'then_4k'):
+    BASE[f'paper_then_sharp_boost63_then_rms_sharp8_{name}'] = ('paper_then_sharp_boost63_then_rms_sharp8', 1000)
 DATA_LENGTH = 256  # the training examples' length
 # runs trained on longer examples
-TRAIN_LENGTH = {'paper_then_sharp_boost63_then_1k': 1024, 'paper_then_sharp_boost63_then_1k_rms': 1024}
+TRAIN_LENGTH = {'paper_then_sharp_boost63_then_1k': 1024, 'paper_then_sharp_boost63_then_1k_rms': 1024,
+                'paper_then_sharp_boost63_then_rms_sharp8_then_1k': 1024,
+                'paper_then_sharp_boost63_then_rms_sharp8_then_4k': 4096}
 EVAL_VERSION = 3  # what eval.json holds: bump when the measurements change, so older files are recomputed
 
 
