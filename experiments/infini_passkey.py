@@ -107,6 +107,11 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63_then_rms_sharp8': (['--read_norm=rms', '--feature_scale=8'],
                                                  'three stages: the two-stage run, then fine-tuned with the read at '
                                                  'unit RMS and sigma(x) = ELU(8x) + 1'),
+    # the needle's share at the later digits' queries falls first (docs/infini.md, the read probe by digit): a still
+    # sharper map raises every query's contrast again
+    'paper_then_sharp_boost63_then_rms_sharp16': (['--read_norm=rms', '--feature_scale=16'],
+                                                  'three stages: the two-stage run, then fine-tuned with the read at '
+                                                  'unit RMS and sigma(x) = ELU(16x) + 1'),
     'paper_then_sharp_boost63_then_1k_rms': (['--block_size=1024', '--batch_size=4', '--read_norm=rms'],
                                              'three stages: the two-stage run, then fine-tuned on 1,024-token '
                                              'examples with the read at unit RMS'),
@@ -134,6 +139,7 @@ BASE['paper_then_sharp_boost63_then_rms'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_more'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_rms_sharp8'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_1k_rms'] = ('paper_then_sharp_boost63', 6000)
+BASE['paper_then_sharp_boost63_then_rms_sharp16'] = ('paper_then_sharp_boost63', 6000)
 for name in ('then_more', 'then_1k', 'then_4k'):
     BASE[f'paper_then_sharp_boost63_then_rms_sharp8_{name}'] = ('paper_then_sharp_boost63_then_rms_sharp8', 1000)
 DATA_LENGTH = 256  # the training examples' length
@@ -227,9 +233,10 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
     token, and with probe=True read_probe's numbers.
 
     probe=True measures the memory read of every head at the last prompt token (the query that predicts the first
-    digit), split into what the needle wrote and what everything else wrote (read_probe). Each segment that holds
-    needle tokens is read as a chunk of its own, so the memory before it is the cache's, and what its tokens wrote
-    is exact. options go to every forward."""
+    digit), split into what the needle wrote and what everything else wrote (read_probe); and the needle's share of
+    the read's weight and of the read at each digit's query (digit_share, digit_read_share: B, digits, n_layer, H).
+    Each segment that holds needle tokens is read as a chunk of its own, so the memory before it is the cache's, and
+    what its tokens wrote is exact. options go to every forward."""
     config = model.config
     N, H, C = config.segment_len, config.n_head, config.n_embd
     D = C // H
@@ -271,21 +278,36 @@ def stream_score(model, batch, chunk=4096, probe=False, bar=None, **options):
                     r = v - read_memory(sk, before[0][layer].float(), before[1][layer].float())
                 needle_k[layer] += (sk * mask).sum(-2)
                 needle_kr[layer] += (sk * mask).transpose(-1, -2) @ r
-        memory = None if cache.M is None else (cache.M.clone().float(), cache.z.clone().float())
+        # the memories the answer's queries read, with how many tokens each holds: the one before the answer's
+        # forward, and the one after it (it also holds the segment that the answer's forward completed, if any)
+        memories = {}
+        if cache.M is not None:
+            memories[cache.length // N * N] = (cache.M.clone().float(), cache.z.clone().float())
         captured.clear()
         x = torch.cat((prompts[:, -1:], answers[:, :-1]), dim=1)  # each predicts the next digit
         logits, _ = model(x, answers, cache=cache, **options)
+        memories.setdefault(cache.length // N * N, (cache.M.clone().float(), cache.z.clone().float()))
     finally:
         for hook in hooks:
             hook.remove()
     digits, losses = answer_token_scores(logits, answers)
     probed = None
-    if probe and memory is not None:
-        queries = [qkv.split(C, dim=2)[0][:, 0].view(B, H, 1, D).float() for qkv in captured]
-        probed = read_probe(queries, memory, needle_k, needle_kr, config.feature_scale)
-        stored = (T - 1) // N * N  # the complete segments before the query's segment are in the memory
-        for key in probed:  # where the needle is not all in the memory yet, there is nothing to measure
-            probed[key][ends > stored] = float('nan')
+    if probe and cache.M is not None:
+        by_digit = []
+        for d in range(x.size(1)):  # the query at prompt position T - 1 + d predicts digit d
+            stored = (T - 1 + d) // N * N  # the complete segments before the query's segment are in the memory
+            if stored not in memories:  # the answer's forward completed a segment after this query: no memory kept
+                by_digit.append(None)
+                continue
+            queries = [qkv.split(C, dim=2)[0][:, d].view(B, H, 1, D).float() for qkv in captured]
+            p = read_probe(queries, memories[stored], needle_k, needle_kr, config.feature_scale)
+            for key in p:  # where the needle is not all in the memory yet, there is nothing to measure
+                p[key][ends > stored] = float('nan')
+            by_digit.append(p)
+        probed = dict(by_digit[0])  # the first digit's query: the probe the tables show by default
+        for key in ('share', 'read_share'):  # (B, digits, n_layer, H)
+            nan = torch.full_like(by_digit[0][key], float('nan'))
+            probed[f'digit_{key}'] = torch.stack([nan if p is None else p[key] for p in by_digit], dim=1)
     return digits.all(-1).tolist(), losses.tolist(), digits, probed
 
 
@@ -356,6 +378,8 @@ def evaluate_length(model, length, cases, reads, trained_read, settings, depth_l
             out['scores'][read]['digits'] = torch.cat(digits).float().mean(0).tolist()  # accuracy of each digit
         if probes:
             probed = {k: torch.cat([p[k] for p in probes]) for k in probes[0]}
+            digit_keys = [k for k in probed if k.startswith('digit_')]
+            out['probe_digits'] = {k[len('digit_'):]: torch.nanmean(probed.pop(k), dim=0).tolist() for k in digit_keys}
             out['probe'] = {k: torch.nanmean(v, dim=0).tolist() for k, v in probed.items()}
             by = torch.tensor(depths)
             out['probe_by_depth'] = {k: [torch.nanmean(v[by == d], dim=0).tolist() for d in depth_list]
@@ -574,6 +598,21 @@ def diagnosis_tables(results, length_list, head, rule):
                     p = e and e.get('probe')
                     cells.append(f"{p['share'][layer][h]:.0%} / {p['read_share'][layer][h]:.0%} / "
                                  f"{p['norm'][layer][h]:.2f}" if p else '')
+                lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
+
+    lines += ['', "The read probe at each digit's query (the first digit's query is the last prompt token; the "
+              "others are the answer's tokens, each given the right digits before it): the needle's share of the "
+              "read's weight / of the read as a vector, for digits 1 / 2 / 3 / 4 / 5:", '',
+              head.replace('| run |', '| run, seed, layer.head |'), rule]
+    for name, per_seed in results.items():
+        for s, r in per_seed.items():
+            for layer, h in retrieving_heads(r, length_list):
+                cells = []
+                for e in entries(r):
+                    p = e and e.get('probe_digits')
+                    cells.append(' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}' for x in p['share'])
+                                 + ' ; ' + ' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}'
+                                                      for x in p['read_share']) if p else 'not measured')
                 lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
 
     lines += ['', "The read probe by depth: the needle's share of the read's weight, for a needle at each depth of "

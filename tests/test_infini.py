@@ -362,6 +362,30 @@ def test_streamed_passkey_score_equals_answer_scores_and_shares_one_forward(upda
         assert probed['share'][2].isnan().all() and not probed['share'][:2].isnan().any()
 
 
+@pytest.mark.parametrize('length', [30, 28])
+def test_probe_at_each_digit_equals_shares_of_the_prompt_with_the_digits_before(length):
+    """The probe at digit d's query is the needle share of the prompt followed by the first d digits, read in one
+    forward. With a prompt of 28 tokens and segments of 4, the answer's forward fills two segments: the queries
+    between them read a memory the stream does not keep (nan)."""
+    experiment = passkey_experiment()
+    model = model64(vocab_size=257, memory_update='delta', feature_scale=2.0)
+    torch.manual_seed(4)
+    prompts, answers = torch.randint(0, 257, (3, length)), torch.randint(0, 257, (3, 5))
+    batch = [(p, a, start, 5) for p, a, start in zip(prompts.tolist(), answers.tolist(), (1, 9, length - 6))]
+    _, _, _, probed = experiment.stream_score(model, batch, chunk=8, probe=True)
+    assert probed['digit_share'].shape == (3, 5, 2, 2) and probed['digit_read_share'].shape == (3, 5, 2, 2)
+    for d in range(5):
+        if length == 28 and d > 0:
+            assert probed['digit_share'][:, d].isnan().all()
+            continue
+        longer = [(p + a[:d], a, start, n) for p, a, start, n in batch]
+        shares, _ = experiment.needle_shares(model, longer)
+        torch.testing.assert_close(probed['digit_share'][:, d], shares.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(probed['digit_share'][:, 0], probed['share'], equal_nan=True)
+    if length == 30:  # the last needle is tokens 24-28: in the memory from the 4th digit's query on (32 stored)
+        assert probed['digit_share'][2, :3].isnan().all() and not probed['digit_share'][2, 3:].isnan().any()
+
+
 @pytest.mark.parametrize('update', ['linear', 'delta'])
 def test_read_probe_splits_the_read_exactly(update):
     """read_probe splits a memory read into what the needle wrote and what the rest wrote. A 'needle' that is every
