@@ -612,7 +612,7 @@ def diagnosis_tables(results, length_list, head, rule):
                     p = e and e.get('probe_digits')
                     cells.append(' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}' for x in p['share'])
                                  + ' ; ' + ' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}'
-                                                      for x in p['read_share']) if p else 'not measured')
+                                                      for x in p['read_share']) if p else 'not measured' if e else '')
                 lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
 
     lines += ['', "The read probe by depth: the needle's share of the read's weight, for a needle at each depth of "
