@@ -134,6 +134,12 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63_then_rms_sharp8_then_sharp16': (['--read_norm=rms', '--feature_scale=16'],
                                                               'four stages: the rms+sharp8 third stage, then '
                                                               'fine-tuned with sigma(x) = ELU(16x) + 1'),
+    # the two changes that reach 256x in different seeds, together: ELU(16x) + 1 on 4,096-token examples
+    'paper_then_sharp_boost63_then_rms_sharp8_then_4k_sharp16': (['--block_size=4096', '--batch_size=1',
+                                                                  '--read_norm=rms', '--feature_scale=16'],
+                                                                 'four stages: the rms+sharp8 third stage, then '
+                                                                 'fine-tuned on 4,096-token examples with '
+                                                                 'sigma(x) = ELU(16x) + 1'),
     # the 4k examples with a far more crowded memory: the first write counts up to 1,024 times, so the memory
     # holds as much filler as a 64k prompt's, at the cost of a 4k one
     'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023': (['--block_size=4096', '--batch_size=1',
@@ -153,14 +159,15 @@ BASE['paper_then_sharp_boost63_then_more'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_rms_sharp8'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_1k_rms'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_rms_sharp16'] = ('paper_then_sharp_boost63', 6000)
-for name in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023', 'then_sharp16'):
+for name in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023', 'then_sharp16', 'then_4k_sharp16'):
     BASE[f'paper_then_sharp_boost63_then_rms_sharp8_{name}'] = ('paper_then_sharp_boost63_then_rms_sharp8', 1000)
 DATA_LENGTH = 256  # the training examples' length
 # runs trained on longer examples
 TRAIN_LENGTH = {'paper_then_sharp_boost63_then_1k': 1024, 'paper_then_sharp_boost63_then_1k_rms': 1024,
                 'paper_then_sharp_boost63_then_rms_sharp8_then_1k': 1024,
                 'paper_then_sharp_boost63_then_rms_sharp8_then_4k': 4096,
-                'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023': 4096}
+                'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023': 4096,
+                'paper_then_sharp_boost63_then_rms_sharp8_then_4k_sharp16': 4096}
 EVAL_VERSION = 3  # what eval.json holds: bump when the measurements change, so older files are recomputed
 
 
