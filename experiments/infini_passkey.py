@@ -27,7 +27,8 @@ What is measured, per checkpoint and prompt length (lengths x depths x trials ex
                passkey sentence, at the last prompt token (attention_infini.memory_weights)
 The memory-read ablations (GPTConfig.memory_read: 'off' = A_mem = 0, 'local' = gate 0) use the same weights.
 Also: the read probe of each head (read_probe: the read split into what the needle wrote and what the rest
-wrote), by depth; accuracy by depth and of each digit; seconds per prompt and the process's peak memory.
+wrote), by depth and at each digit's query; accuracy by depth and of each digit; seconds per prompt and the
+process's peak memory.
 """
 import json
 import os
@@ -107,8 +108,8 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63_then_rms_sharp8': (['--read_norm=rms', '--feature_scale=8'],
                                                  'three stages: the two-stage run, then fine-tuned with the read at '
                                                  'unit RMS and sigma(x) = ELU(8x) + 1'),
-    # the needle's share at the later digits' queries falls first (docs/infini.md, the read probe by digit): a still
-    # sharper map raises every query's contrast again
+    # each digit fails where its own query loses the needle (docs/infini.md, "The read probe at each digit's
+    # query"): a still sharper map raises every query's contrast again
     'paper_then_sharp_boost63_then_rms_sharp16': (['--read_norm=rms', '--feature_scale=16'],
                                                   'three stages: the two-stage run, then fine-tuned with the read at '
                                                   'unit RMS and sigma(x) = ELU(16x) + 1'),
