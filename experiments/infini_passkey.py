@@ -609,46 +609,42 @@ def diagnosis_tables(results, length_list, head, rule):
                      if e and 'digits' in e['scores']['on'] else '' for e in entries(r)]
             lines.append(f'| {name}, s{s} | ' + ' | '.join(cells) + ' |')
 
+    def head_rows(cell):
+        """One row per seed and retrieving head: cell(entry, layer, head) for each length."""
+        rows = []
+        for name, per_seed in results.items():
+            for s, r in per_seed.items():
+                for layer, h in retrieving_heads(r, length_list):
+                    cells = [cell(e, layer, h) if e else '' for e in entries(r)]
+                    rows.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
+        return rows
+
+    def shares(values, layer, h):
+        """'96% / 45% / -': one head's value in each of a list of (layer, head) arrays; '-' where nan."""
+        return ' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}' for x in values)
+
+    def first_query(e, layer, h):
+        p = e.get('probe')
+        return f"{p['share'][layer][h]:.0%} / {p['read_share'][layer][h]:.0%} / {p['norm'][layer][h]:.2f}" if p else ''
+
+    def each_digit(e, layer, h):
+        p = e.get('probe_digits')  # absent from evaluations made before the script measured it
+        return f"{shares(p['share'], layer, h)} ; {shares(p['read_share'], layer, h)}" if p else 'not measured'
+
+    def by_depth(e, layer, h):
+        p = e.get('probe_by_depth')
+        return shares(p['share'], layer, h) if p else ''
+
+    by_head = head.replace('| run |', '| run, seed, layer.head |')
     lines += ['', "The read probe (read_probe) of the heads that retrieve, at the query of the first digit: share of "
               "the read's weight on the needle / the needle part's share of the read as a vector / the read's size "
-              "|A_mem|:", '', head.replace('| run |', '| run, seed, layer.head |'), rule]
-    for name, per_seed in results.items():
-        for s, r in per_seed.items():
-            for layer, h in retrieving_heads(r, length_list):
-                cells = []
-                for e in entries(r):
-                    p = e and e.get('probe')
-                    cells.append(f"{p['share'][layer][h]:.0%} / {p['read_share'][layer][h]:.0%} / "
-                                 f"{p['norm'][layer][h]:.2f}" if p else '')
-                lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
-
+              "|A_mem|:", '', by_head, rule] + head_rows(first_query)
     lines += ['', "The read probe at each digit's query (the first digit's query is the last prompt token; the "
               "others are the answer's tokens, each given the right digits before it): the needle's share of the "
-              "read's weight / of the read as a vector, for digits 1 / 2 / 3 / 4 / 5:", '',
-              head.replace('| run |', '| run, seed, layer.head |'), rule]
-    for name, per_seed in results.items():
-        for s, r in per_seed.items():
-            for layer, h in retrieving_heads(r, length_list):
-                cells = []
-                for e in entries(r):
-                    p = e and e.get('probe_digits')
-                    cells.append(' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}' for x in p['share'])
-                                 + ' ; ' + ' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}'
-                                                      for x in p['read_share']) if p else 'not measured' if e else '')
-                lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
-
+              "read's weight / of the read as a vector, for digits 1 / 2 / 3 / 4 / 5:", '', by_head, rule]
+    lines += head_rows(each_digit)
     lines += ['', "The read probe by depth: the needle's share of the read's weight, for a needle at each depth of "
-              "--depths ('-': the needle is not all in the memory yet):", '',
-              head.replace('| run |', '| run, seed, layer.head |'), rule]
-    for name, per_seed in results.items():
-        for s, r in per_seed.items():
-            for layer, h in retrieving_heads(r, length_list):
-                cells = []
-                for e in entries(r):
-                    p = e and e.get('probe_by_depth')
-                    cells.append(' / '.join('-' if np.isnan(x[layer][h]) else f'{x[layer][h]:.0%}'
-                                            for x in p['share']) if p else '')
-                lines.append(f'| {name}, s{s}, {layer}.{h} | ' + ' | '.join(cells) + ' |')
+              "--depths ('-': the needle is not all in the memory yet):", '', by_head, rule] + head_rows(by_depth)
     return lines
 
 
