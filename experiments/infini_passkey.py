@@ -43,7 +43,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from attention_infini import gate_values, memory_weights, read_memory, sigma  # noqa: E402
-from checkpoints import load_model  # noqa: E402
+from checkpoints import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
 from data.passkey.task import NEEDLE, make_passkey  # noqa: E402
@@ -162,11 +162,22 @@ RUNS = {  # name: (train.py flags, what it is)
                                                                       '--learning_rate=5e-4', '--min_lr=5e-5'],
                                                                      'the sharp16 fourth stage at a quarter of the '
                                                                      'learning rate'),
+    # a model soup (Wortsman et al. 2022): the mean of the weights of runs fine-tuned from one checkpoint. Each
+    # fourth stage breaks a different digit's query in a different seed (docs/infini.md); the mean keeps what the
+    # fine-tunes share and averages out what each one broke on its own. Trains no weights of its own.
+    'paper_then_sharp_boost63_then_rms_sharp8_soup': (None, 'the mean of the weights of four fourth stages of the '
+                                                      'rms+sharp8 third stage: then_more, then_1k, then_4k, '
+                                                      'then_4k_boost1023 (each at the iterations given)'),
 }
+# soups: what they average, each at the soup's iterations
+SOUPS = {'paper_then_sharp_boost63_then_rms_sharp8_soup':
+         [f'paper_then_sharp_boost63_then_rms_sharp8_{part}'
+          for part in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023')]}
+TRAINING_ONLY = ('block_size', 'memory_boost')  # the parts of a soup may differ in these (the soup keeps the first's)
 # runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
 # which is fast, and the sharper, crowded memory is taught after (docs/infini.md, "Two stages")
 # (which, with its iterations: None = --max_iters)
-BASE = {name: ('paper', None) for name in RUNS if name.startswith('paper_then_')}
+BASE = {name: ('paper', None) for name in RUNS if name.startswith('paper_then_') and name not in SOUPS}
 BASE['paper_then_sharp_boost63_then_1k'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_rms'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_more'] = ('paper_then_sharp_boost63', 6000)
@@ -215,6 +226,29 @@ def train_run(run_dir, flags, train_seed, iters, data_dir, base=None):
     if not finished(run_dir, iters):
         run_train(run_dir, [*COMMON, *flags, f'--data_dir={data_dir}', f'--seed={train_seed}', f'--max_iters={iters}'],
                   init_from=base)
+
+
+def make_soup(paths, run_dir):
+    """run_dir/ckpt.pt: the mean of the weights of the checkpoints at paths (unless it exists). They must build the
+    same model; they may differ in settings that only shape training. The rest is the first one's."""
+    path = os.path.join(run_dir, 'ckpt.pt')
+    if os.path.isfile(path):
+        return
+    parts = [load_checkpoint(p) for p in paths]
+    first = parts[0]
+    for other, checkpoint in zip(paths[1:], parts[1:]):
+        args = first['model_args'].keys() | checkpoint['model_args'].keys()
+        differ = sorted(k for k in args - set(TRAINING_ONLY)
+                        if first['model_args'].get(k) != checkpoint['model_args'].get(k))
+        if differ or checkpoint['model'].keys() != first['model'].keys():
+            raise SystemExit(f"cannot average {other} with {paths[0]}: their models differ in "
+                             f"{', '.join(differ) or 'their weights'}")
+    soup = {key: value for key, value in first.items() if key != 'optimizer'}  # a soup is not resumed
+    soup['model'] = {k: torch.stack([c['model'][k] for c in parts]).mean(0) if v.is_floating_point() else v
+                     for k, v in first['model'].items()}
+    soup['soup_of'] = list(paths)
+    os.makedirs(run_dir, exist_ok=True)
+    save_checkpoint(soup, path)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -690,7 +724,12 @@ def main(argv):
     folder = lambda name, iters, s: os.path.join(out, f'{name}-{iters}-s{s}')  # noqa: E731
 
     def train_with_base(name, iters, s):
-        """Train a run, after the run it fine-tunes (and that one's base) when it has one."""
+        """Train a run, after the run it fine-tunes (and that one's base) when it has one; a soup, after its parts."""
+        if name in SOUPS:
+            for part in SOUPS[name]:
+                train_with_base(part, iters, s)
+            make_soup([os.path.join(folder(part, iters, s), 'ckpt.pt') for part in SOUPS[name]], folder(name, iters, s))
+            return
         base = None
         if name in BASE:
             base_name, base_iters = BASE[name]

@@ -478,3 +478,26 @@ def test_passkey_evaluation_of_a_checkpoint_end_to_end(tmp_path):
     assert entry['prompts'] == 2 and {'on', 'off', 'local', 'off L0', 'off L1'} <= set(entry['scores'])
     assert entry['seconds']['on'] > 0 and entry['peak_rss_mb'] > 0
     assert json.load(open(tmp_path / 'eval.json'))['lengths'].keys() == {'128', '192'}
+
+
+def test_a_soup_is_the_mean_of_its_parts_and_refuses_another_model(tmp_path):
+    """make_soup averages the weights of checkpoints that build the same model (they may differ in settings that
+    only shape training), keeps the first one's settings, drops the optimizer, and refuses a different model."""
+    import dataclasses
+    from checkpoints import load_model, save_checkpoint
+    experiment = passkey_experiment()
+    paths, models = [], []
+    for i, kw in enumerate([{}, {'memory_boost': 15.0, 'block_size': 32}, {'feature_scale': 4.0}]):
+        torch.manual_seed(i)
+        model = GPT(tiny(**kw))
+        models.append(model)
+        paths.append(str(tmp_path / f'part{i}.pt'))
+        save_checkpoint({'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(), 'iter_num': 7,
+                         'optimizer': {}, 'tokenizer': {'kind': 'byte'}}, paths[-1])
+    experiment.make_soup(paths[:2], str(tmp_path / 'soup'))
+    soup, checkpoint = load_model(str(tmp_path / 'soup' / 'ckpt.pt'))
+    assert 'optimizer' not in checkpoint and checkpoint['iter_num'] == 7 and soup.config.block_size == 16
+    for name, weight in soup.state_dict().items():
+        torch.testing.assert_close(weight, (models[0].state_dict()[name] + models[1].state_dict()[name]) / 2)
+    with pytest.raises(SystemExit, match='their models differ in feature_scale$'):
+        experiment.make_soup([paths[0], paths[2]], str(tmp_path / 'bad'))
