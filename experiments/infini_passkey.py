@@ -168,11 +168,15 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63_then_rms_sharp8_soup': (None, 'the mean of the weights of four fourth stages of the '
                                                       'rms+sharp8 third stage: then_more, then_1k, then_4k, '
                                                       'then_4k_boost1023 (each at the iterations given)'),
+    'paper_then_sharp_boost63_then_rms_sharp8_soup_short': (None, 'the mean of the weights of the two fourth stages '
+                                                            'on short examples: then_more (256 tokens), then_1k'),
 }
 # soups: what they average, each at the soup's iterations
 SOUPS = {'paper_then_sharp_boost63_then_rms_sharp8_soup':
          [f'paper_then_sharp_boost63_then_rms_sharp8_{part}'
-          for part in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023')]}
+          for part in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023')],
+         'paper_then_sharp_boost63_then_rms_sharp8_soup_short':
+         [f'paper_then_sharp_boost63_then_rms_sharp8_{part}' for part in ('then_more', 'then_1k')]}
 TRAINING_ONLY = ('block_size', 'memory_boost')  # the parts of a soup may differ in these (the soup keeps the first's)
 # runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
 # which is fast, and the sharper, crowded memory is taught after (docs/infini.md, "Two stages")
