@@ -170,13 +170,21 @@ RUNS = {  # name: (train.py flags, what it is)
                                                       'then_4k_boost1023 (each at the iterations given)'),
     'paper_then_sharp_boost63_then_rms_sharp8_soup_short': (None, 'the mean of the weights of the two fourth stages '
                                                             'on short examples: then_more (256 tokens), then_1k'),
+    # the two models that find the key at 1M tokens have ELU(16x) + 1 (docs/infini.md): the soup of the three
+    # fourth stages with it
+    'paper_then_sharp_boost63_then_rms_sharp8_soup16': (None, 'the mean of the weights of the three fourth stages '
+                                                        'with ELU(16x) + 1: then_sharp16, then_4k_sharp16, '
+                                                        'then_sharp16_gentle'),
 }
 # soups: what they average, each at the soup's iterations
 SOUPS = {'paper_then_sharp_boost63_then_rms_sharp8_soup':
          [f'paper_then_sharp_boost63_then_rms_sharp8_{part}'
           for part in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023')],
          'paper_then_sharp_boost63_then_rms_sharp8_soup_short':
-         [f'paper_then_sharp_boost63_then_rms_sharp8_{part}' for part in ('then_more', 'then_1k')]}
+         [f'paper_then_sharp_boost63_then_rms_sharp8_{part}' for part in ('then_more', 'then_1k')],
+         'paper_then_sharp_boost63_then_rms_sharp8_soup16':
+         [f'paper_then_sharp_boost63_then_rms_sharp8_{part}'
+          for part in ('then_sharp16', 'then_4k_sharp16', 'then_sharp16_gentle')]}
 TRAINING_ONLY = ('block_size', 'memory_boost')  # the parts of a soup may differ in these (the soup keeps the first's)
 # runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
 # which is fast, and the sharper, crowded memory is taught after (docs/infini.md, "Two stages")
