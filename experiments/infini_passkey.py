@@ -15,7 +15,8 @@ and switched off, and measures how the memory's read weight spreads as prompts g
 docs/infini.md has the commands behind its numbers and reads them.
 
 Each run trains once (out_dir/<run>-<iterations>-s<seed>/ckpt.pt is reused; a stopped run resumes) and is evaluated
-once per length (eval.json beside the checkpoint keeps each length while its flags stay the same). Prompts stream
+once per length (eval.json beside the checkpoint keeps each length while its flags stay the same). A soup (SOUPS)
+trains nothing: its checkpoint is the mean of its parts' weights (make_soup), and its parts train first. Prompts stream
 through the model's cache --chunk tokens at a time, so memory stays bounded at any length; a progress bar shows
 lengths from 16k on. The tables are printed and written to out_dir/results.md. One training process at a time;
 set OMP_NUM_THREADS to the cores you give it.
@@ -150,8 +151,8 @@ RUNS = {  # name: (train.py flags, what it is)
                                                                    'fine-tuned on 4,096-token examples with the '
                                                                    'first write boosted up to 1,024 times'),
     # a fine-tuning step at the full rate on one 4k example can break a digit query the third stage had learned
-    # (seed 3 of the boost1023 run falls to 22% at 256 tokens): a quarter of the rate keeps what the earlier
-    # stages learned while the new examples still move it
+    # (seed 3 of the boost1023 run falls to 22% at 256 tokens): a quarter of the rate may keep what the earlier
+    # stages learned while the new examples still move it (docs/infini.md: it moves the failures to other seeds)
     'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023_gentle': (['--block_size=4096', '--batch_size=1',
                                                                            '--read_norm=rms', '--feature_scale=8',
                                                                            '--memory_boost=1023',
