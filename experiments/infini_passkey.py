@@ -242,10 +242,10 @@ def train_run(run_dir, flags, train_seed, iters, data_dir, base=None):
 
 
 def make_soup(paths, run_dir):
-    """run_dir/ckpt.pt: the mean of the weights of the checkpoints at paths (unless it exists). They must build the
-    same model; they may differ in settings that only shape training. The rest is the first one's."""
+    """run_dir/ckpt.pt: the mean of the weights of the checkpoints at paths, made again when a part is newer. They
+    must build the same model; they may differ in settings that only shape training. The rest is the first one's."""
     path = os.path.join(run_dir, 'ckpt.pt')
-    if os.path.isfile(path):
+    if os.path.isfile(path) and all(os.path.getmtime(p) <= os.path.getmtime(path) for p in paths if os.path.isfile(p)):
         return
     parts = [load_checkpoint(p) for p in paths]
     first = parts[0]

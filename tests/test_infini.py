@@ -501,3 +501,13 @@ def test_a_soup_is_the_mean_of_its_parts_and_refuses_another_model(tmp_path):
         torch.testing.assert_close(weight, (models[0].state_dict()[name] + models[1].state_dict()[name]) / 2)
     with pytest.raises(SystemExit, match='their models differ in feature_scale$'):
         experiment.make_soup([paths[0], paths[2]], str(tmp_path / 'bad'))
+    # a part trained again after the soup was made: the soup is made again from it
+    import os
+    save_checkpoint({'model_args': dataclasses.asdict(models[0].config), 'model': models[0].state_dict(),
+                     'iter_num': 7}, paths[1])
+    soup_mtime = os.path.getmtime(tmp_path / 'soup' / 'ckpt.pt')
+    os.utime(paths[1], (soup_mtime + 10, soup_mtime + 10))
+    experiment.make_soup(paths[:2], str(tmp_path / 'soup'))
+    soup, _ = load_model(str(tmp_path / 'soup' / 'ckpt.pt'))
+    for name, weight in soup.state_dict().items():
+        torch.testing.assert_close(weight, models[0].state_dict()[name])
