@@ -1,13 +1,18 @@
 """Infini-attention: the memory against hand computations, segments in one call against streaming, the cache."""
+import dataclasses
 import importlib.util
+import json
+import os
 
 import pytest
 import torch
 from torch.nn import functional as nnf
 
 import attention_infini
+import evaluate
 from attention_infini import (gate_values, infini_attention, memory_weights, read_memory, sigma,
                               write_memory)
+from checkpoints import load_model, save_checkpoint
 from model import GPT, GPTConfig
 from positions import rope
 
@@ -332,8 +337,6 @@ def test_module_takes_the_fast_path_with_its_options_and_the_reference_for_the_b
 
 def passkey_experiment():
     """experiments/infini_passkey.py as a module."""
-    import importlib.util
-    import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'infini_passkey.py')
     spec = importlib.util.spec_from_file_location('infini_passkey', path)
     experiment = importlib.util.module_from_spec(spec)
@@ -346,7 +349,6 @@ def test_streamed_passkey_score_equals_answer_scores_and_shares_one_forward(upda
     """The passkey evaluation streams long prompts through the cache a few tokens at a time (stream_score). It scores
     as evaluate.answer_scores does, and its needle shares equal those from every key at once (needle_shares);
     needles at different places in one batch, some not in the memory yet (nan in both)."""
-    import evaluate
     experiment = passkey_experiment()
     model = model64(vocab_size=257, memory_update=update, feature_scale=2.0)
     torch.manual_seed(3)
@@ -462,9 +464,6 @@ def test_scale_memory_read_scales_one_heads_read_only():
 def test_passkey_evaluation_of_a_checkpoint_end_to_end(tmp_path):
     """evaluate_checkpoint on a tiny infini checkpoint: every read at each length, its time and memory, and
     eval.json written after each length."""
-    import dataclasses
-    import json
-    from checkpoints import save_checkpoint
     experiment = passkey_experiment()
     torch.manual_seed(0)
     model = GPT(tiny(vocab_size=257, segment_len=32, block_size=128))
@@ -483,8 +482,6 @@ def test_passkey_evaluation_of_a_checkpoint_end_to_end(tmp_path):
 def test_a_soup_is_the_mean_of_its_parts_and_refuses_another_model(tmp_path):
     """make_soup averages the weights of checkpoints that build the same model (they may differ in settings that
     only shape training), keeps the first one's settings, drops the optimizer, and refuses a different model."""
-    import dataclasses
-    from checkpoints import load_model, save_checkpoint
     experiment = passkey_experiment()
     paths, models = [], []
     for i, kw in enumerate([{}, {'memory_boost': 15.0, 'block_size': 32}, {'feature_scale': 4.0}]):
@@ -502,7 +499,6 @@ def test_a_soup_is_the_mean_of_its_parts_and_refuses_another_model(tmp_path):
     with pytest.raises(SystemExit, match='their models differ in feature_scale$'):
         experiment.make_soup([paths[0], paths[2]], str(tmp_path / 'bad'))
     # a part trained again after the soup was made: the soup is made again from it
-    import os
     save_checkpoint({'model_args': dataclasses.asdict(models[0].config), 'model': models[0].state_dict(),
                      'iter_num': 7}, paths[1])
     soup_mtime = os.path.getmtime(tmp_path / 'soup' / 'ckpt.pt')
