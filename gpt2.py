@@ -84,10 +84,6 @@ def read_config(folder):
 def read_weights(folder):
     """GPT-2's tensors by name, without the 'transformer.' prefix a saved GPT2LMHeadModel adds, without the
     attention-mask buffers older files hold, and without lm_head (tied to wte)."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise SystemExit("reading GPT-2's weights needs safetensors: pip install transformers") from None
     index = os.path.join(folder, 'model.safetensors.index.json')
     if os.path.isfile(index):  # a large model saved in shards
         with open(index) as f:
@@ -96,6 +92,10 @@ def read_weights(folder):
         files = ['model.safetensors']
     else:
         raise SystemExit(f"no model.safetensors in {folder}: save the model with transformers' save_pretrained")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise SystemExit("reading GPT-2's weights needs safetensors: pip install transformers") from None
     weights = {}
     for name in files:
         for key, tensor in load_file(os.path.join(folder, name)).items():

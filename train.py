@@ -145,15 +145,21 @@ def claim_out_dir(cfg):
     return lock
 
 
-def stop_if_diverged(losses, iter_num, out_dir):
-    """A loss that is no longer a finite number means the run diverged: stop before a checkpoint is written, so
-    out_dir/ckpt.pt keeps the last finite state."""
-    bad = ', '.join(f'{split} loss {value}' for split, value in losses.items() if not math.isfinite(value))
+DIVERGED_BY = 1.0  # nats: a validation loss this far above the run's reference means the run diverged
+
+
+def stop_if_diverged(losses, iter_num, out_dir, reference=None):
+    """Stop before a checkpoint is written, so out_dir/ckpt.pt keeps the last good state, when a loss is no longer a
+    finite number, or when the validation loss is more than DIVERGED_BY nats (a factor e of perplexity) above the
+    reference: the first validation loss this process measured, or the resumed checkpoint's best."""
+    bad = [f'{split} loss {value}' for split, value in losses.items() if not math.isfinite(value)]
+    if not bad and reference is not None and losses.get('val', -math.inf) > reference + DIVERGED_BY:
+        bad = [f"val loss {losses['val']:.4g}, more than {DIVERGED_BY:g} above {reference:.4f} where the run stood"]
     if bad:
         path = os.path.join(out_dir, 'ckpt.pt')
-        kept = f'{path} keeps the last finite state' if os.path.exists(path) else 'no checkpoint was written'
-        raise SystemExit(f"step {iter_num}: {bad}: the run diverged; {kept}. Lower --learning_rate, or undo the "
-                         f"flag that made the numbers blow up")
+        kept = f'{path} keeps the last good state' if os.path.exists(path) else 'no checkpoint was written'
+        raise SystemExit(f"step {iter_num}: {', '.join(bad)}: the run diverged; {kept}. Lower --learning_rate, or "
+                         f"undo the flag that made the numbers blow up")
 
 
 def data_dir_of(cfg, given):
@@ -413,6 +419,8 @@ def main(argv):
     resumed = cfg.init_from == 'resume'
     iter_num = checkpoint['iter_num'] if resumed else 0
     best_val_loss = checkpoint['best_val_loss'] if resumed else 1e9
+    start_iter = iter_num  # a resumed run writes no checkpoint at its first step: its settings have trained nothing
+    reference = best_val_loss if resumed else None  # where the run stood: divergence is measured from here
     if resumed:
         optimizer.load_state_dict(checkpoint['optimizer'])
     checkpoint = None  # free it
@@ -443,8 +451,9 @@ def main(argv):
             if log:
                 log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'],
                           val_loss=losses['val'], lr=get_lr(cfg, iter_num - 1) if iter_num else None, **stats)
-            stop_if_diverged(losses, iter_num, cfg.out_dir)
-            if iter_num > 0 and not cfg.eval_only and (losses['val'] < best_val_loss or cfg.always_save_checkpoint):
+            reference = losses['val'] if reference is None else reference
+            stop_if_diverged(losses, iter_num, cfg.out_dir, reference)
+            if iter_num > start_iter and not cfg.eval_only and (losses['val'] < best_val_loss or cfg.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, losses['val'])
                 save_checkpoint({'model_args': dataclasses.asdict(raw_model.config), 'model': raw_model.state_dict(),
                                  'optimizer': optimizer.state_dict(), 'iter_num': iter_num,

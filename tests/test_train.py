@@ -220,15 +220,33 @@ def test_resume_needs_a_training_checkpoint(train_tiny, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # No run loses a good checkpoint, and bad input gets one line.
 
-def test_a_diverging_run_stops_and_keeps_the_last_finite_checkpoint(train_tiny, tmp_path):
+@pytest.mark.parametrize('threads', [1, 2])
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(train_tiny, tmp_path, threads):
+    """With 1 thread the loss becomes NaN, with 2 it stays finite at about 1e12: both stop, and the checkpoint keeps
+    the state and the settings it had before the resume."""
     train_tiny(tmp_path)
     before = load(tmp_path)
-    message = error_of(train_tiny, tmp_path, '--init_from=resume', '--max_iters=40', '--lr_decay_iters=40',
-                       '--learning_rate=1e4', '--min_lr=0')
-    assert 'the run diverged' in message and 'keeps the last finite state' in message
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        message = error_of(train_tiny, tmp_path, '--init_from=resume', '--max_iters=40', '--lr_decay_iters=40',
+                           '--learning_rate=1e4', '--min_lr=0')
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert 'the run diverged' in message and 'keeps the last good state' in message
     after = load(tmp_path)
-    assert after['iter_num'] == before['iter_num'] == 4 and np.isfinite(after['best_val_loss'])
-    assert all(torch.isfinite(t).all() for t in after['model'].values())
+    assert after['iter_num'] == before['iter_num'] == 4 and after['best_val_loss'] == before['best_val_loss']
+    assert after['config']['learning_rate'] == before['config']['learning_rate']
+    assert all(torch.equal(after['model'][k], before['model'][k]) for k in before['model'])
+
+
+def test_a_finite_rise_far_above_the_start_is_a_divergence(tmp_path):
+    """A val loss more than DIVERGED_BY above the reference stops the run; one within it does not."""
+    train = fresh_module('train')
+    train.stop_if_diverged({'train': 9.0, 'val': 3.4}, 10, str(tmp_path), reference=2.5)
+    with pytest.raises(SystemExit, match=r'^step 10: val loss 3.6, more than 1 above 2.5000 where the run stood: '
+                                         r'the run diverged; no checkpoint was written'):
+        train.stop_if_diverged({'train': 3.0, 'val': 3.6}, 10, str(tmp_path), reference=2.5)
 
 
 def test_a_new_run_does_not_replace_another_runs_checkpoint(train_tiny, tmp_path):
