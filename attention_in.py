@@ -10,16 +10,10 @@ with the usual causal mask. Per layer, per head (our equations for the abstract'
     v = ln_kv(x0) Wv + bv                  values:  the initial states
     y = softmax(q k^T / sqrt(d_head) + causal mask) v
 
-Choices where the paper's readable text is silent (docs/inattention.md):
-  - the initial state is x0 = drop(wte[token] + wpe[pos]), the exact input of block 0 (the only depth-0 state);
-  - K/V projections are per layer (c_attn has the same shape as the causal baseline's, so the parameter count
-    is GPT-2's plus one LayerNorm per layer); the cache is n_embd numbers per token either way (see below);
-  - positions (GPTConfig.positions) enter either through the learned table added into x0, so every key carries
-    its absolute position, or as ALiBi's distance bias on the scores (Press et al. 2022, section 3), which leaves
-    keys untouched. Nothing position-dependent is applied to a key after its projection: a rotation (RoPE) there
-    would break the absorbed decode and give every layer its own key cache again, so model.py refuses it;
-  - ln_kv: each layer normalises x0 with its own LayerNorm. The attention does not see its block's ln_1, so
-    this is a small deviation from reusing ln_1 on x0 (2 * n_embd more parameters per layer).
+Where the paper is silent, the code chooses (docs/inattention.md says why): x0 = drop(wte[token] + wpe[pos]), the
+exact input of block 0; per-layer Wk, Wv (c_attn keeps the causal shape); each layer normalises x0 with its own
+LayerNorm ln_kv; positions come from the learned table in x0 or from ALiBi's bias on the scores, never from a
+rotation after the key projection (that would need a key cache per layer again).
 
 Inference. The keys and values of token j never depend on context, and no earlier token's hidden state above
 block 0 is ever read. So the cache is x̂0 = LayerNorm-without-affine(x0): n_embd numbers per token for the whole
@@ -39,54 +33,16 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 
-from positions import alibi_bias, alibi_slopes, causal_mask
+from attention import CausalSelfAttention
+from positions import alibi_bias, causal_mask
 
 
-class InAttention(nn.Module):
-    # what the model and the scripts ask (model.py's docstring): ALiBi first, as docs/inattention.md measures best
-    position_schemes = ('alibi', 'learned')
-    refused_because = ("InAttention keeps one cache of initial states x0 for every layer and folds each layer's key "
-                       "projection into its query (the absorbed decode); a rotation applied after the key "
-                       "projection would need a key cache per layer again")
-    own_head_size = False  # the cache is x0's n_embd numbers: heads split n_embd
-    streams = False
-    cache_options = ('absorb',)
-    call_options = ()
-    maps_note = ' over the initial states'
-
-    @staticmethod
-    def new_cache(config, batch_size, max_len, absorb=True):
-        return InCache(config, batch_size, max_len, absorb)
-
-    @staticmethod
-    def keys_per_query(config):
-        return config.block_size
-
-    @staticmethod
-    def rotary_positions(config, start, t):
-        return None  # no rotation: positions are in x0, or in ALiBi's bias
-
-    def init_from_causal(self, block):
-        """ln_kv starts as a copy of the block's ln_1: layer 0, whose input is x0, is then the causal layer 0."""
-        self.ln_kv.load_state_dict(block.ln_1.state_dict())
-
-    @staticmethod
-    def training_problem(config):
-        return ''
+class InAttention(CausalSelfAttention):
 
     def __init__(self, config, layer_idx):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head = config.n_head
+        super().__init__(config, layer_idx)  # c_attn's rows are Wq, Wk, Wv as in the causal attention
         self.n_embd = config.n_embd
-        self.dropout = config.dropout
-        self.positions = config.positions
-        if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
-            self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
         self.ln_kv = nn.LayerNorm(config.n_embd, bias=config.bias)  # normalises x0 for this layer's keys/values
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # rows: Wq, Wk, Wv
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def projections(self):
         """(Wq, bq), (Wk, bk), (Wv, bv): c_attn split into the query, key and value projections."""
@@ -130,21 +86,8 @@ class InAttention(nn.Module):
         bias = alibi_bias(self.slopes, keys[Tk - T:], keys)
         return bias.masked_fill(~causal, float('-inf')).to(q.dtype)
 
-    def maps(self, x, x0):
-        """The attention weights over the initial states, and the output, as the training forward computes them."""
-        T = x.size(1)
-        (wq, bq), (wk, bk), (wv, bv) = self.projections()
-        s = self.ln_kv(x0)
-        q = self.heads(nnf.linear(x, wq, bq))
-        k, v = self.heads(nnf.linear(s, wk, bk)), self.heads(nnf.linear(s, wv, bv))
-        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
-        mask = self.mask(T, T, q)
-        if mask is not None and mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float('-inf'))
-        elif mask is not None:
-            scores = scores + mask
-        att = torch.softmax(scores, dim=-1)
-        return dict(att=att, y=att @ v)
+    # -----------------------------------------------------------------------------------------------------
+    # Inference: two decode paths over the one shared cache (InCache, below)
 
     def reprojected(self, q, xhat, mask):
         """Reference decode: rebuild this layer's K and V from the cached x̂0, then attend as in training."""
@@ -174,6 +117,45 @@ class InAttention(nn.Module):
             ctx = ctx + self.ln_kv.bias
         y = torch.einsum('bhtc,hdc->bhtd', ctx, wv.view(H, D, C))
         return y if bv is None else y + bv.view(H, 1, D)
+
+    # -----------------------------------------------------------------------------------------------------
+    # What the model and the tools ask (attention.py), where InAttention differs from the causal baseline
+
+    position_schemes = ('alibi', 'learned')  # ALiBi first, as docs/inattention.md measures best
+    refused_because = ("InAttention keeps one cache of initial states x0 for every layer and folds each layer's key "
+                       "projection into its query (the absorbed decode); a rotation applied after the key "
+                       "projection would need a key cache per layer again")
+    own_head_size = False  # the cache is x0's n_embd numbers: heads split n_embd
+    cache_options = ('absorb',)
+    maps_note = ' over the initial states'
+
+    @staticmethod
+    def new_cache(config, batch_size, max_len, absorb=True):
+        return InCache(config, batch_size, max_len, absorb)
+
+    @staticmethod
+    def rotary_positions(config, start, t):
+        return None  # no rotation: positions are in x0, or in ALiBi's bias
+
+    def init_from_causal(self, block):
+        """ln_kv starts as a copy of the block's ln_1: layer 0, whose input is x0, is then the causal layer 0."""
+        self.ln_kv.load_state_dict(block.ln_1.state_dict())
+
+    def maps(self, x, x0):
+        """The attention weights over the initial states, and the output, as the training forward computes them."""
+        T = x.size(1)
+        (wq, bq), (wk, bk), (wv, bv) = self.projections()
+        s = self.ln_kv(x0)
+        q = self.heads(nnf.linear(x, wq, bq))
+        k, v = self.heads(nnf.linear(s, wk, bk)), self.heads(nnf.linear(s, wv, bv))
+        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+        mask = self.mask(T, T, q)
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float('-inf'))
+        elif mask is not None:
+            scores = scores + mask
+        att = torch.softmax(scores, dim=-1)
+        return dict(att=att, y=att @ v)
 
 
 class InCache:

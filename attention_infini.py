@@ -20,42 +20,8 @@ sees un-rotated sigma(Q), sigma(K) (the paper's memory is position-free), so not
 positions and the model streams forever. Gradients flow through M and z across the segments of a training
 sequence. M, z and their products are fp32 (fp64 for fp64 inputs), autocast or not: they sum many segments.
 
-Four options that are not in the paper (GPTConfig fields; each default is the paper). docs/infini.md measures
-what they do on passkey retrieval.
-
-    feature_scale   sigma(x) = ELU(feature_scale * x) + 1. A read is an average of everything stored, weighted
-                    by sigma(q).sigma(k_j) (memory_weights below). With the paper's sigma those weights are
-                    flat, so on inputs longer than training the filler's share grows and drowns the needle.
-                    A larger scale makes the weights sharper (4 is what docs/infini.md uses).
-    memory_boost    training only: the first segment's write into M and z counts 1 + U(0, memory_boost) times,
-                    drawn per sequence (and layer), as if that text had been repeated. Training inputs are
-                    short, so the memory only ever holds a few segments; the boost shows the model memories as
-                    crowded as a long input's, and the model must learn keys that still stand out.
-    read_norm       'z' divides the read by sigma(q) z (eq. 3). 'rms' then scales each head's read to unit RMS over
-                    its d features. Why: the read is share * (what the needle wrote) + (what the filler wrote), and
-                    filler writes nearly cancel under the delta rule, so the read shrinks with the needle's share
-                    as the input grows, while its direction holds (docs/infini.md measures both). With 'rms' the
-                    read keeps its training-time size. The delta rule's own read (eq. 5) stays eq. 3.
-    memory_read     'on' (eq. 6), or an ablation: 'off' sets A_mem = 0 and keeps the gate, so a head outputs
-                    (1 - sigmoid(beta)) A_dot; 'local' forces the gate to 0, so a head outputs A_dot alone.
-                    'off' removes exactly what the memory adds; 'local' keeps each head's output at full
-                    scale. Neither is what the model was trained with; a model trained with 'local' is the
-                    fair control (it has learned to do without memory).
-
-The reference, `infini_attention(q, k, v, beta, segment_len, update, M=None, z=None, dropout_p=0.0, ...)`:
-    q     (B, H, Tq, d)  queries (un-rotated) of the LAST Tq of the T positions of k and v
-    k, v  (B, H, T, d)   keys (un-rotated) and values; position 0 of k is the first token of a segment
-    beta  (H,)           gate logits
-    M, z  (B, H, d, d), (B, H, d)   memory after the segments before k (None: empty)
-    feature_scale, memory_read      the options above; first_segment_repeats (B,) or None: memory_boost's draw
-    angles                          segment_angles(segment_len, d, q): RoPE's cos and sin of the positions
-                                    inside a segment, which the model computes once per forward (None: here)
-    returns y (B, H, Tq, d), and M, z after writing every COMPLETE segment of k, v (a trailing partial segment
-    is not written: the cache keeps its keys and values until it is full). A training forward is Tq = T, M = None.
-The streaming cache calls the same function with k, v = [this layer's cached partial segment, new tokens].
-`fast_infini_attention` below has the same signature and results (without dropout and memory_boost); it runs
-the memory as one Triton kernel (kernels.infini_memory) and is used on CUDA when `kernels.infini_available(q)`
-says so and config.use_kernels is set.
+Options beyond the paper (feature_scale, memory_boost, read_norm, memory_read) are GPTConfig fields whose
+defaults are the paper; they are explained under their own heading below, and docs/infini.md measures them.
 """
 
 import torch
@@ -63,37 +29,78 @@ import torch.nn as nn
 from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 
 import kernels
+from attention import CausalSelfAttention
 from positions import causal_mask, rope, rope_angles
 
 UPDATES = ('linear', 'delta')
-READ_NORMS = ('z', 'rms')  # the paper's sigma(q) z (eq. 3); that, then unit RMS per head (module docstring)
-MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, the gate forced to 0 (module docstring)
-# The gate logit per head at the start from a causal model's weights (init_from_causal: GPT-2's, gpt2.py).
-# sigmoid(-3) = 0.05: each head starts as GPT-2's attention inside its segment, with 5% of the memory read mixed
-# in. We start near segment-local GPT-2, not at the even mix (beta = 0) a model from scratch starts at, because at
-# 0.5 every head's output is halved on the first segment (the memory is empty there) and half noise after it: that
-# undoes GPT-2 before the memory has learned anything. The paper's continual pre-training does not say how it
-# starts the gates. Adam moves beta by about the learning rate times gate_lr_mult per step whatever the sigmoid's
-# slope, so the gates still open where the memory helps.
-CAUSAL_GATE_LOGIT = -3.0
+READ_NORMS = ('z', 'rms')  # the paper's sigma(q) z (eq. 3); that, then unit RMS per head (beyond the paper)
+MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, the gate forced to 0 (beyond the paper)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The reference: a loop over segments, the paper's equations in order.
 
+def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0,
+                     feature_scale=1.0, memory_read='on', first_segment_repeats=None, read_norm='z', angles=None):
+    """Infini-attention over a sequence starting at a segment boundary, the paper's eq. 1-6 segment by segment.
+
+        q     (B, H, Tq, d)  queries (un-rotated) of the LAST Tq of the T positions of k and v
+        k, v  (B, H, T, d)   keys (un-rotated) and values; position 0 of k is the first token of a segment
+        beta  (H,)           gate logits
+        M, z  (B, H, d, d), (B, H, d)   memory after the segments before k (None: empty)
+        feature_scale, memory_read, read_norm    options beyond the paper (their heading below; defaults: the paper)
+        first_segment_repeats           (B,) or None: memory_boost's draw
+        angles                          segment_angles(segment_len, d, q): RoPE's cos and sin of the positions
+                                        inside a segment, which the model computes once per forward (None: here)
+        returns y (B, H, Tq, d), and M, z after writing every COMPLETE segment of k, v (a trailing partial
+        segment is not written: the cache keeps its keys and values until it is full).
+    A training forward is Tq = T, M = None.
+    The streaming cache calls the same function with k, v = [this layer's cached partial segment, new tokens].
+    `fast_infini_attention` below has the same signature and results (without dropout and memory_boost); it runs
+    the memory as one Triton kernel (kernels.infini_memory) and is used on CUDA when `kernels.infini_available(q)`
+    says so and config.use_kernels is set.
+    """
+    B, H, T, D = k.shape
+    offset = T - q.size(-2)  # position (in k) of the first query
+    if M is None:
+        M = k.new_zeros(B, H, D, D, dtype=memory_dtype(k))
+        z = k.new_zeros(B, H, D, dtype=memory_dtype(k))
+    ys = []
+    for s in range(0, T, segment_len):
+        e = min(s + segment_len, T)
+        ks, vs = k[:, :, s:e], v[:, :, s:e]
+        if e > offset:  # this segment has queries
+            first = max(s, offset)
+            qs = q[:, :, first - offset:e - offset]
+            a_dot = local_attention(qs, ks, vs, dropout_p, angles)  # eq. 2
+            with no_autocast(q):
+                sq = sigma(qs.to(M.dtype), feature_scale)
+                a_mem = normalize_read(read_memory(sq, M, z), read_norm).to(a_dot.dtype)  # eq. 3, M_{s-1}
+            ys.append(gated_output(a_mem, a_dot, beta, memory_read).to(q.dtype))  # eq. 6 (fp32 gate: q's dtype)
+        if e - s == segment_len:  # a complete segment goes into the memory; a partial one waits in the cache
+            repeats = first_segment_repeats if s == 0 else None  # memory_boost (training only)
+            with no_autocast(q):
+                sk = sigma(ks.to(M.dtype), feature_scale)
+                M, z = write_memory(sk, vs.to(M.dtype), M, z, update, repeats)  # eq. 4 or 5
+    return torch.cat(ys, dim=2), M, z
+
+
+def local_attention(q, k, v, dropout_p, angles=None):
+    """A_dot of one segment: k, v are its first tk positions, q the last tq of them; RoPE by the position inside
+    the segment. angles: segment_angles of at least tk positions (None: computed here)."""
+    tq, tk = q.size(-2), k.size(-2)
+    cos, sin = segment_angles(tk, k.size(-1), k) if angles is None else angles
+    q, k = rope(q, angles=(cos[tk - tq:tk], sin[tk - tq:tk])), rope(k, angles=(cos[:tk], sin[:tk]))
+    if tq == tk:
+        return nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    mask = None if tq == 1 else causal_mask(tq, tk, q.device)
+    return nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
 def sigma(x, feature_scale=1.0):
     """ELU + 1, a positive feature map, so sigma(Q) z > 0 once anything is stored (the paper's choice, scale 1).
-    feature_scale > 1 sharpens it (not in the paper; module docstring)."""
+    feature_scale > 1 sharpens it (beyond the paper, below)."""
     return nnf.elu(x * feature_scale if feature_scale != 1.0 else x) + 1
-
-
-def memory_dtype(x):
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def no_autocast(x):
-    """The memory's products stay in fp32 under autocast too (bf16 training): M sums every segment."""
-    return torch.autocast(x.device.type, enabled=False)
 
 
 def read_memory(sq, M, z):
@@ -111,12 +118,29 @@ def write_memory(sk, v, M, z, update, repeats=None):
     return M + sk.transpose(-1, -2) @ v, z + sk.sum(dim=-2)
 
 
-def normalize_read(a_mem, read_norm='z'):
-    """The read as eq. 3 gives it ('z'), or scaled to unit RMS over its features ('rms', not in the paper). An empty
-    memory still reads 0."""
-    if read_norm == 'z':
-        return a_mem
-    return a_mem * torch.rsqrt(a_mem.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
+def gated_output(a_mem, a_dot, beta, memory_read='on'):
+    """A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot per head (eq. 6), or an ablation (MEMORY_READS)."""
+    if memory_read == 'local':
+        return a_dot
+    gate = torch.sigmoid(beta).view(1, -1, 1, 1)
+    if memory_read == 'off':
+        return (1 - gate) * a_dot
+    return gate * a_mem + (1 - gate) * a_dot
+
+
+def segment_angles(n, head_size, like):
+    """cos and sin of RoPE at the positions 0..n-1 inside a segment (positions.rope_angles), at least fp32: every
+    segment turns its queries and keys by the same ones, so the model computes them once per forward."""
+    return rope_angles(torch.arange(n, device=like.device), head_size, memory_dtype(like))
+
+
+def memory_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def no_autocast(x):
+    """The memory's products stay in fp32 under autocast too (bf16 training): M sums every segment."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def memory_over_segments(q, k, v, segment_len, update='delta', M=None, z=None):
@@ -151,60 +175,35 @@ def memory_weights(sq, sk):
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def gated_output(a_mem, a_dot, beta, memory_read='on'):
-    """A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot per head (eq. 6), or an ablation (MEMORY_READS)."""
-    if memory_read == 'local':
-        return a_dot
-    gate = torch.sigmoid(beta).view(1, -1, 1, 1)
-    if memory_read == 'off':
-        return (1 - gate) * a_dot
-    return gate * a_mem + (1 - gate) * a_dot
+# ---------------------------------------------------------------------------------------------------------
+# Beyond the paper: four options (GPTConfig fields; each default is the paper). docs/infini.md measures what they
+# do on passkey retrieval.
+#
+# feature_scale   sigma(x) = ELU(feature_scale * x) + 1. A read is an average of everything stored, weighted
+#                 by sigma(q).sigma(k_j) (memory_weights below). With the paper's sigma those weights are
+#                 flat, so on inputs longer than training the filler's share grows and drowns the needle.
+#                 A larger scale makes the weights sharper (4 is what docs/infini.md uses).
+# memory_boost    training only: the first segment's write into M and z counts 1 + U(0, memory_boost) times,
+#                 drawn per sequence (and layer), as if that text had been repeated. Training inputs are
+#                 short, so the memory only ever holds a few segments; the boost shows the model memories as
+#                 crowded as a long input's, and the model must learn keys that still stand out.
+# read_norm       'z' divides the read by sigma(q) z (eq. 3). 'rms' then scales each head's read to unit RMS over
+#                 its d features. Why: the read is share * (what the needle wrote) + (what the filler wrote), and
+#                 filler writes nearly cancel under the delta rule, so the read shrinks with the needle's share
+#                 as the input grows, while its direction holds (docs/infini.md measures both). With 'rms' the
+#                 read keeps its training-time size. The delta rule's own read (eq. 5) stays eq. 3.
+# memory_read     'on' (eq. 6), or an ablation: 'off' sets A_mem = 0 and keeps the gate, so a head outputs
+#                 (1 - sigmoid(beta)) A_dot; 'local' forces the gate to 0, so a head outputs A_dot alone.
+#                 'off' removes exactly what the memory adds; 'local' keeps each head's output at full
+#                 scale. Neither is what the model was trained with; a model trained with 'local' is the
+#                 fair control (it has learned to do without memory).
 
-
-def segment_angles(n, head_size, like):
-    """cos and sin of RoPE at the positions 0..n-1 inside a segment (positions.rope_angles), at least fp32: every
-    segment turns its queries and keys by the same ones, so the model computes them once per forward."""
-    return rope_angles(torch.arange(n, device=like.device), head_size, memory_dtype(like))
-
-
-def local_attention(q, k, v, dropout_p, angles=None):
-    """A_dot of one segment: k, v are its first tk positions, q the last tq of them; RoPE by the position inside
-    the segment. angles: segment_angles of at least tk positions (None: computed here)."""
-    tq, tk = q.size(-2), k.size(-2)
-    cos, sin = segment_angles(tk, k.size(-1), k) if angles is None else angles
-    q, k = rope(q, angles=(cos[tk - tq:tk], sin[tk - tq:tk])), rope(k, angles=(cos[:tk], sin[:tk]))
-    if tq == tk:
-        return nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    mask = None if tq == 1 else causal_mask(tq, tk, q.device)
-    return nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-
-
-def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0,
-                     feature_scale=1.0, memory_read='on', first_segment_repeats=None, read_norm='z', angles=None):
-    """Infini-attention over a sequence starting at a segment boundary (signature: module docstring)."""
-    B, H, T, D = k.shape
-    offset = T - q.size(-2)  # position (in k) of the first query
-    if M is None:
-        M = k.new_zeros(B, H, D, D, dtype=memory_dtype(k))
-        z = k.new_zeros(B, H, D, dtype=memory_dtype(k))
-    ys = []
-    for s in range(0, T, segment_len):
-        e = min(s + segment_len, T)
-        ks, vs = k[:, :, s:e], v[:, :, s:e]
-        if e > offset:  # this segment has queries
-            first = max(s, offset)
-            qs = q[:, :, first - offset:e - offset]
-            a_dot = local_attention(qs, ks, vs, dropout_p, angles)  # eq. 2
-            with no_autocast(q):
-                sq = sigma(qs.to(M.dtype), feature_scale)
-                a_mem = normalize_read(read_memory(sq, M, z), read_norm).to(a_dot.dtype)  # eq. 3, M_{s-1}
-            ys.append(gated_output(a_mem, a_dot, beta, memory_read).to(q.dtype))  # eq. 6 (fp32 gate: q's dtype)
-        if e - s == segment_len:  # a complete segment goes into the memory; a partial one waits in the cache
-            repeats = first_segment_repeats if s == 0 else None  # memory_boost (training only)
-            with no_autocast(q):
-                sk = sigma(ks.to(M.dtype), feature_scale)
-                M, z = write_memory(sk, vs.to(M.dtype), M, z, update, repeats)  # eq. 4 or 5
-    return torch.cat(ys, dim=2), M, z
+def normalize_read(a_mem, read_norm='z'):
+    """The read as eq. 3 gives it ('z'), or scaled to unit RMS over its features ('rms', not in the paper). An empty
+    memory still reads 0."""
+    if read_norm == 'z':
+        return a_mem
+    return a_mem * torch.rsqrt(a_mem.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,14 +258,104 @@ def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=
 # ---------------------------------------------------------------------------------------------------------
 # The module.
 
-class InfiniAttention(nn.Module):
+# The gate logit per head at the start from a causal model's weights (init_from_causal: GPT-2's, gpt2.py).
+# sigmoid(-3) = 0.05: each head starts as GPT-2's attention inside its segment, with 5% of the memory read mixed
+# in. We start near segment-local GPT-2, not at the even mix (beta = 0) a model from scratch starts at, because at
+# 0.5 every head's output is halved on the first segment (the memory is empty there) and half noise after it: that
+# undoes GPT-2 before the memory has learned anything. The paper's continual pre-training does not say how it
+# starts the gates. Adam moves beta by about the learning rate times gate_lr_mult per step whatever the sigmoid's
+# slope, so the gates still open where the memory helps.
+CAUSAL_GATE_LOGIT = -3.0
+
+
+class InfiniAttention(CausalSelfAttention):
+
+    def __init__(self, config, layer_idx):
+        if config.memory_update not in UPDATES:
+            raise ValueError(f"unknown memory_update '{config.memory_update}', choose one of: {', '.join(UPDATES)}")
+        if config.segment_len < 1:
+            raise ValueError(f"segment_len={config.segment_len} must be a positive number of tokens")
+        if (config.n_embd // config.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {config.n_embd // config.n_head}")
+        if config.memory_read not in MEMORY_READS:
+            raise ValueError(f"unknown memory_read '{config.memory_read}', choose one of: {', '.join(MEMORY_READS)}")
+        if not config.feature_scale > 0:
+            raise ValueError(f"feature_scale={config.feature_scale} must be positive (1 is the paper's sigma)")
+        if config.read_norm not in READ_NORMS:
+            raise ValueError(f"unknown read_norm '{config.read_norm}', choose one of: {', '.join(READ_NORMS)}")
+        if not config.memory_boost >= 0:
+            raise ValueError(f"memory_boost={config.memory_boost} must be 0 (off) or positive")
+        super().__init__(config, layer_idx)  # c_attn and c_proj as in the causal attention
+        self.n_embd = config.n_embd
+        self.segment_len = config.segment_len
+        self.update = config.memory_update
+        self.feature_scale = config.feature_scale
+        self.memory_boost = config.memory_boost
+        self.memory_read = config.memory_read
+        self.read_norm = config.read_norm
+        self.use_kernels = config.use_kernels
+        # the gate, one logit per head, starts at an even mix; a vector, so it is never weight-decayed, and it
+        # learns faster than the rest (the Hugging Face reproduction found the gates did not move otherwise)
+        self.beta = nn.Parameter(torch.zeros(config.n_head))
+        self.beta.lr_mult = config.gate_lr_mult
+
+    def qkv(self, x):
+        """Queries, keys and values (B, H, T, d), un-rotated: RoPE is applied inside each segment."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x, x0, cache=None, memory_read=None, rotary=None):
+        """memory_read: this call's read ('on', 'off', 'local', or one per layer) instead of the config's.
+        rotary: segment_angles(segment_len, ...), computed once by the model for every layer (None: here)."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x)
+        read = self.read_of(memory_read)
+        if cache is None:
+            y, _, _ = self.attend(q, k, v, read=read, angles=rotary)
+        else:
+            k, v, M, z = cache.read(self.layer_idx, k, v)  # the cached partial segment, then the new tokens
+            y, M, z = self.attend(q, k, v, M, z, read, rotary)
+            cache.write(self.layer_idx, k, v, M, z)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q, k, v, M=None, z=None, read='on', angles=None):
+        dropout_p = self.dropout if self.training else 0.0
+        repeats = None
+        if self.training and self.memory_boost > 0 and M is None:  # a training sequence: boost its first write
+            repeats = 1 + self.memory_boost * torch.rand(q.size(0), device=q.device, dtype=memory_dtype(q))
+        if (self.use_kernels and dropout_p == 0.0 and repeats is None
+                and kernels.infini_available(q)):
+            return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z,
+                                         feature_scale=self.feature_scale, memory_read=read,
+                                         read_norm=self.read_norm, angles=angles)
+        return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p,
+                                self.feature_scale, read, repeats, self.read_norm, angles)
+
+    def read_of(self, memory_read):
+        """This layer's memory read: the config's, or a call's (one for every layer, or a list of one per layer)."""
+        if memory_read is None:
+            return self.memory_read
+        read = memory_read if isinstance(memory_read, str) else memory_read[self.layer_idx]
+        if read not in MEMORY_READS:
+            raise ValueError(f"unknown memory_read '{read}', choose one of: {', '.join(MEMORY_READS)}")
+        return read
+
+    def log_stats(self, x):
+        """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory.
+        x (this layer's input) is not needed: the gates are weights."""
+        return {f'gate{h}': g for h, g in enumerate(torch.sigmoid(self.beta.detach().float()).tolist())}
+
+    # -----------------------------------------------------------------------------------------------------
+    # What the model and the tools ask (attention.py), where Infini-attention differs from the causal one
+
     # what the model and the scripts ask (model.py's docstring)
     position_schemes = ('rope', 'learned')
     refused_because = ("Infini-attention always brings its own positions, RoPE inside each segment with a "
                        "position-free memory; 'rope' and 'learned' both leave it so")
     own_head_size = False  # the memory is d x d per head of n_embd / n_head
     streams = True  # no context limit: the GPT has no position table and never crops
-    cache_options = ()
     call_options = ('memory_read',)  # an ablation of the read for one forward (forward below)
     maps_note = ' (local, in segments)'
 
@@ -295,84 +384,6 @@ class InfiniAttention(nn.Module):
                     f"training window would fit in one segment and the memory would never train")
         return ''
 
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        if config.memory_update not in UPDATES:
-            raise ValueError(f"unknown memory_update '{config.memory_update}', choose one of: {', '.join(UPDATES)}")
-        if config.segment_len < 1:
-            raise ValueError(f"segment_len={config.segment_len} must be a positive number of tokens")
-        if (config.n_embd // config.n_head) % 2:
-            raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {config.n_embd // config.n_head}")
-        if config.memory_read not in MEMORY_READS:
-            raise ValueError(f"unknown memory_read '{config.memory_read}', choose one of: {', '.join(MEMORY_READS)}")
-        if not config.feature_scale > 0:
-            raise ValueError(f"feature_scale={config.feature_scale} must be positive (1 is the paper's sigma)")
-        if config.read_norm not in READ_NORMS:
-            raise ValueError(f"unknown read_norm '{config.read_norm}', choose one of: {', '.join(READ_NORMS)}")
-        if not config.memory_boost >= 0:
-            raise ValueError(f"memory_boost={config.memory_boost} must be 0 (off) or positive")
-        self.layer_idx = layer_idx
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
-        self.segment_len = config.segment_len
-        self.update = config.memory_update
-        self.feature_scale = config.feature_scale
-        self.memory_boost = config.memory_boost
-        self.memory_read = config.memory_read
-        self.read_norm = config.read_norm
-        self.use_kernels = config.use_kernels
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        # the gate, one logit per head, starts at an even mix; a vector, so it is never weight-decayed, and it
-        # learns faster than the rest (the Hugging Face reproduction found the gates did not move otherwise)
-        self.beta = nn.Parameter(torch.zeros(config.n_head))
-        self.beta.lr_mult = config.gate_lr_mult
-
-    def qkv(self, x):
-        """Queries, keys and values (B, H, T, d), un-rotated: RoPE is applied inside each segment."""
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-
-    def forward(self, x, x0, cache=None, memory_read=None, rotary=None):
-        """memory_read: this call's read ('on', 'off', 'local', or one per layer) instead of the config's.
-        rotary: segment_angles(segment_len, ...), computed once by the model for every layer (None: here)."""
-        B, T, C = x.size()
-        q, k, v = self.qkv(x)
-        read = self.read_of(memory_read)
-        if cache is None:
-            y, _, _ = self.attend(q, k, v, read=read, angles=rotary)
-        else:
-            k, v, M, z = cache.read(self.layer_idx, k, v)  # the cached partial segment, then the new tokens
-            y, M, z = self.attend(q, k, v, M, z, read, rotary)
-            cache.write(self.layer_idx, k, v, M, z)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-    def read_of(self, memory_read):
-        """This layer's memory read: the config's, or a call's (one for every layer, or a list of one per layer)."""
-        if memory_read is None:
-            return self.memory_read
-        read = memory_read if isinstance(memory_read, str) else memory_read[self.layer_idx]
-        if read not in MEMORY_READS:
-            raise ValueError(f"unknown memory_read '{read}', choose one of: {', '.join(MEMORY_READS)}")
-        return read
-
-    def attend(self, q, k, v, M=None, z=None, read='on', angles=None):
-        dropout_p = self.dropout if self.training else 0.0
-        repeats = None
-        if self.training and self.memory_boost > 0 and M is None:  # a training sequence: boost its first write
-            repeats = 1 + self.memory_boost * torch.rand(q.size(0), device=q.device, dtype=memory_dtype(q))
-        if (self.use_kernels and dropout_p == 0.0 and repeats is None
-                and kernels.infini_available(q)):
-            return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z,
-                                         feature_scale=self.feature_scale, memory_read=read,
-                                         read_norm=self.read_norm, angles=angles)
-        return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p,
-                                self.feature_scale, read, repeats, self.read_norm, angles)
-
     def maps(self, x, x0):
         """The local softmax weights of each segment (eq. 2), the gates, and the share of each token's output read
         from memory. The reference at gate 1 (beta = +inf) returns A_mem alone (eq. 3), at gate 0 A_dot alone
@@ -393,11 +404,6 @@ class InfiniAttention(nn.Module):
             eye = torch.eye(e - s, dtype=v.dtype, device=v.device).expand(*v.shape[:2], e - s, e - s)
             att[..., s:e, s:e] = local_attention(q[..., s:e, :], k[..., s:e, :], eye, 0.0)
         return dict(att=att, y=mem + loc, gate=torch.sigmoid(self.beta.float())[None], memory_share=share)
-
-    def log_stats(self, x):
-        """The gates sigmoid(beta), one per head, for train.py's log: how much each head reads from memory.
-        x (this layer's input) is not needed: the gates are weights."""
-        return {f'gate{h}': g for h, g in enumerate(torch.sigmoid(self.beta.detach().float()).tolist())}
 
 
 def gate_values(model):

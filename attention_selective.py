@@ -25,11 +25,11 @@ so rope and alibi stay exact after evictions.
 """
 
 import torch
-import torch.nn as nn
 from torch.nn.functional import dropout, pad, softplus
 
 import kernels
-from positions import alibi_bias, alibi_slopes, causal_mask, rope
+from attention import CausalSelfAttention
+from positions import alibi_bias, causal_mask, rope
 
 SELECTION_FNS = {'relu': torch.relu, 'softplus': softplus, 'sigmoid': torch.sigmoid}
 EVICTIONS = ('F', 'window')  # what a budgeted cache evicts: the most masked entry, or the oldest
@@ -38,16 +38,24 @@ CHUNK = 1024  # queries a cached forward scores at a time: chunk x (held + chunk
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The reference: the paper's equations in order, materialising T x T logits (fp32).
+# The reference: the paper's equations in order (Figure 2), materialising T x T logits (fp32).
 
-def score_dtype(x):
-    """Logits, S and F are fp32 even for bf16/fp16 inputs: F sums many votes and is subtracted from logits."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def scaled_logits(q, k):
-    """logits = q k^T / sqrt(d) in fp32 (fp64 for fp64 inputs), every query against every key: (..., Tq, Tk)."""
-    return (q @ k.transpose(-1, -2)).to(score_dtype(q)) * q.size(-1) ** -0.5
+def selective_attention(q, k, v, selection_head=0, selection_fn='relu', budget=None, dropout_p=0.0, bias=None,
+                        evict='F'):
+    """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D). budget: simulate a pruned cache (or None)
+    that evicts by `evict`. bias: added to every head's logits after selection (ALiBi's (H, T, T)), or None."""
+    logits = causal_logits(q, k)
+    # Figure 2: "select head 0": S comes from one head's scaled, causally masked logits; no new parameters
+    F = accumulated_masks(selection_matrix(logits[:, selection_head], selection_fn))
+    logits = logits - F[:, None]  # "apply selection": F is subtracted from every head, the selecting one too
+    if bias is not None:
+        logits = logits + bias
+    if budget is not None and budget < q.size(-2):
+        logits = logits.masked_fill(~eviction_schedule(F, budget, evict=evict)[:, None], float('-inf'))
+    att = torch.softmax(logits, dim=-1)  # row i always keeps token 0 (F = 0 there): never all -inf
+    if dropout_p > 0.0:
+        att = dropout(att, dropout_p)
+    return att.to(v.dtype) @ v
 
 
 def causal_logits(q, k):
@@ -57,17 +65,17 @@ def causal_logits(q, k):
     return logits.masked_fill(~causal_mask(T, T, q.device), float('-inf'))
 
 
+def selection_matrix(logits, selection_fn='relu'):
+    """S from one head's causal logits (B, T, T)."""
+    positions = torch.arange(logits.size(-1), device=logits.device)
+    return votes(logits, positions[:, None], positions[None, :], selection_fn)
+
+
 def votes(logits, k, j, selection_fn='relu'):
     """S[k, j] = fn(logits[k, j]) for 0 < j < k, else 0: what query position k votes against key position j."""
     # Figure 2: "only positive selection" (ReLU); "do not mask self" and no future key (j < k);
     # "do not mask <BOS>" (j > 0: the first token stays visible, so no softmax row is ever all -inf)
     return torch.where((j < k) & (j > 0), SELECTION_FNS[selection_fn](logits), 0.0)
-
-
-def selection_matrix(logits, selection_fn='relu'):
-    """S from one head's causal logits (B, T, T)."""
-    positions = torch.arange(logits.size(-1), device=logits.device)
-    return votes(logits, positions[:, None], positions[None, :], selection_fn)
 
 
 # Figure 2's caption warns that the sketch can "interfere with compiler optimizations": Inductor's scan codegen
@@ -82,16 +90,18 @@ def accumulated_masks(S):
     return pad(S.cumsum(dim=-2)[..., :-1, :], (0, 0, 1, 0))
 
 
-def check_evict(evict):
-    if evict not in EVICTIONS:
-        raise ValueError(f"unknown evict '{evict}', choose one of: {', '.join(EVICTIONS)}")
-    return evict
+def scaled_logits(q, k):
+    """logits = q k^T / sqrt(d) in fp32 (fp64 for fp64 inputs), every query against every key: (..., Tq, Tk)."""
+    return (q @ k.transpose(-1, -2)).to(score_dtype(q)) * q.size(-1) ** -0.5
 
 
-def eviction_scores(F, evict):
-    """What a budgeted cache evicts by: F itself, or all zeros for the sliding window (ties go to the oldest)."""
-    return F if evict == 'F' else torch.zeros_like(F)
+def score_dtype(x):
+    """Logits, S and F are fp32 even for bf16/fp16 inputs: F sums many votes and is subtracted from logits."""
+    return torch.promote_types(x.dtype, torch.float32)
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference: pruning the cache under a budget (the paper's context pruning), replayed on F.
 
 def eviction_schedule(F, budget, n_held=0, evict='F'):
     """keep[b, i, j]: whether token j is still in a `budget`-entry cache when query i runs.
@@ -119,79 +129,35 @@ def eviction_schedule(F, budget, n_held=0, evict='F'):
     return keep
 
 
-def selective_attention(q, k, v, selection_head=0, selection_fn='relu', budget=None, dropout_p=0.0, bias=None,
-                        evict='F'):
-    """Selective attention of q, k, v (B, H, T, D) -> (B, H, T, D). budget: simulate a pruned cache (or None)
-    that evicts by `evict`. bias: added to every head's logits after selection (ALiBi's (H, T, T)), or None."""
-    logits = causal_logits(q, k)
-    # Figure 2: "select head 0": S comes from one head's scaled, causally masked logits; no new parameters
-    F = accumulated_masks(selection_matrix(logits[:, selection_head], selection_fn))
-    logits = logits - F[:, None]  # "apply selection": F is subtracted from every head, the selecting one too
-    if bias is not None:
-        logits = logits + bias
-    if budget is not None and budget < q.size(-2):
-        logits = logits.masked_fill(~eviction_schedule(F, budget, evict=evict)[:, None], float('-inf'))
-    att = torch.softmax(logits, dim=-1)  # row i always keeps token 0 (F = 0 there): never all -inf
-    if dropout_p > 0.0:
-        att = dropout(att, dropout_p)
-    return att.to(v.dtype) @ v
+def eviction_scores(F, evict):
+    """What a budgeted cache evicts by: F itself, or all zeros for the sliding window (ties go to the oldest)."""
+    return F if evict == 'F' else torch.zeros_like(F)
+
+
+def check_evict(evict):
+    if evict not in EVICTIONS:
+        raise ValueError(f"unknown evict '{evict}', choose one of: {', '.join(EVICTIONS)}")
+    return evict
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The module.
 
-class SelectiveAttention(nn.Module):
-    # what the model and the scripts ask (model.py's docstring): rope first, as docs/selective.md measures best
-    position_schemes = ('rope', 'alibi', 'learned')
-    refused_because = ''
-    own_head_size = True
-    streams = False
-    cache_options = ('budget', 'evict')
-    call_options = ('budget', 'evict')  # without a cache: the simulated pruning (forward)
-    maps_note = ''
-
-    @staticmethod
-    def new_cache(config, batch_size, max_len, budget=None, evict='F'):
-        return SelectiveCache(config, batch_size, max_len, budget, evict)
-
-    @staticmethod
-    def keys_per_query(config):
-        return config.block_size
-
-    @staticmethod
-    def rotary_positions(config, start, t):
-        return range(start, start + t) if config.positions == 'rope' else None
-
-    def init_from_causal(self, block):
-        pass  # no parameters of its own: the causal weights with selection on
-
-    @staticmethod
-    def training_problem(config):
-        return ''
+class SelectiveAttention(CausalSelfAttention):
 
     def __init__(self, config, layer_idx):
-        super().__init__()
         if not 0 <= config.selection_head < config.n_head:
             raise ValueError(f"selection_head={config.selection_head} must be a head index, 0..{config.n_head - 1}")
         if config.selection_fn not in SELECTION_FNS:
             raise ValueError(f"unknown selection_fn '{config.selection_fn}', choose one of: "
                              f"{', '.join(SELECTION_FNS)}")
-        self.layer_idx = layer_idx
-        self.n_head = config.n_head
-        self.width = config.n_head * config.head_size  # n_embd unless head_size says otherwise
+        super().__init__(config, layer_idx)  # the causal attention's projections: no new parameters
         self.n_layer = config.n_layer
-        self.dropout = config.dropout
         self.selection_head = config.selection_head
         self.selection_fn = config.selection_fn
         self.selection_loss = config.selection_loss
         self.use_kernels = config.use_kernels
-        self.positions = config.positions
         self.aux_loss = 0.0
-        self.c_attn = nn.Linear(config.n_embd, 3 * self.width, bias=config.bias)
-        self.c_proj = nn.Linear(self.width, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
-            self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
     def qkv(self, x, start, rotary=None):
         """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at positions start.., rotated with rope
@@ -203,23 +169,6 @@ class SelectiveAttention(nn.Module):
             positions = torch.arange(start, start + T, device=x.device)
             q, k = rope(q, positions, rotary), rope(k, positions, rotary)
         return q, k, v
-
-    def selection_masks(self, x):
-        """F (B, T, T) of this layer for its input x (B, T, C, after ln_1): how masked each token is at each query.
-        For inspection (experiments/selective_synthetic.py counts the tokens left unmasked)."""
-        q, k, _ = self.qkv(x, 0)
-        return self.head_masks(q, k)[1]
-
-    def log_stats(self, x):
-        """What train.py's log records of this layer, for its input x (B, T, C, after ln_1): `masked`, the share of
-        (query, earlier token) pairs with F >= MEMORY_TAU (the token counts as gone, as in the memory loss), and
-        `visible`, how many tokens the last query still sees (F < MEMORY_TAU, itself included)."""
-        F = self.selection_masks(x).float()
-        T = F.size(-1)
-        earlier = torch.ones(T, T, dtype=torch.bool, device=F.device).tril(-1)  # j < i
-        masked = (F >= MEMORY_TAU) & earlier
-        return {'masked': masked.sum().item() / (earlier.sum().item() * F.size(0) or 1),
-                'visible': (F[:, -1] < MEMORY_TAU).sum(-1).float().mean().item()}
 
     def forward(self, x, x0, cache=None, budget=None, evict='F', rotary=None):
         """budget, evict: without a cache, simulate a cache pruned to budget entries (an int, or one per layer) that
@@ -242,31 +191,6 @@ class SelectiveAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, self.width)
         return self.resid_dropout(self.c_proj(y))
 
-    def layer_budget(self, budget):
-        """This layer's entry of a budget given for one call: an int for every layer, or a list of one per layer."""
-        return budget if budget is None or isinstance(budget, int) else budget[self.layer_idx]
-
-    def maps(self, x, x0, budget=None, evict='F'):
-        """The attention weights, from the reference itself, and its steps (Figure 2) kept to be shown: 'F' the
-        mask on each token (column) when each query (row) runs, 'keep' whether the budgeted cache still holds it
-        then, 'F_end' the mask the cache holds after the text (F plus the last query's votes)."""
-        q, k, v = self.qkv(x, 0)
-        T, budget = q.size(-2), self.layer_budget(budget)
-        S, F = self.head_masks(q, k)
-        keep = (eviction_schedule(F, budget, evict=check_evict(evict)) if budget and budget < T else
-                torch.ones_like(F, dtype=torch.bool))
-        eye = torch.eye(T, dtype=v.dtype, device=v.device).expand(*v.shape[:2], T, T)  # softmax(...) @ I: weights
-        positions = torch.arange(T, device=q.device)
-        att = selective_attention(q, k, eye, self.selection_head, self.selection_fn, budget or None,
-                                  bias=self.distance_bias(positions, positions), evict=evict)
-        return dict(att=att, y=att.to(v.dtype) @ v, F=F, keep=keep, F_end=F[:, -1] + S[:, -1])
-
-    def distance_bias(self, query_positions, key_positions):
-        """ALiBi's bias for these queries and keys (positions.alibi_bias), or None without alibi."""
-        if self.positions != 'alibi':
-            return None
-        return alibi_bias(self.slopes, query_positions, key_positions)
-
     def attend(self, q, k, v, budget, vote_totals=False, evict='F'):
         """Selective attention of q, k, v; with vote_totals also S's column sums (B, T), the F a cache keeps."""
         dropout_p = self.dropout if self.training else 0.0
@@ -277,6 +201,16 @@ class SelectiveAttention(nn.Module):
         y = selective_attention(q, k, v, self.selection_head, self.selection_fn, budget, dropout_p,
                                 self.distance_bias(positions, positions), evict)
         return (y, self.vote_totals(q, k)) if vote_totals else y
+
+    def layer_budget(self, budget):
+        """This layer's entry of a budget given for one call: an int for every layer, or a list of one per layer."""
+        return budget if budget is None or isinstance(budget, int) else budget[self.layer_idx]
+
+    def distance_bias(self, query_positions, key_positions):
+        """ALiBi's bias for these queries and keys (positions.alibi_bias), or None without alibi."""
+        if self.positions != 'alibi':
+            return None
+        return alibi_bias(self.slopes, query_positions, key_positions)
 
     def head_masks(self, q, k):
         """S and F of the selecting head: (B, T, T) each."""
@@ -295,6 +229,9 @@ class SelectiveAttention(nn.Module):
         _, F = self.head_masks(q, k)
         visible = torch.arange(1, T + 1, device=q.device) - F.clamp(max=MEMORY_TAU).sum(-1) / MEMORY_TAU
         return self.selection_loss * visible.max(dim=-1).values.mean() / (self.n_layer * T)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Inference: the cache keeps F per entry; a decode step adds the new token's votes, then may evict
 
     def vote_totals(self, q, k):
         """Column sums of S, the F of the query after the prompt, summed CHUNK queries at a time: (B, T)."""
@@ -343,6 +280,48 @@ class SelectiveAttention(nn.Module):
         S = SELECTION_FNS[self.selection_fn](logits[:, self.selection_head, 0])
         f += S.masked_fill((pos <= 0) | (pos == position), 0.0)
         return att.to(v.dtype) @ V
+
+    # -----------------------------------------------------------------------------------------------------
+    # What the model and the tools ask (attention.py), where Selective Attention differs from the causal one
+
+    cache_options = ('budget', 'evict')
+    call_options = ('budget', 'evict')  # without a cache: the simulated pruning (forward)
+
+    @staticmethod
+    def new_cache(config, batch_size, max_len, budget=None, evict='F'):
+        return SelectiveCache(config, batch_size, max_len, budget, evict)
+
+    def maps(self, x, x0, budget=None, evict='F'):
+        """The attention weights, from the reference itself, and its steps (Figure 2) kept to be shown: 'F' the
+        mask on each token (column) when each query (row) runs, 'keep' whether the budgeted cache still holds it
+        then, 'F_end' the mask the cache holds after the text (F plus the last query's votes)."""
+        q, k, v = self.qkv(x, 0)
+        T, budget = q.size(-2), self.layer_budget(budget)
+        S, F = self.head_masks(q, k)
+        keep = (eviction_schedule(F, budget, evict=check_evict(evict)) if budget and budget < T else
+                torch.ones_like(F, dtype=torch.bool))
+        eye = torch.eye(T, dtype=v.dtype, device=v.device).expand(*v.shape[:2], T, T)  # softmax(...) @ I: weights
+        positions = torch.arange(T, device=q.device)
+        att = selective_attention(q, k, eye, self.selection_head, self.selection_fn, budget or None,
+                                  bias=self.distance_bias(positions, positions), evict=evict)
+        return dict(att=att, y=att.to(v.dtype) @ v, F=F, keep=keep, F_end=F[:, -1] + S[:, -1])
+
+    def selection_masks(self, x):
+        """F (B, T, T) of this layer for its input x (B, T, C, after ln_1): how masked each token is at each query.
+        For inspection (experiments/selective_synthetic.py counts the tokens left unmasked)."""
+        q, k, _ = self.qkv(x, 0)
+        return self.head_masks(q, k)[1]
+
+    def log_stats(self, x):
+        """What train.py's log records of this layer, for its input x (B, T, C, after ln_1): `masked`, the share of
+        (query, earlier token) pairs with F >= MEMORY_TAU (the token counts as gone, as in the memory loss), and
+        `visible`, how many tokens the last query still sees (F < MEMORY_TAU, itself included)."""
+        F = self.selection_masks(x).float()
+        T = F.size(-1)
+        earlier = torch.ones(T, T, dtype=torch.bool, device=F.device).tril(-1)  # j < i
+        masked = (F >= MEMORY_TAU) & earlier
+        return {'masked': masked.sum().item() / (earlier.sum().item() * F.size(0) or 1),
+                'visible': (F[:, -1] < MEMORY_TAU).sum(-1).float().mean().item()}
 
 
 # ---------------------------------------------------------------------------------------------------------

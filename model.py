@@ -1,58 +1,12 @@
 """
-A GPT language model in the style of nanoGPT, with the attention chosen by name.
+A GPT language model in the style of nanoGPT, with the attention chosen by name (GPTConfig.attention).
 
-The attention interface (every attention file implements it):
+The attentions live in their own files: attention.py (causal, the baseline every other one extends),
+attention_in.py, attention_infini.py and attention_selective.py. What an attention declares about itself (the
+class attributes at the bottom of attention.py) is all the model and the scripts ask of it.
 
-  Attention(config, layer_idx)          an nn.Module; projections keep nanoGPT's names (c_attn, c_proj)
-  attention(x, x0, cache=None, **options) -> y
-                                        x:  (B, T, C) this block's input after ln_1: queries come from it
-                                        x0: (B, T0, C) the initial token states (the input of block 0), T0 >= T.
-                                            InAttention makes keys and values from x0; the others ignore it.
-                                        cache=None: a full forward over positions 0..T0-1 (training).
-                                        cache given: x0 holds the tokens that follow the cache.length tokens
-                                            already cached, x the same tokens (only the last one when the
-                                            cache's last_token_only); the attention appends them to its part
-                                            of the cache and returns x's outputs (prefill and one-step decode).
-                                        options: settings of this one call (its call_options, below), passed
-                                            through GPT.forward(idx, targets, cache, **options).
-                                        rotary: the cos and sin of the positions its rotary_positions names
-                                            (positions.rope_angles), computed once per forward for every layer.
-  Attention.aux_loss                    optional: an extra training loss term set by forward (selective's
-                                        memory loss); GPT adds it to the language-model loss.
-
-What an attention knows about itself, it declares as class attributes; the model and the scripts ask it and never
-branch on its name (a new attention answers the same questions, then register_attention adds it in one line):
-
-  position_schemes                      the positions it takes (positions.py), its default first
-  refused_because                       why it refuses the other schemes ('' when it takes them all)
-  own_head_size                         True when it takes GPTConfig.head_size apart from n_embd / n_head
-  streams                               True when it has no context limit (Infini-attention): it then brings its
-                                        own positions, the model has no position table and never crops
-  cache_options                         the inference options its cache takes (selective's budget and evict)
-  call_options                          the options one forward takes (selective's simulated budget and evict,
-                                        Infini's memory_read); GPT.forward refuses any other
-  new_cache(config, batch_size, max_len, **options)
-                                        its inference cache, for all layers together, so an attention may share it
-                                        across layers (InAttention does). A cache has .length (tokens seen),
-                                        .nbytes() (bytes held) and .last_token_only (True when earlier tokens never
-                                        need to run through the blocks).
-  keys_per_query(config)                the keys one query attends to in training: PaLM's T in the attention's
-                                        12 L H Q T flops per token (estimate_mfu)
-  maps(x, x0, **options)                what it can show (visualize.py): 'att' its attention weights (B, H, T, T),
-                                        'y' its output before c_proj (B, H, T, D) to check them against the
-                                        model, and whatever else is its own (selective's F, Infini's gates)
-  maps_note                             what its weights are over, in a few words ('' for plain tokens)
-  rotary_positions(config, start, t)    the positions (a range) whose RoPE angles GPT.forward computes once and
-                                        passes every layer as `rotary`, when t tokens follow `start` cached ones;
-                                        None when it takes none
-  init_from_causal(block, **options)    sets the parameters a causal model's weights lack, once they are loaded
-                                        into its block (gpt2.py: InAttention's ln_kv, Infini's gates)
-  training_problem(config)              why training with these settings would not work, or '' (Infini: a
-                                        segment longer than the training window never fills the memory)
-
-Positions (GPTConfig.positions, functions in positions.py): 'learned' adds GPT-2's table (wpe) to the initial
-states; 'rope' rotates queries and keys by their position; 'alibi' adds a distance bias to the scores. Without
-'learned' there is no table.
+Positions (GPTConfig.positions, positions.py): 'learned' adds GPT-2's table (wpe) to the initial states; 'rope'
+rotates queries and keys by their position; 'alibi' adds a distance bias to the scores.
 """
 
 import inspect
@@ -63,13 +17,14 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 
+from attention import CausalSelfAttention
 from attention_in import InAttention
 from attention_infini import InfiniAttention
 from attention_selective import SelectiveAttention
-from positions import POSITIONS, alibi_bias, alibi_slopes, causal_mask, rope, rope_angles
+from positions import POSITIONS, rope_angles
 
 ATTENTIONS = {}  # name -> attention class, filled by register_attention below the classes
-# what every attention declares (the module docstring says what each means)
+# what every attention declares (attention.py's base class says what each means and gives the baseline's answer)
 DECLARATIONS = ('position_schemes', 'refused_because', 'own_head_size', 'streams', 'cache_options', 'call_options',
                 'new_cache', 'keys_per_query', 'maps', 'maps_note', 'rotary_positions', 'init_from_causal',
                 'training_problem')
@@ -145,8 +100,8 @@ def register_attention(name, attention_class):
     """Make an attention choosable by name (GPTConfig.attention, train.py --attention=name)."""
     missing = [d for d in DECLARATIONS if not hasattr(attention_class, d)]
     if missing:
-        raise TypeError(f"{attention_class.__name__} does not declare {', '.join(missing)} (model.py's docstring "
-                        f"says what each is)")
+        raise TypeError(f"{attention_class.__name__} does not declare {', '.join(missing)} (subclass "
+                        f"attention.CausalSelfAttention, which declares each)")
     ATTENTIONS[name] = attention_class
 
 
@@ -160,121 +115,6 @@ def cross_entropy(logits, targets, reduction='mean'):
     total = sum(nnf.cross_entropy(logits[i:i + rows], targets[i:i + rows], ignore_index=-1, reduction='sum')
                 for i in range(0, targets.numel(), rows))
     return total if reduction == 'sum' else total / (targets != -1).sum()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The baseline: plain causal self-attention with a standard KV cache.
-
-class CausalSelfAttention(nn.Module):
-    position_schemes = ('rope', 'alibi', 'learned')  # rope first: docs/selective.md measures it best here
-    refused_because = ''
-    own_head_size = True
-    streams = False
-    cache_options = ()
-    call_options = ()
-    maps_note = ''
-
-    @staticmethod
-    def new_cache(config, batch_size, max_len):
-        return KVCache(config, batch_size, max_len)
-
-    @staticmethod
-    def keys_per_query(config):
-        return config.block_size
-
-    @staticmethod
-    def rotary_positions(config, start, t):
-        return range(start, start + t) if config.positions == 'rope' else None
-
-    def init_from_causal(self, block):
-        pass  # it is the causal model: nothing is new
-
-    @staticmethod
-    def training_problem(config):
-        return ''
-
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head = config.n_head
-        self.width = config.n_head * config.head_size  # n_embd unless head_size says otherwise
-        self.dropout = config.dropout
-        self.positions = config.positions
-        self.c_attn = nn.Linear(config.n_embd, 3 * self.width, bias=config.bias)
-        self.c_proj = nn.Linear(self.width, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
-            self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
-
-    def qkv(self, x, positions, rotary=None):
-        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at these positions (T,); rotary: their
-        rope angles if the model computed them already."""
-        B, T, _ = x.size()
-        q, k, v = self.c_attn(x).split(self.width, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
-        if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
-            q, k = rope(q, positions, rotary), rope(k, positions, rotary)
-        return q, k, v
-
-    def forward(self, x, x0, cache=None, rotary=None):
-        B, T, _ = x.size()
-        start = 0 if cache is None else cache.length
-        positions = torch.arange(start, start + T, device=x.device)
-        q, k, v = self.qkv(x, positions, rotary)
-        dropout_p = self.dropout if self.training else 0.0
-        if cache is not None:
-            k, v = cache.append(self.layer_idx, k, v)
-        if self.positions == 'alibi':  # the distance bias, with -inf on future keys, as one float mask
-            y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=self.alibi_mask(positions, k.size(2)).to(q.dtype),
-                                                 dropout_p=dropout_p)
-        elif cache is None or T == k.size(2):  # training, or prefill of an empty cache: no T x T mask in memory
-            y = nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
-            y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, self.width)
-        return self.resid_dropout(self.c_proj(y))
-
-    def alibi_mask(self, positions, n_keys):
-        """ALiBi's distance bias of these queries over keys 0..n_keys-1, with -inf on future keys: (H, T, n_keys)."""
-        bias = alibi_bias(self.slopes, positions, torch.arange(n_keys, device=positions.device))
-        return bias.masked_fill(~causal_mask(positions.size(0), n_keys, positions.device), float('-inf'))
-
-    def maps(self, x, x0):
-        """The attention weights softmax(q k^T / sqrt(d) + causal mask (+ ALiBi's bias)), and the output."""
-        positions = torch.arange(x.size(1), device=x.device)
-        q, k, v = self.qkv(x, positions)
-        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
-        if self.positions == 'alibi':
-            scores = scores + self.alibi_mask(positions, k.size(2))
-        else:
-            scores = scores.masked_fill(~causal_mask(q.size(2), k.size(2), x.device), float('-inf'))
-        att = torch.softmax(scores, dim=-1)
-        return dict(att=att, y=att @ v)
-
-
-class KVCache:
-    """Keys and values of every layer for every token seen: 2 * n_layer * n_head * head_size numbers per token."""
-    last_token_only = False
-
-    def __init__(self, config, batch_size, max_len):
-        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
-        self.k = self.v = None  # allocated on first use, in the dtype the model computes in
-        self.length = 0
-
-    def append(self, layer, k, v):
-        if self.k is None:
-            self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
-        end = self.length + k.size(2)
-        if end > self.shape[3]:
-            raise ValueError(f"KV cache holds {self.shape[3]} tokens, {end} asked for")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def nbytes(self):
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
 register_attention('causal', CausalSelfAttention)

@@ -1,0 +1,147 @@
+"""
+Causal self-attention, the baseline, and the base class of every other attention in this repository.
+
+    y = softmax(q k^T / sqrt(d) + causal mask) v        (Vaswani et al. 2017, eq. 1), per head
+
+An attention is an nn.Module called as attention(x, x0, cache=None, **options) -> y:
+  x    (B, T, C) this block's input after ln_1: the queries come from it
+  x0   (B, T0, C) the initial token states (the input of block 0); InAttention makes its keys from them
+  cache=None: a training forward over the whole input. With a cache: x holds the tokens that follow the
+       cache.length tokens already cached (only the last one when cache.last_token_only); the attention appends
+       them to its part of the cache (prefill and one-step decode).
+  options: the settings of one call (call_options below), passed through GPT.forward(idx, targets, cache, **options)
+
+A new attention subclasses CausalSelfAttention and states only what differs: usually forward, and the class
+attributes at the bottom that are not true of it (docs/add_attention.md walks through one).
+"""
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
+
+from positions import alibi_bias, alibi_slopes, causal_mask, rope
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.width = config.n_head * config.head_size  # n_embd unless head_size says otherwise
+        self.dropout = config.dropout
+        self.positions = config.positions
+        self.c_attn = nn.Linear(config.n_embd, 3 * self.width, bias=config.bias)
+        self.c_proj = nn.Linear(self.width, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        if self.positions == 'alibi':  # a buffer, so it follows the model's device and dtype; not saved
+            self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
+
+    def qkv(self, x, positions, rotary=None):
+        """Queries, keys and values (B, H, T, D) of x (B, T, C), the tokens at these positions (T,); rotary: their
+        rope angles if the model computed them already."""
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).split(self.width, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        if self.positions == 'rope':  # keys are cached rotated: a key's rotation depends on its position only
+            q, k = rope(q, positions, rotary), rope(k, positions, rotary)
+        return q, k, v
+
+    def forward(self, x, x0, cache=None, rotary=None):
+        B, T, _ = x.size()
+        start = 0 if cache is None else cache.length
+        positions = torch.arange(start, start + T, device=x.device)
+        q, k, v = self.qkv(x, positions, rotary)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)
+        if self.positions == 'alibi':  # the distance bias, with -inf on future keys, as one float mask
+            y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=self.alibi_mask(positions, k.size(2)).to(q.dtype),
+                                                 dropout_p=dropout_p)
+        elif cache is None or T == k.size(2):  # training, or prefill of an empty cache: no T x T mask in memory
+            y = nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
+            y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.width)
+        return self.resid_dropout(self.c_proj(y))
+
+    def alibi_mask(self, positions, n_keys):
+        """ALiBi's distance bias of these queries over keys 0..n_keys-1, with -inf on future keys: (H, T, n_keys)."""
+        bias = alibi_bias(self.slopes, positions, torch.arange(n_keys, device=positions.device))
+        return bias.masked_fill(~causal_mask(positions.size(0), n_keys, positions.device), float('-inf'))
+
+    # -----------------------------------------------------------------------------------------------------
+    # What the model and the tools ask an attention. These are the baseline's answers; a subclass overrides the
+    # ones that are not true of it, and the model never branches on an attention's name.
+
+    position_schemes = ('rope', 'alibi', 'learned')  # the positions it takes, its default first (positions.py)
+    refused_because = ''     # why it refuses the other position schemes
+    own_head_size = True     # it takes GPTConfig.head_size apart from n_embd / n_head
+    streams = False          # no context limit: it brings its own positions, the model never crops (Infini)
+    cache_options = ()       # the inference options its cache takes (selective's budget and evict)
+    call_options = ()        # the options one forward takes; GPT.forward refuses any other
+    maps_note = ''           # what its attention weights are over, in a few words ('' for plain tokens)
+
+    @staticmethod
+    def new_cache(config, batch_size, max_len):
+        """Its inference cache for all layers together (an attention may share one across layers). A cache has
+        .length (tokens seen), .nbytes() (bytes held) and .last_token_only (earlier tokens need not run through
+        the blocks)."""
+        return KVCache(config, batch_size, max_len)
+
+    @staticmethod
+    def keys_per_query(config):
+        """The keys one query attends to in training: PaLM's T in the 12 L H Q T flops per token (estimate_mfu)."""
+        return config.block_size
+
+    @staticmethod
+    def rotary_positions(config, start, t):
+        """The positions whose RoPE angles GPT.forward computes once for every layer and passes as `rotary`, when
+        t tokens follow `start` cached ones; None when it takes none."""
+        return range(start, start + t) if config.positions == 'rope' else None
+
+    def init_from_causal(self, block):
+        """Set the parameters a causal model's weights lack, once they are loaded into its block (gpt2.py)."""
+
+    @staticmethod
+    def training_problem(config):
+        """Why training with these settings would not work, or ''."""
+        return ''
+
+    def maps(self, x, x0):
+        """What visualize.py shows: 'att' the attention weights (B, H, T, T) and 'y' the output before c_proj
+        (B, H, T, D), which a test checks against forward; an attention may add its own (selective's F)."""
+        positions = torch.arange(x.size(1), device=x.device)
+        q, k, v = self.qkv(x, positions)
+        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+        if self.positions == 'alibi':
+            scores = scores + self.alibi_mask(positions, k.size(2))
+        else:
+            scores = scores.masked_fill(~causal_mask(q.size(2), k.size(2), x.device), float('-inf'))
+        att = torch.softmax(scores, dim=-1)
+        return dict(att=att, y=att @ v)
+
+
+class KVCache:
+    """Keys and values of every layer for every token seen: 2 * n_layer * n_head * head_size numbers per token."""
+    last_token_only = False
+
+    def __init__(self, config, batch_size, max_len):
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
+        self.k = self.v = None  # allocated on first use, in the dtype the model computes in
+        self.length = 0
+
+    def append(self, layer, k, v):
+        if self.k is None:
+            self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        if end > self.shape[3]:
+            raise ValueError(f"KV cache holds {self.shape[3]} tokens, {end} asked for")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def nbytes(self):
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
