@@ -350,7 +350,6 @@ class InfiniAttention(CausalSelfAttention):
     # -----------------------------------------------------------------------------------------------------
     # What the model and the tools ask (attention.py), where Infini-attention differs from the causal one
 
-    # what the model and the scripts ask (model.py's docstring)
     position_schemes = ('rope', 'learned')
     refused_because = ("Infini-attention always brings its own positions, RoPE inside each segment with a "
                        "position-free memory; 'rope' and 'learned' both leave it so")

@@ -1,13 +1,9 @@
 """
-The scripts' flags: --key=value, as in nanoGPT's configurator. It imports neither torch nor the model, so reading
-a flag is quick; devices.py and checkpoints.py hold what the scripts share besides.
-
-Flags work as in nanoGPT's configurator: every plain global at the top of a script (a bool, int, float or str)
-is a flag, its value the default. `configure(argv, flags_of(globals()))` applies files of flags (python files of
-assignments, given without --) and then --key=value flags, keeping each flag's type, and returns the settings.
+Flags, as in nanoGPT's configurator: every plain global (bool, int, float, str) at the top of a script is a flag,
+its value the default. configure() applies files of flags (python files of assignments, given without --), then
+--key=value flags, keeping each flag's type. It imports neither torch nor the model, so reading flags is quick.
 """
 
-import math
 import os
 import types
 
@@ -27,42 +23,31 @@ def parse_value(key, raw, default):
         raise SystemExit(f"--{key}={raw}: expected {type(default).__name__} like the default {default!r}") from None
 
 
-def check_value(key, value, default, where):
-    """A value set in a config file, checked against the flag's type (an int is a fine float)."""
-    if isinstance(default, float) and type(value) is int:
-        return float(value)
-    if type(value) is not type(default):
-        raise SystemExit(f"{where} sets {key}={value!r}: expected {type(default).__name__} like the default "
-                         f"{default!r}")
-    return value
-
-
 def read_config_file(path, defaults):
     """The assignments of a file of flags, as {key: value}, each checked against its default."""
     if not os.path.isfile(path):
         raise SystemExit(f"no config file '{path}' (flags are written --key=value)")
     namespace = {}
-    with open(path) as f:
-        source = f.read()
     try:
-        exec(source, namespace)
+        with open(path) as f:
+            exec(f.read(), namespace)
     except Exception as e:
         raise SystemExit(f"{path} does not run: {type(e).__name__}: {e}") from None
-    values = {}
-    for key, value in namespace.items():
-        if key.startswith('_') or isinstance(value, types.ModuleType):
-            continue
+    values = {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
+    for key, value in values.items():
         if key not in defaults:
             raise SystemExit(f"{path} sets unknown key '{key}'; --help lists the flags")
-        values[key] = check_value(key, value, defaults[key], path)
+        if isinstance(defaults[key], float) and type(value) is int:  # an int is a fine float
+            values[key] = float(value)
+        elif type(value) is not type(defaults[key]):
+            raise SystemExit(f"{path} sets {key}={value!r}: expected {type(defaults[key]).__name__} like the "
+                             f"default {defaults[key]!r}")
     return values
 
 
 def configure(argv, defaults, doc=''):
-    """Files of flags, then --key=value flags, applied to defaults ({flag: default value}).
-
-    Returns (settings, given): settings has every flag as an attribute, given is the set of flags set by argv.
-    --help prints doc and the flags with their defaults."""
+    """Files of flags, then --key=value flags, applied to defaults ({flag: default}): (settings, the set of flags
+    argv set). --help prints doc and the flags with their defaults."""
     settings, given = dict(defaults), set()
     for arg in argv:
         if arg in ('-h', '--help'):
@@ -91,32 +76,3 @@ def parse_ints(flag, text, example='1024,4k,1M'):
                 for n in text.replace(' ', '').split(',') if n]
     except ValueError:
         raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None
-
-
-def check_sampling(temperature, top_k, max_new_tokens):
-    """One line for sampling settings no generation could use."""
-    if not math.isfinite(temperature) or temperature < 0:
-        raise SystemExit(f"--temperature={temperature} must be a finite number >= 0 (0 is greedy decoding)")
-    if top_k < 0 or max_new_tokens < 0:
-        raise SystemExit("--top_k and --max_new_tokens must be >= 0 (top_k 0 keeps every token)")
-
-
-def inference_options(model, budget, evict='F'):
-    """The attention options of the --budget and --evict flags, {} when both are at their defaults ('', 'F'):
-    budget an int or one per layer. The model's cache checks them: a one-line error for an attention that takes no
-    budget, a budget below 2 or an unknown eviction rule."""
-    if evict != 'F' and not budget:
-        raise SystemExit(f"--evict={evict} chooses what a pruned cache drops; it needs --budget=N (selective only)")
-    options = {}
-    if budget:
-        values = parse_ints('budget', budget, '32 or 8,16,16,8 (one per layer)')
-        options['budget'] = values[0] if len(values) == 1 else values
-    if budget or evict != 'F':
-        options['evict'] = evict
-    try:
-        model.new_cache(1, **options)  # allocates nothing: a cache checks its options when it is made
-    except ValueError as e:
-        flags = ' '.join(f'--{key}={value}' for key, value in (('budget', budget), ('evict', evict))
-                         if key in options and (key != 'evict' or value != 'F'))
-        raise SystemExit(f"{flags}: {e}") from None
-    return options

@@ -1,5 +1,5 @@
 """
-Several training runs on one plot, from the log.csv each run's out_dir holds (runlog.py lists its columns):
+Several training runs on one plot, from the log.csv each run's out_dir holds (runs.py lists its columns):
 
     python curves.py --runs=out-causal,out-selective,out-in,out-infini            # val loss by iteration
     python curves.py --runs=out,out-selective --y=loss --x=time_s --out=speed.png  # training loss by seconds
@@ -10,7 +10,7 @@ import os
 import sys
 
 from configurator import configure, flags_of
-from runlog import read_log
+from runs import read_log
 
 # -----------------------------------------------------------------------------------------------------------
 runs = 'out'            # comma-separated out_dirs (or log.csv paths), one curve each

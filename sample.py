@@ -7,13 +7,14 @@ Sample from a trained model, nanoGPT style; every global below is a flag:
   python sample.py --init_from=gpt2 --start="It was a dark and stormy night"   # GPT-2 itself (docs/gpt2.md)
 """
 
+import math
 import os
 import sys
 
 import torch
 
 from checkpoints import checkpoint_tokenizer, load_model
-from configurator import check_sampling, configure, flags_of, inference_options
+from configurator import configure, flags_of, parse_ints
 from data.common import encode_prompt
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from gpt2 import is_gpt2, load_model as load_gpt2
@@ -71,6 +72,35 @@ def main(argv):
                 raise SystemExit(str(e)) from None
             print(tok.decode(y[0].tolist()))
             print('---------------')
+
+
+def check_sampling(temperature, top_k, max_new_tokens):
+    """One line for sampling settings no generation could use."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise SystemExit(f"--temperature={temperature} must be a finite number >= 0 (0 is greedy decoding)")
+    if top_k < 0 or max_new_tokens < 0:
+        raise SystemExit("--top_k and --max_new_tokens must be >= 0 (top_k 0 keeps every token)")
+
+
+def inference_options(model, budget, evict='F'):
+    """The attention options of the --budget and --evict flags, {} when both are at their defaults ('', 'F'):
+    budget an int or one per layer. The model's cache checks them: a one-line error for an attention that takes no
+    budget, a budget below 2 or an unknown eviction rule."""
+    if evict != 'F' and not budget:
+        raise SystemExit(f"--evict={evict} chooses what a pruned cache drops; it needs --budget=N (selective only)")
+    options = {}
+    if budget:
+        values = parse_ints('budget', budget, '32 or 8,16,16,8 (one per layer)')
+        options['budget'] = values[0] if len(values) == 1 else values
+    if budget or evict != 'F':
+        options['evict'] = evict
+    try:
+        model.new_cache(1, **options)  # allocates nothing: a cache checks its options when it is made
+    except ValueError as e:
+        flags = ' '.join(f'--{key}={value}' for key, value in (('budget', budget), ('evict', evict))
+                         if key in options and (key != 'evict' or value != 'F'))
+        raise SystemExit(f"{flags}: {e}") from None
+    return options
 
 
 if __name__ == '__main__':

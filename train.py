@@ -10,13 +10,12 @@ Train a GPT, nanoGPT style. Every global below is a flag, and so is every field 
 
 Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8
 
-Every run writes out_dir/log.csv, its numbers row by row (runlog.py lists the columns); curves.py plots them.
+Every run writes out_dir/log.csv, its numbers row by row (runs.py lists the columns); curves.py plots them.
 """
 
 import dataclasses
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -26,13 +25,13 @@ from torch.distributed import barrier, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import ROPE_LAYOUT, load_checkpoint, save_checkpoint
+from checkpoints import ROPE_LAYOUT, save_checkpoint
 from configurator import configure, flags_of
-from data.common import check_tokens, load_meta, resolve_data_dir, stored_data_dir
+from data.common import check_tokens, load_meta, stored_data_dir
 from devices import autocast, default_device, device_type_of, resolve_dtype
-from gpt2 import gpt2_checkpoint, is_gpt2
-from model import ATTENTIONS, GPT, GPTConfig
-from runlog import RunLog, attention_stats, start_wandb, stats_line
+from model import GPTConfig
+from runs import (RunLog, attention_stats, build_model, check_settings, checkpoint_to_start_from,
+                  claim_out_dir, data_dir_of, prepare_data, start_wandb, stats_line, stop_if_diverged)
 
 # -----------------------------------------------------------------------------------------------------------
 # Defaults. Those that set the run's size follow the device found: a small model that trains in a few minutes
@@ -47,7 +46,7 @@ eval_only = False               # evaluate once and exit
 always_save_checkpoint = True   # else only when val loss improves
 init_from = 'scratch'           # 'scratch', 'resume', a run's ckpt.pt, gpt2[-medium|-large|-xl] or a folder (gpt2.py)
 overwrite = False               # a new run may replace the checkpoint of another run in out_dir
-# logging: every run writes out_dir/log.csv (runlog.py); wandb gets the same numbers
+# logging: every run writes out_dir/log.csv (runs.py); wandb gets the same numbers
 wandb_log = False               # needs `pip install wandb`; WANDB_MODE=offline keeps it on this machine
 wandb_project = 'long-attention-gpt'
 wandb_run_name = 'run'
@@ -83,91 +82,7 @@ seed = 1337
 for _field in dataclasses.fields(GPTConfig):
     globals().setdefault(_field.name, _field.default)
 FLAGS = flags_of(globals())  # every setting above, with its default
-MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
-# not restored on resume: where and how this machine runs it
-MACHINE_KEYS = ('out_dir', 'init_from', 'overwrite', 'eval_only', 'device', 'dtype', 'compile')
-ROOT = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------------------------------------
-
-
-def check_settings(cfg):
-    """One line for a setting no run could use (a NaN learning rate, a batch of 0, ...)."""
-    positive = ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'eval_interval', 'eval_iters',
-                'log_interval', 'gradient_accumulation_steps')
-    if cfg.vocab_size < 0:
-        raise SystemExit(f"--vocab_size={cfg.vocab_size} must be >= 0 (0 = the dataset's)")
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            raise SystemExit(f"--{key}={getattr(cfg, key)} must be at least 1")
-    for key in ('learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'beta1', 'beta2', 'dropout'):
-        value = getattr(cfg, key)
-        if not math.isfinite(value) or value < 0:
-            raise SystemExit(f"--{key}={value} must be a finite number >= 0")
-    if cfg.learning_rate == 0:
-        raise SystemExit("--learning_rate=0 would not train; give a positive rate like 1e-3")
-    if not (0 <= cfg.dropout < 1 and cfg.beta1 < 1 and cfg.beta2 < 1):
-        raise SystemExit("--dropout, --beta1 and --beta2 must be below 1")
-    if cfg.max_iters < 0 or cfg.warmup_iters < 0 or cfg.lr_decay_iters < 0:
-        raise SystemExit("--max_iters, --warmup_iters and --lr_decay_iters must be >= 0")
-    if cfg.min_lr > cfg.learning_rate:
-        raise SystemExit(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}: the schedule decays "
-                         f"from learning_rate down to min_lr")
-    if cfg.seed < 0:
-        raise SystemExit(f"--seed={cfg.seed} must be >= 0")
-    problem = ATTENTIONS[cfg.attention].training_problem(cfg) if cfg.attention in ATTENTIONS else ''
-    if problem:  # what the attention knows would not train (an unknown name is GPTConfig's error)
-        raise SystemExit(problem)
-    if not cfg.out_dir:
-        raise SystemExit("--out_dir is empty: give the folder the run's checkpoint goes to")
-
-
-def claim_out_dir(cfg):
-    """Create out_dir and lock it for this run: a second run into the same folder stops with one line, instead of
-    both writing ckpt.pt. A new run never replaces another run's checkpoint unless told to (--overwrite=True).
-    The lock (fcntl, on train.lock) belongs to this process: the OS drops it however the process ends."""
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        lock = open(os.path.join(cfg.out_dir, 'train.lock'), 'a')
-    except OSError as e:
-        raise SystemExit(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror})") from None
-    try:
-        import fcntl  # POSIX only; elsewhere runs are not locked
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    except OSError:
-        raise SystemExit(f"another run is training in --out_dir={cfg.out_dir} (it holds train.lock): wait for it "
-                         f"to end, or give this run another --out_dir") from None
-    path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    if cfg.init_from != 'resume' and os.path.exists(path) and not cfg.overwrite:
-        raise SystemExit(f"{path} holds another run: continue it with --init_from=resume, give a new --out_dir, "
-                         f"or replace it with --overwrite=True")
-    return lock
-
-
-DIVERGED_BY = 1.0  # nats: a validation loss this far above the run's reference means the run diverged
-
-
-def stop_if_diverged(losses, iter_num, out_dir, reference=None):
-    """Stop before a checkpoint is written, so out_dir/ckpt.pt keeps the last good state, when a loss is no longer a
-    finite number, or when the validation loss is more than DIVERGED_BY nats (a factor e of perplexity) above the
-    reference: the first validation loss this process measured, or the resumed checkpoint's best."""
-    bad = [f'{split} loss {value}' for split, value in losses.items() if not math.isfinite(value)]
-    if not bad and reference is not None and losses.get('val', -math.inf) > reference + DIVERGED_BY:
-        bad = [f"val loss {losses['val']:.4g}, more than {DIVERGED_BY:g} above {reference:.4f} where the run stood"]
-    if bad:
-        path = os.path.join(out_dir, 'ckpt.pt')
-        kept = f'{path} keeps the last good state' if os.path.exists(path) else 'no checkpoint was written'
-        raise SystemExit(f"step {iter_num}: {', '.join(bad)}: the run diverged; {kept}. Lower --learning_rate, or "
-                         f"undo the flag that made the numbers blow up")
-
-
-def data_dir_of(cfg, given):
-    """The data folder: --data_dir as given; else a resumed run's own (stored relative to the repository, so a
-    clone at another path finds its own copy); else data/<dataset>."""
-    if 'data_dir' in given:
-        return os.path.abspath(cfg.data_dir)
-    return resolve_data_dir(cfg.data_dir if cfg.init_from == 'resume' else '', cfg.dataset)
 
 
 def get_batch(data_dir, split, batch_size, block_size, rng, device, example_len=0, answer_len=0):
@@ -226,7 +141,7 @@ def estimate_loss(cfg, model, ctx, device, examples):
 
 
 def eval_stats(cfg, model, ctx, device, examples):
-    """What the attentions report about themselves (runlog.py), on the first four windows of a fixed val batch."""
+    """What the attentions report about themselves (runs.py), on the first four windows of a fixed val batch."""
     X, _ = get_batch(cfg.data_dir, 'val', cfg.batch_size, cfg.block_size, np.random.default_rng([cfg.seed, 1, 1, 0]),
                      device, **examples)
     with ctx:
@@ -241,110 +156,6 @@ def open_log(cfg, model, ctx, device, examples, iter_num):
     stat_names = eval_stats(cfg, model, ctx, device, examples).keys()
     resume_iter = iter_num if cfg.init_from == 'resume' else None
     return RunLog(cfg.out_dir, stat_names, resume_iter, wandb_run)
-
-
-def prepare_data(cfg, master_process):
-    """Check data_dir holds a prepared dataset; prepare the default one on first use."""
-    files = [os.path.join(cfg.data_dir, name) for name in ('train.bin', 'val.bin', 'meta.pkl')]
-    if all(os.path.isfile(f) for f in files):
-        return
-    prepare = os.path.join(ROOT, 'data', cfg.dataset, 'prepare.py')
-    default_dir = os.path.abspath(cfg.data_dir) == os.path.join(ROOT, 'data', cfg.dataset)
-    if cfg.dataset != 'python_stdlib' or not default_dir:
-        hint = (f"run: python {os.path.relpath(prepare)} --out_dir={cfg.data_dir}" if os.path.isfile(prepare)
-                else "prepare it first (python data/<name>/prepare.py --out_dir=...)")
-        raise SystemExit(f"no prepared dataset in {cfg.data_dir} (train.bin, val.bin, meta.pkl): {hint}")
-    if master_process:
-        print(f"preparing the default dataset once: python {os.path.relpath(prepare)}")
-        if subprocess.run([sys.executable, prepare]).returncode != 0:
-            raise SystemExit(f"python {os.path.relpath(prepare)} failed (see above)")
-
-
-def model_args_from(checkpoint, cfg, given, fine_tune):
-    """The checkpoint's model arguments with the flags allowed to change: dropout and use_kernels always;
-    when fine-tuning, block_size (context extension) and Infini's feature_scale, memory_boost and read_norm (a model
-    trained with the paper's memory, then taught a sharper one). A flag that contradicts the checkpoint otherwise
-    is an error."""
-    args = {k: v for k, v in checkpoint['model_args'].items() if k in MODEL_KEYS}
-    changeable = ('dropout', 'use_kernels') + (('block_size', 'feature_scale', 'memory_boost', 'read_norm')
-                                               if fine_tune else ())
-    # the model as it was built: a field newer than the checkpoint at its default, derived ones (head_size) filled in
-    saved = GPTConfig(**args)
-    for key in MODEL_KEYS:
-        value = getattr(cfg, key)
-        before = getattr(saved, key)
-        if key not in given or before == value:
-            continue
-        if key not in changeable:
-            hint = (f"to change the context, fine-tune: --init_from={os.path.join(cfg.out_dir, 'ckpt.pt')} "
-                    f"--block_size={value} --out_dir=NEW" if key == 'block_size' else "drop the flag")
-            raise SystemExit(f"--{key}={value} contradicts the checkpoint's {key}={before!r}; {hint}")
-        args[key] = value
-    return args
-
-
-def checkpoint_to_start_from(cfg, given):
-    """The checkpoint to resume or fine-tune from (None from scratch). A resumed run takes its settings back
-    from the checkpoint, except the flags given now and the machine's own (device, dtype, compile, ...)."""
-    if cfg.init_from == 'scratch':
-        return None
-    if cfg.init_from != 'resume' and is_gpt2(cfg.init_from):  # GPT-2's weights in this run's attention
-        return gpt2_checkpoint(cfg.init_from, **{k: getattr(cfg, k) for k in MODEL_KEYS})
-    if cfg.init_from != 'resume':
-        if not os.path.isfile(cfg.init_from):
-            hint = (f"; did you mean {os.path.join(cfg.init_from, 'ckpt.pt')}?" if os.path.isdir(cfg.init_from)
-                    else "")
-            raise SystemExit(f"--init_from={cfg.init_from}: no such checkpoint file; --init_from is 'scratch', "
-                             f"'resume', gpt2[-medium|-large|-xl] or the path of a ckpt.pt to fine-tune from{hint}")
-        if os.path.abspath(os.path.dirname(cfg.init_from)) == os.path.abspath(cfg.out_dir):
-            raise SystemExit(f"--init_from={cfg.init_from} is in --out_dir={cfg.out_dir}: fine-tuning writes a new "
-                             f"run, give it a new --out_dir (or continue this run with --init_from=resume)")
-        return load_checkpoint(cfg.init_from)
-    path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path} to resume from: train from scratch first, or set --out_dir to "
-                         f"the run to resume")
-    checkpoint = load_checkpoint(path)
-    missing = {'optimizer', 'iter_num', 'best_val_loss', 'config'} - checkpoint.keys()
-    if checkpoint.get('converted'):
-        raise SystemExit(f"{path} was written with an older rope layout: its weights load converted, its optimizer "
-                         f"state does not; fine-tune from its weights instead: --init_from={path} --out_dir=NEW")
-    if missing:
-        raise SystemExit(f"{path} has no {', '.join(sorted(missing))} to resume a run with; fine-tune from its "
-                         f"weights instead: --init_from={path} --out_dir=NEW")
-    for key, value in checkpoint['config'].items():
-        if hasattr(cfg, key) and key not in given and key not in MACHINE_KEYS:
-            setattr(cfg, key, value)
-    if not cfg.lr_decay_iters and 'lr_decay_iters' not in given:  # keep the schedule the run started with
-        cfg.lr_decay_iters = checkpoint['config'].get('max_iters', cfg.max_iters)
-    if checkpoint['iter_num'] >= cfg.max_iters and not cfg.eval_only:
-        raise SystemExit(f"{path} is at iteration {checkpoint['iter_num']} of --max_iters={cfg.max_iters}: raise "
-                         f"--max_iters to train longer (the learning rate keeps the run's schedule, which ends at "
-                         f"min_lr after iteration {cfg.lr_decay_iters}; --lr_decay_iters=N changes that)")
-    return checkpoint
-
-
-def build_model(cfg, checkpoint, given):
-    """The GPT this run trains: new from cfg, or the checkpoint's weights in the checkpoint's shape."""
-    if checkpoint is None:
-        args = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    else:
-        args = model_args_from(checkpoint, cfg, given, fine_tune=cfg.init_from != 'resume')
-        for key, value in args.items():  # the run's settings (saved in its checkpoints) are what it trains with
-            setattr(cfg, key, value)
-    try:
-        if checkpoint is None:
-            return GPT(GPTConfig(**args))
-        # build at the checkpoint's block_size, load, then resize (tiles the position table to extend)
-        model = GPT(GPTConfig(**{**args, 'block_size': checkpoint['model_args']['block_size']}))
-        model.load_state_dict(checkpoint['model'])
-        model.resize_block_size(cfg.block_size)
-        return model
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    except RuntimeError as e:  # load_state_dict: weights saved by another version of the code
-        raise SystemExit(f"the checkpoint's weights do not fit the model its settings build "
-                         f"({str(e).splitlines()[0]}); was it written by another version of model.py?") from None
 
 
 def main(argv):
@@ -453,7 +264,8 @@ def main(argv):
                           val_loss=losses['val'], lr=get_lr(cfg, iter_num - 1) if iter_num else None, **stats)
             reference = losses['val'] if reference is None else reference
             stop_if_diverged(losses, iter_num, cfg.out_dir, reference)
-            if iter_num > start_iter and not cfg.eval_only and (losses['val'] < best_val_loss or cfg.always_save_checkpoint):
+            improved = losses['val'] < best_val_loss
+            if iter_num > start_iter and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, losses['val'])
                 save_checkpoint({'model_args': dataclasses.asdict(raw_model.config), 'model': raw_model.state_dict(),
                                  'optimizer': optimizer.state_dict(), 'iter_num': iter_num,

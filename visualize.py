@@ -25,9 +25,10 @@ import sys
 import torch
 
 from checkpoints import checkpoint_tokenizer, load_checkpoint
-from configurator import check_sampling, configure, flags_of, inference_options
+from configurator import configure, flags_of
 from data.common import encode_prompt
 from devices import default_device, device_type_of
+from sample import check_sampling, inference_options
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------------------------------------

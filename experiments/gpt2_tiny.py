@@ -25,7 +25,7 @@ import gpt2  # noqa: E402
 from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from experiments.common import finished, run_train  # noqa: E402
-from runlog import attention_stats  # noqa: E402
+from runs import attention_stats  # noqa: E402
 from train import estimate_loss, get_batch  # noqa: E402
 
 out_dir = 'out-gpt2-tiny'       # the tiny GPT-2's run, its Hugging Face folder and results.md
@@ -70,7 +70,7 @@ def main(argv):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         after = estimate_loss(batches, model, nullcontext(), "cpu")['val']
-        stats = attention_stats(model, x)  # what each attention reports about itself (runlog.py)
+        stats = attention_stats(model, x)  # what each attention reports about itself (runs.py)
         extra = ' '.join(f'{k[3:]}={v:.2f}' for k, v in stats.items() if k.startswith('L0.'))  # layer 0
         rows.append(f'| {name} | {before:.3f} | {after:.3f} | {extra} |')
         print(rows[-1], flush=True)

@@ -14,7 +14,7 @@ causal2x-rope is causal with 8 heads of 32 (train.py --n_head=8 --head_size=32):
 causal4x-rope has 16 heads of 32, four times; causal6l-rope has 6 layers instead of 4 (1.5x the whole model).
 Runs are trained once (out_dir/<run>-s<seed>[-lr<lr>][-<extra>]/ckpt.pt is reused; a stopped run resumes) and one
 at a time; set OMP_NUM_THREADS to the cores you give them. The val loss of a run is train.py's own estimate at each
-eval (the same 20 batches of 8 x 256 tokens for every run), read from its log.csv (runlog.py). Tables (final val
+eval (the same 20 batches of 8 x 256 tokens for every run), read from its log.csv (runs.py). Tables (final val
 loss, mean and spread over seeds; the curve of seed means) are printed and written to out_dir/results.md.
 """
 import os
@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import configure, flags_of  # noqa: E402
 from experiments.common import finished, run_train  # noqa: E402
-from runlog import read_log  # noqa: E402
+from runs import read_log  # noqa: E402
 
 RUNS = ('causal-learned', 'causal-rope', 'causal-alibi', 'selective-learned', 'selective-rope', 'selective-alibi',
         'in-learned', 'in-alibi', 'causal2x-rope', 'causal4x-rope', 'causal6l-rope')

@@ -1,4 +1,4 @@
-"""A new attention is one class that declares what it knows (model.py's docstring) and one line to register it:
+"""A new attention is one class that declares what it knows (attention.py's base class) and one line to register it:
 then train.py, sample.py, bench.py and visualize.py run it without a change."""
 import csv
 

@@ -1,4 +1,4 @@
-"""runlog.py and curves.py: train.py's log.csv (rows, resume, fine-tune, kills), Weights & Biases offline, curves."""
+"""runs.py and curves.py: train.py's log.csv (rows, resume, fine-tune, kills), Weights & Biases offline, curves."""
 import importlib.util
 import os
 import socket
@@ -9,14 +9,14 @@ import threading
 import pytest
 
 import curves
-import runlog
+import runs
 from conftest import ROOT, TINY_FLAGS, fresh_module
 
 MACHINE = ['--device=cpu', '--dtype=float32', '--compile=False']
 
 
 def rows_of(out_dir):
-    return runlog.read_log(str(out_dir))
+    return runs.read_log(str(out_dir))
 
 
 def evals(rows):
@@ -27,7 +27,7 @@ def test_train_writes_a_row_per_log_interval_and_per_eval(train_tiny, tmp_path):
     train_tiny(tmp_path, '--attention=causal')  # 4 iterations, log every 1, eval every 2
     with open(tmp_path / 'log.csv') as f:
         header = f.readline().strip().split(',')
-    assert header == list(runlog.COLUMNS)  # causal reports nothing of its own
+    assert header == list(runs.COLUMNS)  # causal reports nothing of its own
     rows = rows_of(tmp_path)
     assert [r['iter'] for r in rows if r['loss'] is not None] == [1, 2, 3, 4]
     assert [r['iter'] for r in evals(rows)] == [0, 2, 4]
@@ -44,7 +44,7 @@ def test_train_writes_a_row_per_log_interval_and_per_eval(train_tiny, tmp_path):
 def test_each_attention_logs_what_it_reports(train_tiny, tmp_path, attention, names):
     train_tiny(tmp_path, f'--attention={attention}')
     rows = rows_of(tmp_path)
-    assert list(rows[0])[len(runlog.COLUMNS):] == names  # one layer of two heads
+    assert list(rows[0])[len(runs.COLUMNS):] == names  # one layer of two heads
     for row in evals(rows):
         assert all(row[name] is not None for name in names)
     if attention == 'infini':
@@ -85,12 +85,12 @@ def test_eval_only_leaves_the_log(train_tiny, tmp_path):
 
 def test_read_log_skips_a_cut_off_line_and_names_what_is_missing(tmp_path):
     (tmp_path / 'log.csv').write_text('iter,val_loss\n0,5.5\n10,4.')
-    assert runlog.read_log(str(tmp_path)) == [{'iter': 0.0, 'val_loss': 5.5}]
+    assert runs.read_log(str(tmp_path)) == [{'iter': 0.0, 'val_loss': 5.5}]
     with pytest.raises(SystemExit, match='train.py writes it'):
-        runlog.read_log(str(tmp_path / 'nothing'))
+        runs.read_log(str(tmp_path / 'nothing'))
     (tmp_path / 'bad.csv').write_text('iter,val_loss\n0,abc\n')
     with pytest.raises(SystemExit, match='not a train.py log'):
-        runlog.read_log(str(tmp_path / 'bad.csv'))
+        runs.read_log(str(tmp_path / 'bad.csv'))
 
 
 # ---------------------------------------------------------------------------------------------------------
