@@ -33,8 +33,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 
-from attention import CausalSelfAttention
-from positions import alibi_bias, causal_mask
+from attention import CausalSelfAttention, alibi_bias, causal_mask
 
 
 class InAttention(CausalSelfAttention):

@@ -24,14 +24,15 @@ Options beyond the paper (feature_scale, memory_boost, read_norm, memory_read) a
 defaults are the paper; they are explained under their own heading below, and docs/infini.md measures them.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
 
-import kernels
-from attention import CausalSelfAttention
-from positions import causal_mask, rope, rope_angles
+from attention import CausalSelfAttention, causal_mask, repository_kernels, rope, rope_angles
 
+kernels = repository_kernels()  # the memory kernel of kernels.py (CUDA)
 UPDATES = ('linear', 'delta')
 READ_NORMS = ('z', 'rms')  # the paper's sigma(q) z (eq. 3); that, then unit RMS per head (beyond the paper)
 MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, the gate forced to 0 (beyond the paper)
@@ -40,18 +41,18 @@ MEMORY_READS = ('on', 'off', 'local')  # the paper's gate (eq. 6), A_mem = 0, th
 # ---------------------------------------------------------------------------------------------------------
 # The reference: a loop over segments, the paper's equations in order.
 
-def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0,
-                     feature_scale=1.0, memory_read='on', first_segment_repeats=None, read_norm='z', angles=None):
+def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, dropout_p=0.0, angles=None,
+                     beyond=None):
     """Infini-attention over a sequence starting at a segment boundary, the paper's eq. 1-6 segment by segment.
 
         q     (B, H, Tq, d)  queries (un-rotated) of the LAST Tq of the T positions of k and v
         k, v  (B, H, T, d)   keys (un-rotated) and values; position 0 of k is the first token of a segment
         beta  (H,)           gate logits
         M, z  (B, H, d, d), (B, H, d)   memory after the segments before k (None: empty)
-        feature_scale, memory_read, read_norm    options beyond the paper (their heading below; defaults: the paper)
-        first_segment_repeats           (B,) or None: memory_boost's draw
         angles                          segment_angles(segment_len, d, q): RoPE's cos and sin of the positions
                                         inside a segment, which the model computes once per forward (None: here)
+        beyond                          Beyond(...): the options beyond the paper (their heading below); None is
+                                        the paper
         returns y (B, H, Tq, d), and M, z after writing every COMPLETE segment of k, v (a trailing partial
         segment is not written: the cache keeps its keys and values until it is full).
     A training forward is Tq = T, M = None.
@@ -62,6 +63,7 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
     """
     B, H, T, D = k.shape
     offset = T - q.size(-2)  # position (in k) of the first query
+    beyond = beyond or PAPER
     if M is None:
         M = k.new_zeros(B, H, D, D, dtype=memory_dtype(k))
         z = k.new_zeros(B, H, D, dtype=memory_dtype(k))
@@ -74,13 +76,13 @@ def infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None,
             qs = q[:, :, first - offset:e - offset]
             a_dot = local_attention(qs, ks, vs, dropout_p, angles)  # eq. 2
             with no_autocast(q):
-                sq = sigma(qs.to(M.dtype), feature_scale)
-                a_mem = normalize_read(read_memory(sq, M, z), read_norm).to(a_dot.dtype)  # eq. 3, M_{s-1}
-            ys.append(gated_output(a_mem, a_dot, beta, memory_read).to(q.dtype))  # eq. 6 (fp32 gate: q's dtype)
+                sq = sigma(qs.to(M.dtype), beyond.feature_scale)
+                a_mem = normalize_read(read_memory(sq, M, z), beyond.read_norm).to(a_dot.dtype)  # eq. 3, M_{s-1}
+            ys.append(gated_output(a_mem, a_dot, beta, beyond.memory_read).to(q.dtype))  # eq. 6 (fp32 gate: q's dtype)
         if e - s == segment_len:  # a complete segment goes into the memory; a partial one waits in the cache
-            repeats = first_segment_repeats if s == 0 else None  # memory_boost (training only)
+            repeats = beyond.first_segment_repeats if s == 0 else None  # memory_boost (training only)
             with no_autocast(q):
-                sk = sigma(ks.to(M.dtype), feature_scale)
+                sk = sigma(ks.to(M.dtype), beyond.feature_scale)
                 M, z = write_memory(sk, vs.to(M.dtype), M, z, update, repeats)  # eq. 4 or 5
     return torch.cat(ys, dim=2), M, z
 
@@ -129,7 +131,7 @@ def gated_output(a_mem, a_dot, beta, memory_read='on'):
 
 
 def segment_angles(n, head_size, like):
-    """cos and sin of RoPE at the positions 0..n-1 inside a segment (positions.rope_angles), at least fp32: every
+    """cos and sin of RoPE at the positions 0..n-1 inside a segment (attention.rope_angles), at least fp32: every
     segment turns its queries and keys by the same ones, so the model computes them once per forward."""
     return rope_angles(torch.arange(n, device=like.device), head_size, memory_dtype(like))
 
@@ -198,6 +200,19 @@ def memory_weights(sq, sk):
 #                 scale. Neither is what the model was trained with; a model trained with 'local' is the
 #                 fair control (it has learned to do without memory).
 
+@dataclass(frozen=True)
+class Beyond:
+    """The options beyond the paper that the reference and the fast path take, each at the paper's value by default.
+    first_segment_repeats (B,) is memory_boost's draw for one training batch."""
+    feature_scale: float = 1.0
+    memory_read: str = 'on'
+    read_norm: str = 'z'
+    first_segment_repeats: torch.Tensor = None
+
+
+PAPER = Beyond()
+
+
 def normalize_read(a_mem, read_norm='z'):
     """The read as eq. 3 gives it ('z'), or scaled to unit RMS over its features ('rms', not in the paper). An empty
     memory still reads 0."""
@@ -242,17 +257,19 @@ def segment_attention(q, k, v, segment_len, angles=None):
     return y.reshape(B, H, n_segments * segment_len, D)[:, :, offset:T]  # fp32 SDPA gives a (B, N, H, D) layout
 
 
-def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, block_t=None,
-                          feature_scale=1.0, memory_read='on', read_norm='z', angles=None):
+def fast_infini_attention(q, k, v, beta, segment_len, update='delta', M=None, z=None, angles=None, beyond=None,
+                          block_t=None):
     """infini_attention without dropout or memory_boost, through the Triton memory kernel: same results.
     block_t: rows of a segment per step of the kernel (default kernels.BLOCK_T; the tests make it small)."""
     # the kernel applies the paper's sigma to what it is given: sigma(scale * x) is the kernel's sigma of
     # scale * x, so the memory gets scaled queries and keys, the local attention the model's own
-    qm, km = (q, k) if feature_scale == 1.0 else (q * feature_scale, k * feature_scale)
+    beyond = beyond or PAPER
+    scale = beyond.feature_scale
+    qm, km = (q, k) if scale == 1.0 else (q * scale, k * scale)
     a_mem, M, z = kernels.infini_memory(qm, km, v, M, z, segment_len, update, block_t or kernels.BLOCK_T)  # eq. 3-5
-    a_mem = normalize_read(a_mem, read_norm)
+    a_mem = normalize_read(a_mem, beyond.read_norm)
     a_dot = segment_attention(q, k, v, segment_len, angles)  # eq. 1-2
-    return gated_output(a_mem.to(a_dot.dtype), a_dot, beta, memory_read).to(q.dtype), M, z  # eq. 6
+    return gated_output(a_mem.to(a_dot.dtype), a_dot, beta, beyond.memory_read).to(q.dtype), M, z  # eq. 6
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,13 +342,11 @@ class InfiniAttention(CausalSelfAttention):
         repeats = None
         if self.training and self.memory_boost > 0 and M is None:  # a training sequence: boost its first write
             repeats = 1 + self.memory_boost * torch.rand(q.size(0), device=q.device, dtype=memory_dtype(q))
+        beyond = Beyond(self.feature_scale, read, self.read_norm, repeats)
         if (self.use_kernels and dropout_p == 0.0 and repeats is None
                 and kernels.infini_available(q)):
-            return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z,
-                                         feature_scale=self.feature_scale, memory_read=read,
-                                         read_norm=self.read_norm, angles=angles)
-        return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p,
-                                self.feature_scale, read, repeats, self.read_norm, angles)
+            return fast_infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, angles, beyond)
+        return infini_attention(q, k, v, self.beta, self.segment_len, self.update, M, z, dropout_p, angles, beyond)
 
     def read_of(self, memory_read):
         """This layer's memory read: the config's, or a call's (one for every layer, or a list of one per layer)."""
@@ -391,7 +406,7 @@ class InfiniAttention(CausalSelfAttention):
 
         def part(logit):
             return infini_attention(q, k, v, torch.full_like(self.beta, logit), self.segment_len, self.update,
-                                    feature_scale=self.feature_scale, read_norm=self.read_norm)[0]
+                                    beyond=Beyond(self.feature_scale, read_norm=self.read_norm))[0]
         a_mem, a_dot = part(float('inf')), part(float('-inf'))
         mem = gated_output(a_mem, torch.zeros_like(a_dot), self.beta, self.memory_read)
         loc = gated_output(torch.zeros_like(a_mem), a_dot, self.beta, self.memory_read)

@@ -27,10 +27,9 @@ so rope and alibi stay exact after evictions.
 import torch
 from torch.nn.functional import dropout, pad, softplus
 
-import kernels
-from attention import CausalSelfAttention
-from positions import alibi_bias, causal_mask, rope
+from attention import CausalSelfAttention, alibi_bias, causal_mask, repository_kernels, rope
 
+kernels = repository_kernels()  # the fused kernel of kernels.py (CUDA)
 SELECTION_FNS = {'relu': torch.relu, 'softplus': softplus, 'sigmoid': torch.sigmoid}
 EVICTIONS = ('F', 'window')  # what a budgeted cache evicts: the most masked entry, or the oldest
 MEMORY_TAU = 1.0  # tau of the memory loss: a token counts as gone once its F reaches tau
@@ -207,7 +206,7 @@ class SelectiveAttention(CausalSelfAttention):
         return budget if budget is None or isinstance(budget, int) else budget[self.layer_idx]
 
     def distance_bias(self, query_positions, key_positions):
-        """ALiBi's bias for these queries and keys (positions.alibi_bias), or None without alibi."""
+        """ALiBi's bias for these queries and keys (attention.alibi_bias), or None without alibi."""
         if self.positions != 'alibi':
             return None
         return alibi_bias(self.slopes, query_positions, key_positions)

@@ -43,7 +43,7 @@ def load_checkpoint(path):
     return checkpoint
 
 
-ROPE_LAYOUT = 'half'  # positions.rope pairs dims i and i + D/2; train.py marks its checkpoints with it
+ROPE_LAYOUT = 'half'  # attention.rope pairs dims i and i + D/2; train.py marks its checkpoints with it
 
 
 def to_rotate_half(checkpoint):

@@ -1,10 +1,8 @@
 """
 Flags, as in nanoGPT's configurator: every plain global (bool, int, float, str) at the top of a script is a flag,
-its value the default. configure() applies files of flags (python files of assignments, given without --), then
---key=value flags, keeping each flag's type. It imports neither torch nor the model, so reading flags is quick.
+its value the default. Files of flags (python assignments) apply first, then --key=value; each keeps its type.
 """
 
-import os
 import types
 
 
@@ -15,22 +13,21 @@ def flags_of(namespace):
 
 def parse_value(key, raw, default):
     """A flag's text as the type of its default, or a one-line error."""
+    booleans = {'true': True, 'false': False, '1': True, '0': False}
     try:
-        if isinstance(default, bool):
-            return {'true': True, 'false': False, '1': True, '0': False}[raw.lower()]
-        return type(default)(raw)
+        return booleans[raw.lower()] if isinstance(default, bool) else type(default)(raw)
     except (KeyError, ValueError):
         raise SystemExit(f"--{key}={raw}: expected {type(default).__name__} like the default {default!r}") from None
 
 
 def read_config_file(path, defaults):
     """The assignments of a file of flags, as {key: value}, each checked against its default."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"no config file '{path}' (flags are written --key=value)")
     namespace = {}
     try:
         with open(path) as f:
             exec(f.read(), namespace)
+    except OSError:
+        raise SystemExit(f"no config file '{path}' (flags are written --key=value)") from None
     except Exception as e:
         raise SystemExit(f"{path} does not run: {type(e).__name__}: {e}") from None
     values = {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
@@ -46,22 +43,21 @@ def read_config_file(path, defaults):
 
 
 def configure(argv, defaults, doc=''):
-    """Files of flags, then --key=value flags, applied to defaults ({flag: default}): (settings, the set of flags
-    argv set). --help prints doc and the flags with their defaults."""
+    """Files of flags, then --key=value flags, over defaults: (settings, the flags argv set). --help lists them."""
     settings, given = dict(defaults), set()
     for arg in argv:
         if arg in ('-h', '--help'):
-            print(doc.strip() + '\n\nflags and their defaults:')
-            print('\n'.join(f'  --{k}={v!r}' for k, v in defaults.items()))
+            print(doc.strip(), '\nflags and their defaults:', *(f'  --{k}={v!r}' for k, v in defaults.items()),
+                  sep='\n')
             raise SystemExit(0)
+        key, eq, raw = arg[2:].partition('=')
         if not arg.startswith('--'):
             values = read_config_file(arg, defaults)
+        elif not eq:
+            raise SystemExit(f"flags are written --key=value, got '{arg}'")
+        elif key not in defaults:
+            raise SystemExit(f"unknown flag --{key}; --help lists the flags")
         else:
-            key, eq, raw = arg[2:].partition('=')
-            if not eq:
-                raise SystemExit(f"flags are written --key=value, got '{arg}'")
-            if key not in defaults:
-                raise SystemExit(f"unknown flag --{key}; --help lists the flags")
             values = {key: parse_value(key, raw, defaults[key])}
         settings.update(values)
         given.update(values)

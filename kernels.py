@@ -17,7 +17,7 @@ through Triton's interpreter (TRITON_INTERPRET=1) and natively on a GPU.
 Without Triton (macOS, Windows, CPU-only installs) this file still imports: the kernels stay plain, never
 called functions and every `*_available` returns False.
 
-`python kernel_report.py` compiles every kernel for several GPUs, with no GPU needed, and prints the registers,
+`python tools/kernel_report.py` compiles every kernel for several GPUs, with no GPU needed, and prints the registers,
 spills and shared memory each one takes.
 """
 
@@ -34,13 +34,13 @@ except ImportError:
     triton = tl = None
 
 # What every kernel takes. tl.arange needs a power of two and tl.dot at least 16; at 128 the selective backward
-# needs more than a gaming GPU's 99 KiB of shared memory, or does not compile (python kernel_report.py), and
+# needs more than a gaming GPU's 99 KiB of shared memory, or does not compile (python tools/kernel_report.py), and
 # Infini's M leaves registers
 HEAD_DIMS = (16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # launch settings: 4 warps (128 threads) per program, and 2 pipeline stages, so that the next key block loads while
 # the current one is computed; the kernels that hold three or more fp32 tiles get 8 warps, which keeps them from
-# spilling registers on an H100 (python kernel_report.py).
+# spilling registers on an H100 (python tools/kernel_report.py).
 # Fused multiply-adds, Triton's default until 3.10 changes it, stated so that the numbers do not change with it.
 NARROW = dict(num_warps=4, num_stages=2, enable_fp_fusion=True)
 WIDE = dict(num_warps=8, num_stages=2, enable_fp_fusion=True)
@@ -434,7 +434,7 @@ class FusedSelective(torch.autograd.Function):
 
 def selective_block_n(capability_major):
     """Keys per inner step of the selective kernels on a GPU of this compute capability: 64 on an H100 (sm_90);
-    32 on the others, where 64 makes three of the four kernels spill registers (python kernel_report.py;
+    32 on the others, where 64 makes three of the four kernels spill registers (python tools/kernel_report.py;
     chosen from the compiler's report, not from timings)."""
     return BLOCK_N if capability_major == 9 else BLOCK_N // 2
 

@@ -5,8 +5,8 @@ The attentions live in their own files: attention.py (causal, the baseline every
 attention_in.py, attention_infini.py and attention_selective.py. What an attention declares about itself (the
 class attributes at the bottom of attention.py) is all the model and the scripts ask of it.
 
-Positions (GPTConfig.positions, positions.py): 'learned' adds GPT-2's table (wpe) to the initial states; 'rope'
-rotates queries and keys by their position; 'alibi' adds a distance bias to the scores.
+Positions (GPTConfig.positions, at the bottom of attention.py): 'learned' adds GPT-2's table (wpe) to the initial
+states; 'rope' rotates queries and keys by their position; 'alibi' adds a distance bias to the scores.
 """
 
 import inspect
@@ -21,7 +21,7 @@ from attention import CausalSelfAttention
 from attention_in import InAttention
 from attention_infini import InfiniAttention
 from attention_selective import SelectiveAttention
-from positions import POSITIONS, rope_angles
+from attention import POSITIONS, rope_angles
 
 ATTENTIONS = {}  # name -> attention class, filled by register_attention below the classes
 # what every attention declares (attention.py's base class says what each means and gives the baseline's answer)

@@ -176,7 +176,7 @@ def checkpoint_to_start_from(cfg, given):
     from the checkpoint, except the flags given now and the machine's own (device, dtype, compile, ...)."""
     if cfg.init_from == 'scratch':
         return None
-    from gpt2 import gpt2_checkpoint, is_gpt2  # here: only a run that starts from GPT-2 needs it
+    from tools.gpt2 import gpt2_checkpoint, is_gpt2  # here: only a run that starts from GPT-2 needs it
     if cfg.init_from != 'resume' and is_gpt2(cfg.init_from):  # GPT-2's weights in this run's attention
         return gpt2_checkpoint(cfg.init_from, **{k: getattr(cfg, k) for k in MODEL_KEYS})
     if cfg.init_from != 'resume':

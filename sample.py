@@ -17,7 +17,7 @@ from checkpoints import checkpoint_tokenizer, load_model
 from configurator import configure, flags_of, parse_ints
 from data.common import encode_prompt
 from devices import autocast, default_device, device_type_of, resolve_dtype
-from gpt2 import is_gpt2, load_model as load_gpt2
+from tools.gpt2 import is_gpt2, load_model as load_gpt2
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'    # the checkpoint to sample from (train.py writes out_dir/ckpt.pt)

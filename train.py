@@ -10,7 +10,8 @@ Train a GPT, nanoGPT style. Every global below is a flag, and so is every field 
 
 Several GPUs with DDP:  torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8
 
-Every run writes out_dir/log.csv, its numbers row by row (runs.py lists the columns); curves.py plots them.
+Every run writes out_dir/log.csv, its numbers row by row (runs.py lists the columns); tools/curves.py plots
+them.
 """
 
 import dataclasses
@@ -44,7 +45,7 @@ log_interval = 10
 eval_iters = 100 if _gpu else 20
 eval_only = False               # evaluate once and exit
 always_save_checkpoint = True   # else only when val loss improves
-init_from = 'scratch'           # 'scratch', 'resume', a run's ckpt.pt, gpt2[-medium|-large|-xl] or a folder (gpt2.py)
+init_from = 'scratch'           # 'scratch', 'resume', a run's ckpt.pt, gpt2[-medium|-large|-xl] or a folder (tools/gpt2.py)
 overwrite = False               # a new run may replace the checkpoint of another run in out_dir
 # logging: every run writes out_dir/log.csv (runs.py); wandb gets the same numbers
 wandb_log = False               # needs `pip install wandb`; WANDB_MODE=offline keeps it on this machine

@@ -21,7 +21,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import gpt2  # noqa: E402
+from tools import gpt2  # noqa: E402
 from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from experiments.common import finished, run_train  # noqa: E402

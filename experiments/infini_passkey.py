@@ -48,7 +48,7 @@ from checkpoints import load_checkpoint, load_model, save_checkpoint  # noqa: E4
 from configurator import configure, flags_of  # noqa: E402
 from data.common import ByteTokenizer  # noqa: E402
 from data.passkey.task import NEEDLE, make_passkey  # noqa: E402
-from evaluate import answer_scores, answer_token_scores  # noqa: E402
+from tools.evaluate import answer_scores, answer_token_scores  # noqa: E402
 from experiments.common import finished, prepare, run_train  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------

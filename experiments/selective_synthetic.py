@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
 from data.common import load_meta  # noqa: E402
-from evaluate import answer_scores  # noqa: E402
+from tools.evaluate import answer_scores  # noqa: E402
 from experiments.common import finished, prepare, run_train  # noqa: E402
 
 TASKS = ('varassign', 'parity', 'copy')

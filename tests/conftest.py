@@ -68,8 +68,9 @@ TINY_FLAGS = ['--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--
 
 
 def fresh_module(name):
-    """A new instance of one of the repo's scripts (train, sample), its flag globals at their defaults."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f'{name}.py'))
+    """A new instance of one of the repo's scripts (train, sample, tools.visualize), its flag globals at their
+    defaults."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, *name.split('.')) + '.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -46,7 +46,7 @@ def test_the_docs_window_attention_trains_samples_benches_and_shows_itself(windo
     run = tmp_path / 'run'
     train_tiny(run, '--attention=window')
     fresh_module('sample').main([f'--ckpt={run}/ckpt.pt', '--device=cpu', '--max_new_tokens=5', '--num_samples=1'])
-    fresh_module('visualize').main([f'--ckpt={run}/ckpt.pt', '--start=def f(a):', '--png=False'])
+    fresh_module('tools.visualize').main([f'--ckpt={run}/ckpt.pt', '--start=def f(a):', '--png=False'])
     assert 'warning' not in capsys.readouterr().out  # its maps reproduce its own forward
     bench.bench_speed(bench.setup(['--device=cpu', '--attentions=window', '--n_layer=1', '--n_head=2', '--n_embd=8',
                                    '--vocab_size=11', '--decode_tokens=2', '--repeats=1', '--warmup=0',

@@ -1,15 +1,17 @@
 """A new attention is one class that declares what it knows (attention.py's base class) and one line to register it:
 then train.py, sample.py, bench.py and visualize.py run it without a change."""
 import csv
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 import bench
-from conftest import fresh_module
+from conftest import ROOT, fresh_module
 from model import ATTENTIONS, GPT, GPTConfig, register_attention
-from positions import causal_mask
+from attention import causal_mask
 
 
 class MeanAttention(nn.Module):
@@ -89,7 +91,7 @@ def test_a_new_attention_trains_samples_benches_and_shows_itself(mean_attention,
     assert torch.load(run / 'ckpt.pt', weights_only=True)['model_args']['positions'] == 'learned'  # its default
 
     fresh_module('sample').main([f'--ckpt={run}/ckpt.pt', '--device=cpu', '--max_new_tokens=5', '--num_samples=1'])
-    fresh_module('visualize').main([f'--ckpt={run}/ckpt.pt', '--start=def f(a):', '--png=False'])
+    fresh_module('tools.visualize').main([f'--ckpt={run}/ckpt.pt', '--start=def f(a):', '--png=False'])
     out = capsys.readouterr().out
     assert 'warning' not in out  # its maps reproduce its own forward
     assert 'mean attention, 1 layers x 2 heads' in out and 'put its attention (uniform over the past)' in out
@@ -127,3 +129,19 @@ def test_an_attention_that_does_not_declare_is_refused():
         streams = False
     with pytest.raises(TypeError, match='Bare does not declare position_schemes, refused_because'):
         register_attention('bare', Bare)
+
+
+def test_another_package_named_kernels_does_not_hide_ours():
+    """transformers installs a package named `kernels`: in a process that imported it first, selective and infini
+    still find this repository's kernels.py."""
+    script = ("import sys, types, torch\n"
+              "sys.modules['kernels'] = types.ModuleType('kernels')  # what transformers' import leaves behind\n"
+              "from model import GPT, GPTConfig\n"
+              "for a in ('selective', 'infini'):\n"
+              "    m = GPT(GPTConfig(attention=a, n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=10))\n"
+              "    m(torch.zeros(1, 8, dtype=torch.long))\n"
+              "print('ok', sys.modules['kernels'].__dict__.get('selective_available'))\n")
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == 'ok None'  # the other package stays what it was
+

@@ -12,7 +12,7 @@ import torch
 
 import bench
 import kernels
-import report
+from tools import report
 from model import ATTENTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +179,7 @@ def test_vram_cap_records_oom_on_cuda(tmp_path):
     (['--contexts=1x'], '--contexts is a comma-separated list'),
     (['--attentions=causal,flash'], "unknown 'flash'"),
     (['n_layer=2'], "no config file 'n_layer=2'"),
-    (['--mode=quality'], "--mode is speed, kernels or check, not 'quality' (checkpoints: python evaluate.py"),
+    (['--mode=quality'], "--mode is speed, kernels or check, not 'quality' (checkpoints: python tools/evaluate.py"),
     (['--device=tpu'], '--device=tpu: use cpu, cuda, cuda:N or mps'),
     (['--n_embd=10', '--n_head=3'], 'n_embd=10 must be divisible by n_head=3'),
     (['--case_seconds=-1'], '--case_seconds is a time limit in seconds (0: none), not -1'),

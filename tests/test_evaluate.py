@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import evaluate
+from tools import evaluate
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_val_loss_and_passkey_on_tiny_checkpoints(tmp_path, capsys):
     causal = make_checkpoint(str(tmp_path / 'out-causal' / 'ckpt.pt'), 'causal', 128)
     infini = make_checkpoint(str(tmp_path / 'out-infini' / 'ckpt.pt'), 'infini', 128)
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run([sys.executable, 'evaluate.py', '--device=cpu', f'--data_dir={data}',
+    result = subprocess.run([sys.executable, 'tools/evaluate.py', '--device=cpu', f'--data_dir={data}',
                              f'--ckpt={causal},{infini}', '--contexts=128,256', '--eval_windows=3', '--batch_size=2',
                              '--passkey=True', '--passkey_trials=1', '--depths=0,1', f'--out_dir={tmp_path}/eval'],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -16,7 +16,7 @@ import tiktoken
 import torch
 
 import attention_infini
-import gpt2
+from tools import gpt2
 from conftest import fresh_module
 from model import ATTENTIONS, GPT, GPTConfig
 

@@ -9,12 +9,12 @@ import torch
 from torch.nn import functional as nnf
 
 import attention_infini
-import evaluate
-from attention_infini import (gate_values, infini_attention, memory_weights, read_memory, sigma,
+from tools import evaluate
+from attention_infini import (Beyond, gate_values, infini_attention, memory_weights, read_memory, sigma,
                               write_memory)
 from checkpoints import load_model, save_checkpoint
 from model import GPT, GPTConfig
-from positions import rope
+from attention import rope
 
 
 def tiny(**kw):
@@ -220,9 +220,9 @@ def test_memory_read_off_and_local_leave_only_the_local_attention(update):
     beta = torch.tensor([0.7, -0.4], dtype=torch.float64)
     a_dot = per_segment_causal(q, k, v, 4)
     _, M_on, z_on = infini_attention(q, k, v, beta, 4, update)
-    y_off, M, z = infini_attention(q, k, v, beta, 4, update, memory_read='off')
+    y_off, M, z = infini_attention(q, k, v, beta, 4, update, beyond=Beyond(memory_read='off'))
     torch.testing.assert_close(y_off, (1 - torch.sigmoid(beta)).view(1, 2, 1, 1) * a_dot, rtol=1e-12, atol=1e-12)
-    y_local, _, _ = infini_attention(q, k, v, beta, 4, update, memory_read='local')
+    y_local, _, _ = infini_attention(q, k, v, beta, 4, update, beyond=Beyond(memory_read='local'))
     torch.testing.assert_close(y_local, a_dot, rtol=1e-12, atol=1e-12)
     assert torch.equal(M, M_on) and torch.equal(z, z_on)  # the memory is still written: only its read is cut
 
@@ -244,7 +244,7 @@ def test_feature_scale_sharpens_sigma():
     assert torch.equal(sigma(x), nnf.elu(x) + 1) and torch.equal(sigma(x, 4.0), nnf.elu(4 * x) + 1)
     q, k, v = qkv(T=8)
     beta = torch.zeros(2, dtype=torch.float64)
-    y, M, z = infini_attention(q, k, v, beta, 4, 'linear', feature_scale=4.0)
+    y, M, z = infini_attention(q, k, v, beta, 4, 'linear', beyond=Beyond(feature_scale=4.0))
     sq, sk = sigma(q[:, :, 4:], 4.0), sigma(k[:, :, :4], 4.0)  # segment 1 reads what segment 0 wrote
     a_mem = (sq @ sk.transpose(-1, -2) @ v[:, :, :4]) / (sq @ sk.sum(-2).unsqueeze(-1))
     torch.testing.assert_close(y[:, :, 4:], 0.5 * a_mem + 0.5 * per_segment_causal(q, k, v, 4)[:, :, 4:],
@@ -288,7 +288,7 @@ def test_memory_boost_is_training_only_and_boosts_the_first_write():
     y, M, z = attn.attend(q, k, v)
     torch.manual_seed(3)  # the same draw, by hand: 1 + U(0, 15) per sequence, on the first segment's write
     repeats = 1 + 15.0 * torch.rand(2, dtype=torch.float64)
-    y_ref, M_ref, z_ref = infini_attention(q, k, v, attn.beta, 4, 'delta', first_segment_repeats=repeats)
+    y_ref, M_ref, z_ref = infini_attention(q, k, v, attn.beta, 4, 'delta', beyond=Beyond(first_segment_repeats=repeats))
     torch.testing.assert_close((y, M, z), (y_ref, M_ref, z_ref), rtol=1e-12, atol=1e-12)
     assert (repeats > 1).all() and not torch.allclose(z, infini_attention(q, k, v, attn.beta, 4, 'delta')[2])
 
@@ -300,10 +300,9 @@ def test_fast_path_takes_feature_scale_and_memory_read(memory_read, read_norm):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 16, 16, generator=g) for _ in range(3))
     beta = torch.randn(2, generator=g)
-    y, M, z = attention_infini.fast_infini_attention(q, k, v, beta, 8, 'delta', block_t=8, feature_scale=4.0,
-                                                     memory_read=memory_read, read_norm=read_norm)
-    y_ref, M_ref, z_ref = infini_attention(*(t.double() for t in (q, k, v, beta)), 8, 'delta', feature_scale=4.0,
-                                           memory_read=memory_read, read_norm=read_norm)
+    beyond = Beyond(feature_scale=4.0, memory_read=memory_read, read_norm=read_norm)
+    y, M, z = attention_infini.fast_infini_attention(q, k, v, beta, 8, 'delta', beyond=beyond, block_t=8)
+    y_ref, M_ref, z_ref = infini_attention(*(t.double() for t in (q, k, v, beta)), 8, 'delta', beyond=beyond)
     for a, b in ((y, y_ref), (M, M_ref), (z, z_ref)):
         assert (a.double() - b).norm() / b.norm() < 1e-5
 
@@ -419,7 +418,7 @@ def test_read_norm_rms_scales_each_read_to_unit_rms(update):
     q, k, v = qkv(T=12)
     beta = torch.tensor([0.5, -0.5], dtype=torch.float64)
     y_z, M_z, z_z = infini_attention(q, k, v, beta, 4, update)
-    y_rms, M_rms, z_rms = infini_attention(q, k, v, beta, 4, update, read_norm='rms')
+    y_rms, M_rms, z_rms = infini_attention(q, k, v, beta, 4, update, beyond=Beyond(read_norm='rms'))
     torch.testing.assert_close((M_rms, z_rms), (M_z, z_z))
     gate = torch.sigmoid(beta).view(1, -1, 1, 1)
     torch.testing.assert_close(y_rms[:, :, :4], y_z[:, :, :4])  # the first segment reads an empty memory: 0
@@ -453,7 +452,7 @@ def test_scale_memory_read_scales_one_heads_read_only():
     def heads(read):
         q, k, v = attn.c_attn(x).split(16, dim=2)
         q, k, v = (t.view(2, 13, 2, 8).transpose(1, 2) for t in (q, k, v))
-        return infini_attention(q, k, v, attn.beta, 4, 'delta', memory_read=read)[0]
+        return infini_attention(q, k, v, attn.beta, 4, 'delta', beyond=Beyond(memory_read=read))[0]
     on, off = heads('on'), heads('off')
     experiment.scale_memory_read(model, 1, 0, 3.0)
     edited = heads('on')

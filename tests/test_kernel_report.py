@@ -8,7 +8,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip('triton')
-import kernel_report  # noqa: E402
+from tools import kernel_report  # noqa: E402
 import kernels  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ def test_report_compiles_every_kernel_for_gaming_and_datacenter_gpus():
     """Each kernel compiles for an RTX 30 (sm_86) and an H100 (sm_90), fitting their shared memory."""
     pytest.importorskip('triton.backends.nvidia')
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}  # conftest sets it without a GPU
-    result = subprocess.run([sys.executable, 'kernel_report.py', '--archs=86,90'], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, 'tools/kernel_report.py', '--archs=86,90'], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = report_rows(result.stdout)

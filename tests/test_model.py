@@ -9,7 +9,7 @@ from torch.nn import functional as nnf
 import model as model_module
 from checkpoints import load_checkpoint
 from model import ATTENTIONS, GPT, GPTConfig, cross_entropy
-from positions import alibi_bias, alibi_slopes, rope, rope_angles
+from attention import alibi_bias, alibi_slopes, rope, rope_angles
 
 # every (attention, positions) pair a model can be built with; infini's own RoPE is the same for both it takes
 PAIRS = [(a, p) for a, cls in ATTENTIONS.items() for p in cls.position_schemes if not (a == 'infini' and p == 'rope')]

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-import curves
+from tools import curves
 import runs
 from conftest import ROOT, TINY_FLAGS, fresh_module
 

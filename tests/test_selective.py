@@ -331,7 +331,7 @@ def test_bad_settings_are_clear_errors():
 
 def test_window_eviction_through_evaluate(tmp_path, capsys):
     """evaluate.py --search_budgets --evict=window: the search runs with the sliding-window cache and says so."""
-    import evaluate
+    from tools import evaluate
     data = tmp_path / 'tiny'
     data.mkdir()
     np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16).tofile(data / 'val.bin')

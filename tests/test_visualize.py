@@ -32,7 +32,7 @@ def tiny_checkpoint(folder, attention, **options):
 
 
 def visualize(folder, *flags):
-    fresh_module('visualize').main([f'--ckpt={folder}/ckpt.pt', f'--start={TEXT}', '--png=False', *flags])
+    fresh_module('tools.visualize').main([f'--ckpt={folder}/ckpt.pt', f'--start={TEXT}', '--png=False', *flags])
 
 
 def rows(out, header):
@@ -50,7 +50,7 @@ def rows(out, header):
     ('selective', 6, {'positions': 'alibi'})])
 def test_maps_reproduce_the_model(tmp_path, attention, budget, options, capsys):
     model = tiny_checkpoint(tmp_path, attention, **options)
-    viz = fresh_module('visualize')
+    viz = fresh_module('tools.visualize')
     idx = torch.tensor([list(TEXT.encode())])
     maps = viz.analyse(model, idx, **({'budget': budget} if budget else {}))
     assert 'warning' not in capsys.readouterr().out  # every layer's recomputed output is the block's
@@ -91,7 +91,7 @@ def test_selective_marks_are_the_caches_evictions(tmp_path, evict, capsys):
 
 def test_infini_memory_share(tmp_path, capsys):
     model = tiny_checkpoint(tmp_path, 'infini')
-    maps = fresh_module('visualize').analyse(model, torch.tensor([list(TEXT.encode())]))
+    maps = fresh_module('tools.visualize').analyse(model, torch.tensor([list(TEXT.encode())]))
     for m in maps:
         share = m['memory_share']  # (heads, tokens)
         assert (share[:, :8] == 0).all()  # the first segment has an empty memory
@@ -203,6 +203,6 @@ def test_a_long_text_is_cropped_with_a_note(tmp_path, capsys):
 
 
 def test_only_the_settings_are_flags(tmp_path):
-    assert 'CHECK_TOLERANCE' not in fresh_module('visualize').FLAGS
+    assert 'CHECK_TOLERANCE' not in fresh_module('tools.visualize').FLAGS
     with pytest.raises(SystemExit, match='unknown flag --CHECK_TOLERANCE'):
         visualize(tmp_path, '--CHECK_TOLERANCE=1')

@@ -1,16 +1,18 @@
 """
 Several training runs on one plot, from the log.csv each run's out_dir holds (runs.py lists its columns):
 
-    python curves.py --runs=out-causal,out-selective,out-in,out-infini            # val loss by iteration
-    python curves.py --runs=out,out-selective --y=loss --x=time_s --out=speed.png  # training loss by seconds
+    python tools/curves.py --runs=out-causal,out-selective,out-in,out-infini            # val loss by iteration
+    python tools/curves.py --runs=out,out-selective --y=loss --x=time_s --out=speed.png  # training loss by seconds
 
 It prints the numbers as a table, and with matplotlib it also draws them to --out (a PNG).
 """
 import os
 import sys
 
-from configurator import configure, flags_of
-from runs import read_log
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/curves.py
+from configurator import configure, flags_of  # noqa: E402
+from runs import read_log  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
 runs = 'out'            # comma-separated out_dirs (or log.csv paths), one curve each

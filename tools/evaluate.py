@@ -1,10 +1,10 @@
 """
 How good are trained checkpoints at each context? Each evaluation is one function and one flag:
 
-    python evaluate.py --ckpt=out/ckpt.pt                                    # val loss at 1/2, 1, 2, 4 x block_size
-    python evaluate.py --ckpt=out-in/ckpt.pt,out/ckpt.pt --contexts=256,512,1k    # a column per checkpoint
-    python evaluate.py --ckpt=out-passkey-infini/ckpt.pt --contexts=256,1k,4k,16k  # + passkey accuracy table
-    python evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --search_budgets=True    # selective's KV budgets
+    python tools/evaluate.py --ckpt=out/ckpt.pt                                    # val loss at 1/2, 1, 2, 4 x block_size
+    python tools/evaluate.py --ckpt=out-in/ckpt.pt,out/ckpt.pt --contexts=256,512,1k    # a column per checkpoint
+    python tools/evaluate.py --ckpt=out-passkey-infini/ckpt.pt --contexts=256,1k,4k,16k  # + passkey accuracy table
+    python tools/evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --search_budgets=True    # selective's KV budgets
 
   --loss            val loss at each context: the same target tokens read with more and more context before
                     them (the last --scored tokens of windows that end at the same place), so a falling loss is
@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import load_model
-from configurator import configure, flags_of
-from devices import autocast, default_device, device_type_of, resolve_dtype
-from model import cross_entropy
-from report import (GrowingTable, check_out_dir, context_list, fmt_bytes, fmt_context, guarded, header_lines,
-                    markdown_table)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/evaluate.py
+from checkpoints import load_model  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
+from devices import autocast, default_device, device_type_of, resolve_dtype  # noqa: E402
+from model import cross_entropy  # noqa: E402
+from tools.report import (GrowingTable, check_out_dir, context_list, fmt_bytes, fmt_context, guarded,  # noqa: E402
+                          header_lines, markdown_table)
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'       # a train.py checkpoint, or several separated by commas (one column each)

@@ -1,9 +1,9 @@
 """
 See what each attention does in a trained model, on a prompt; every global below is a flag:
 
-  python visualize.py --ckpt=out-selective/ckpt.pt --budget=32
-  python visualize.py --ckpt=out-infini/ckpt.pt --start=FILE:prompt.txt --layer=2 --head=1
-  python visualize.py --ckpt=out-in/ckpt.pt --token=10 --max_new_tokens=40
+  python tools/visualize.py --ckpt=out-selective/ckpt.pt --budget=32
+  python tools/visualize.py --ckpt=out-infini/ckpt.pt --start=FILE:prompt.txt --layer=2 --head=1
+  python tools/visualize.py --ckpt=out-in/ckpt.pt --token=10 --max_new_tokens=40
 
 The text is printed with each token shaded by what the attention did to it (docs/visualize.md reads an example):
   selective  the mask F on the token at the end of the text, in nats: e^-F multiplies its attention weight in
@@ -24,12 +24,14 @@ import sys
 
 import torch
 
-from checkpoints import checkpoint_tokenizer, load_checkpoint
-from configurator import configure, flags_of
-from data.common import encode_prompt
-from devices import default_device, device_type_of
-from sample import check_sampling, inference_options
-from model import GPT, GPTConfig
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/visualize.py
+from checkpoints import checkpoint_tokenizer, load_checkpoint  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
+from data.common import encode_prompt  # noqa: E402
+from devices import default_device, device_type_of  # noqa: E402
+from sample import check_sampling, inference_options  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'    # the checkpoint to look at (train.py writes out_dir/ckpt.pt)

@@ -2,8 +2,8 @@
 What each Triton kernel of kernels.py costs a GPU, read from the compiler, with no GPU needed; every global below
 is a flag:
 
-  python kernel_report.py                                  A100, RTX 30, RTX 40, H100, RTX 50; head dim 64, bf16
-  python kernel_report.py --archs=86,90 --head_dim=32 --dtype=float32
+  python tools/kernel_report.py                                  A100, RTX 30, RTX 40, H100, RTX 50; head dim 64, bf16
+  python tools/kernel_report.py --archs=86,90 --head_dim=32 --dtype=float32
 
 Triton ships NVIDIA's ptxas and cuobjdump, so the kernels compile here for any GPU. A kernel that needs more
 shared memory than a GPU gives a block does not launch there ("out of resources"), and registers spilled to
@@ -18,8 +18,10 @@ import tempfile
 
 import torch
 
-import kernels
-from configurator import configure, flags_of, parse_ints
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/kernel_report.py
+import kernels  # noqa: E402
+from configurator import configure, flags_of, parse_ints  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
 archs = '80,86,89,90,120'  # compute capabilities: 86 = 8.6

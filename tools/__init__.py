@@ -1,0 +1,1 @@
+"""Tools a learner meets after the model and the training loop: evaluation, pictures, curves, reports, GPT-2."""
