@@ -31,7 +31,7 @@ from torch.nn import functional as nnf  # F is selective's mask (attention_selec
 from tqdm import tqdm
 
 import kernels  # imports without triton too: kernels.triton is then None
-from configurator import configure, flags_of, parse_ints
+from configurator import configure, flags_of, parse_ints, run_script
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import ATTENTIONS, GPT, GPTConfig
 from tools.report import (FORMATS, GrowingTable, cell, check_out_dir, context_list, fmt_context, fmt_ratio,
@@ -614,7 +614,7 @@ def setup(argv):
         raise SystemExit(f'n_embd={settings.n_embd} must be divisible by n_head={settings.n_head}')
     attention_list(settings)
     parse_ints('budget', settings.budget, '256 or 16,8,8,4')  # a bad --budget fails now, not at its first case
-    if settings.case_seconds < 0:
+    if not math.isfinite(settings.case_seconds) or settings.case_seconds < 0:
         raise SystemExit(f'--case_seconds is a time limit in seconds (0: none), not {settings.case_seconds:g}')
     check_out_dir(settings.out_dir)  # a bad --out_dir fails now, not after the measuring
     torch.manual_seed(settings.seed)
@@ -632,6 +632,10 @@ def setup(argv):
     return settings
 
 
-if __name__ == '__main__':
-    settings = setup(sys.argv[1:])
+def main(argv):
+    settings = setup(argv)
     {'speed': bench_speed, 'kernels': bench_kernels, 'check': bench_check}[settings.mode](settings)
+
+
+if __name__ == '__main__':
+    run_script(main, sys.argv[1:])

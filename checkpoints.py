@@ -98,6 +98,8 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, a folder gone: the previous checkpoint is still whole
-        raise SystemExit(f"cannot write {path} ({e.strerror or e}); the checkpoint there before, if any, is "
-                         f"untouched") from None
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save's zip writer says RuntimeError), a folder gone
+        if os.path.exists(tmp):
+            os.remove(tmp)  # the previous checkpoint is still whole; the half-written one must not fill the disk
+        why = getattr(e, 'strerror', None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"cannot write {path} ({why}); the checkpoint there before, if any, is untouched") from None

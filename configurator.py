@@ -28,6 +28,8 @@ def read_config_file(path, defaults):
             exec(f.read(), namespace)
     except OSError:
         raise SystemExit(f"no config file '{path}' (flags are written --key=value)") from None
+    except SystemExit:
+        raise SystemExit(f"{path} calls exit(); a file of flags only assigns values") from None
     except Exception as e:
         raise SystemExit(f"{path} does not run: {type(e).__name__}: {e}") from None
     values = {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
@@ -45,7 +47,7 @@ def read_config_file(path, defaults):
 def configure(argv, defaults, doc=''):
     """Files of flags, then --key=value flags, over defaults: (settings, the flags argv set). --help lists them."""
     settings, given = dict(defaults), set()
-    for arg in argv:
+    for arg in sorted(argv, key=lambda a: a.startswith('--')):  # files first, wherever given: then flags win
         if arg in ('-h', '--help'):
             print(doc.strip(), '\nflags and their defaults:', *(f'  --{k}={v!r}' for k, v in defaults.items()),
                   sep='\n')
@@ -72,3 +74,15 @@ def parse_ints(flag, text, example='1024,4k,1M'):
                 for n in text.replace(' ', '').split(',') if n]
     except ValueError:
         raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None
+
+
+def run_script(main, argv):
+    """Run a script's main(argv). Ctrl-C, a full disk or a read-only folder end it with one line, not a traceback;
+    what the script had written is whole, since every file is written to a temp name and renamed."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted") from None
+    except OSError as e:
+        raise SystemExit(f"cannot go on: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
+

@@ -125,7 +125,7 @@ note "$(rows "$res/kernels/bench_kernels.csv") cases (5 per context)"
 # 3. Training tokens/s and MFU of each attention at train.py's GPU defaults, not compiled: a cold compile of this
 #    model would take most of the step (step 1 checks compiled training). The first run prepares the data (1 s).
 for a in causal in infini selective; do
-  step "train-$a" 25 python train.py --attention=$a --compile=False --max_iters=$iters --eval_interval=$iters \
+  step "train-$a" 25 python train.py --attention=$a --compile=False --max_iters=$iters --warmup_iters=2 --eval_interval=$iters \
     --eval_iters=2 --log_interval=10 --out_dir="$work/train-$a" $train_args
   cp "$work/train-$a/log.csv" "$res/train-$a.csv" 2>/dev/null
   note "$(tr '\r' '\n' < "$res/train-$a.log" | grep -c '^step ') evaluations, $(rows "$res/train-$a.csv") rows of log.csv"

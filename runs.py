@@ -73,8 +73,13 @@ def check_settings(cfg):
     if cfg.min_lr > cfg.learning_rate:
         raise SystemExit(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}: the schedule decays "
                          f"from learning_rate down to min_lr")
-    if cfg.seed < 0:
-        raise SystemExit(f"--seed={cfg.seed} must be >= 0")
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise SystemExit(f"--seed={cfg.seed} must be >= 0 and below 2**63 (torch.manual_seed's range)")
+    if cfg.vocab_size > 2 ** 16:
+        raise SystemExit(f"--vocab_size={cfg.vocab_size}: token ids are stored as uint16, so at most 65536")
+    if cfg.decay_lr and not cfg.eval_only and 0 < cfg.max_iters <= cfg.warmup_iters:
+        raise SystemExit(f"--max_iters={cfg.max_iters} is not longer than --warmup_iters={cfg.warmup_iters}: the "
+                         f"whole run would be warm-up; give --warmup_iters below {cfg.max_iters}")
     problem = ATTENTIONS[cfg.attention].training_problem(cfg) if cfg.attention in ATTENTIONS else ''
     if problem:  # what the attention knows would not train (an unknown name is GPTConfig's error)
         raise SystemExit(problem)
@@ -323,11 +328,16 @@ class RunLog:
         self.time_offset = max((r['time_s'] for r in kept if r.get('time_s') is not None), default=0.0)
         self.start = time.time()
         tmp = self.path + '.tmp'  # a kill while rewriting keeps the old file
-        with open(tmp, 'w', newline='') as f:
-            f.write(self.line(dict(zip(self.columns, self.columns))))
-            for row in kept:
-                f.write(self.line(row))
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, 'w', newline='') as f:
+                f.write(self.line(dict(zip(self.columns, self.columns))))
+                for row in kept:
+                    f.write(self.line(row))
+            os.replace(tmp, self.path)
+        except OSError as e:  # a full disk, a read-only folder: no half-written temp file stays behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise SystemExit(f"cannot write {self.path} ({e.strerror or e})") from None
 
     def line(self, row):
         """One CSV line of a row (a dict); a column the row lacks is an empty cell."""

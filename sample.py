@@ -14,7 +14,7 @@ import sys
 import torch
 
 from checkpoints import checkpoint_tokenizer, load_model
-from configurator import configure, flags_of, parse_ints
+from configurator import configure, flags_of, parse_ints, run_script
 from data.common import encode_prompt
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from tools.gpt2 import is_gpt2, load_model as load_gpt2
@@ -104,4 +104,4 @@ def inference_options(model, budget, evict='F'):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

@@ -330,6 +330,8 @@ if __name__ == '__main__':
     except KeyboardInterrupt:
         raise SystemExit("interrupted: the last checkpoint written is whole; --init_from=resume continues the run") \
             from None
+    except OSError as e:  # a full disk or a read-only folder while writing log.csv: the checkpoint is whole
+        raise SystemExit(f"cannot go on: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
             raise

@@ -6,12 +6,13 @@ Several training runs on one plot, from the log.csv each run's out_dir holds (ru
 
 It prints the numbers as a table, and with matplotlib it also draws them to --out (a PNG).
 """
+import math
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/curves.py
-from configurator import configure, flags_of  # noqa: E402
+from configurator import configure, flags_of, run_script  # noqa: E402
 from runs import read_log  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
@@ -87,6 +88,8 @@ def plot(curves, x_col, y_col, path, title_text, y_max=0.0):
 
 def main(argv):
     settings, _ = configure(argv, FLAGS, __doc__)
+    if not math.isfinite(settings.ymax) or settings.ymax < 0:
+        raise SystemExit(f"--ymax={settings.ymax}: the top of the y axis, a number > 0 (0 = all of it)")
     folders = [f for f in settings.runs.split(',') if f]
     if not folders:
         raise SystemExit('--runs is a comma-separated list of out_dirs, like --runs=out,out-selective')
@@ -100,4 +103,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

@@ -29,7 +29,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/evaluate.py
 from checkpoints import load_model  # noqa: E402
-from configurator import configure, flags_of  # noqa: E402
+from configurator import configure, flags_of, run_script  # noqa: E402
 from devices import autocast, default_device, device_type_of, resolve_dtype  # noqa: E402
 from model import cross_entropy  # noqa: E402
 from tools.report import (GrowingTable, check_out_dir, context_list, fmt_bytes, fmt_context, guarded,  # noqa: E402
@@ -207,6 +207,9 @@ def mean_and_error(values):
 def loss_by_context(runs, Ts, settings):
     """Val loss of every checkpoint at every context, on the same targets: out_dir/val_loss.md and .csv, a row as
     each case finishes."""
+    if settings.scored < 0:
+        raise SystemExit(f'--scored={settings.scored}: the scored targets of each window, >= 1 (0 = half the shortest '
+                         f'context)')
     scored = settings.scored or max(1, Ts[0] // 2)
     if scored > Ts[0]:
         raise SystemExit(f'--scored={scored} is more targets than the shortest context, {Ts[0]}, has')
@@ -524,6 +527,9 @@ def main(argv):
                          f"'{model.config.attention}' takes none: give a checkpoint trained with --attention=selective")
     Ts = context_list(settings, ','.join(str(runs[0].trained * m // 2) for m in (1, 2, 4, 8)))
     trained_on_passkey = any(str(run.meta.get('dataset', '')).startswith('passkey') for run in runs)
+    if not (settings.loss or settings.passkey or trained_on_passkey or settings.search_budgets):
+        raise SystemExit("nothing to evaluate: --loss=False turns off the only evaluation asked for; add "
+                         "--passkey=True or --search_budgets=True")
     if settings.loss:
         loss_by_context(runs, Ts, settings)
     if settings.passkey or trained_on_passkey:
@@ -533,4 +539,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

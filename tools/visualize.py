@@ -27,7 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/visualize.py
 from checkpoints import checkpoint_tokenizer, load_checkpoint  # noqa: E402
-from configurator import configure, flags_of  # noqa: E402
+from configurator import configure, flags_of, run_script  # noqa: E402
 from data.common import encode_prompt  # noqa: E402
 from devices import default_device, device_type_of  # noqa: E402
 from sample import check_sampling, inference_options  # noqa: E402
@@ -355,4 +355,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

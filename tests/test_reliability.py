@@ -1,0 +1,95 @@
+"""No traceback and no lost work: Ctrl-C, a full disk, odd config files and numbers end with one line, and a failed
+write keeps the last checkpoint."""
+import errno
+import os
+import re
+
+import pytest
+import torch
+
+import bench
+import configurator
+from checkpoints import save_checkpoint
+from conftest import ROOT, TINY_FLAGS, fresh_module
+from runs import RunLog
+from tools import curves, evaluate
+
+
+def test_ctrl_c_and_a_full_disk_are_one_line():
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, 'No space left on device', 'out/bench_speed.csv')
+    with pytest.raises(SystemExit, match='^interrupted$'):
+        configurator.run_script(interrupted, [])
+    with pytest.raises(SystemExit, match=re.escape('cannot go on: No space left on device (out/bench_speed.csv)')):
+        configurator.run_script(full, [])
+
+
+@pytest.mark.parametrize('script', ['sample.py', 'bench.py', 'tools/evaluate.py', 'tools/visualize.py',
+                                    'tools/curves.py'])
+def test_every_script_runs_its_main_through_run_script(script):
+    text = open(os.path.join(ROOT, script)).read()
+    assert text.rstrip().endswith("if __name__ == '__main__':\n    run_script(main, sys.argv[1:])")
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_last_one(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint({'iter_num': 1}, path)
+    before = open(path, 'rb').read()
+
+    def full_disk(obj, f):  # torch.save's zip writer reports a full disk as a RuntimeError, after a partial write
+        f.write(b'x' * 100)
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 193216 vs 193108')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(SystemExit, match=r'^cannot write .*ckpt.pt \(\[enforce fail.*\); the checkpoint there before'):
+        save_checkpoint({'iter_num': 2}, path)
+    assert open(path, 'rb').read() == before and not os.path.exists(path + '.tmp')
+
+
+def test_a_log_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(os, 'replace', full_disk)
+    with pytest.raises(SystemExit, match=r'^cannot write .*log.csv \(No space left on device\)$'):
+        RunLog(str(tmp_path))
+    assert not os.path.exists(tmp_path / 'log.csv.tmp')
+
+
+def test_a_config_file_applies_before_the_flags_wherever_it_stands(tmp_path):
+    (tmp_path / 'order.py').write_text("max_iters = 4\nout_dir = 'from-the-file'\n")
+    (tmp_path / 'exit.py').write_text("import sys\nsys.exit(0)\n")
+    cfg, _ = configurator.configure(['--out_dir=from-the-flag', str(tmp_path / 'order.py')],
+                                    {'max_iters': 1, 'out_dir': 'out'})
+    assert cfg.out_dir == 'from-the-flag' and cfg.max_iters == 4
+    with pytest.raises(SystemExit, match=r'exit.py calls exit\(\); a file of flags only assigns values'):
+        configurator.configure([str(tmp_path / 'exit.py')], {'max_iters': 1})
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--max_iters=10', '--warmup_iters=20'], '--max_iters=10 is not longer than --warmup_iters=20: the whole run'),
+    (['--seed=99999999999999999999'], 'must be >= 0 and below 2**63'),
+    (['--vocab_size=100000000'], 'token ids are stored as uint16, so at most 65536'),
+])
+def test_settings_that_would_train_wrongly_are_one_line(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        fresh_module('train').main([*TINY_FLAGS, f'--out_dir={tmp_path}', *flags])
+
+
+@pytest.mark.parametrize('value', ['nan', 'inf'])
+def test_bench_and_curves_refuse_numbers_that_are_not_finite(tmp_path, value):
+    with pytest.raises(SystemExit, match='--case_seconds is a time limit'):
+        bench.setup([f'--case_seconds={value}', f'--out_dir={tmp_path}'])
+    with pytest.raises(SystemExit, match=f'--ymax={value}: the top of the y axis'):
+        curves.main(['--runs=out', f'--ymax={value}'])
+
+
+def test_evaluate_says_when_there_is_nothing_to_do(tmp_path):
+    from test_evaluate import make_checkpoint, tiny_dataset
+    data, ckpt = tiny_dataset(tmp_path / 'data', 4096), make_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'), 'causal', 64)
+    common = ['--device=cpu', f'--data_dir={data}', f'--ckpt={ckpt}', '--eval_windows=1', f'--out_dir={tmp_path}']
+    with pytest.raises(SystemExit, match='^nothing to evaluate'):
+        evaluate.main([*common, '--loss=False'])
+    with pytest.raises(SystemExit, match='^--scored=-1: the scored targets'):
+        evaluate.main([*common, '--scored=-1', '--contexts=32'])
