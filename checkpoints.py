@@ -29,8 +29,8 @@ def load_checkpoint(path):
     if reason:
         raise SystemExit(f"{path} is not a readable checkpoint ({reason}); it may be truncated or from another "
                          f"program: train again or point at another file")
-    if not isinstance(checkpoint['model'], dict):
-        raise SystemExit(f"{path} is not a readable checkpoint (its 'model' is not a state_dict)")
+    if not isinstance(checkpoint['model'], dict) or not all(torch.is_tensor(t) for t in checkpoint['model'].values()):
+        raise SystemExit(f"{path} is not a readable checkpoint (its 'model' is not a state_dict of tensors)")
     if not all(torch.isfinite(t).all() for t in checkpoint['model'].values() if torch.is_floating_point(t)):
         raise SystemExit(f"{path} holds NaN or infinite weights: the run that wrote it diverged; train again with "
                          f"a lower --learning_rate")

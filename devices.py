@@ -21,7 +21,9 @@ def device_type_of(device):
     if device_type not in ('cuda', 'mps', 'cpu'):
         raise SystemExit(f"--device={device}: use cpu, cuda, cuda:N or mps")
     if device_type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
+        build = (" (this torch is a CPU build: a GPU needs a CUDA build of torch, pytorch.org)"
+                 if torch.version.cuda is None else "")
+        raise SystemExit(f"--device={device} but torch sees no CUDA GPU; use --device=cpu{build}")
     if device_type == 'mps' and not torch.backends.mps.is_available():
         raise SystemExit(f"--device={device} but this machine has no Apple GPU (MPS); use --device=cpu")
     return device_type

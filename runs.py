@@ -259,8 +259,11 @@ def read_log(folder):
     path = log_path(folder)
     if not os.path.isfile(path):
         raise SystemExit(f"no {path}: train.py writes it; is '{folder}' a run's out_dir?")
-    with open(path, newline='') as f:
-        text = f.read()
+    try:
+        with open(path, newline='') as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise SystemExit(f"{path} is not a train.py log (it is not text)") from None
     if not text.endswith('\n'):
         text = text[:text.rfind('\n') + 1]
     rows = []

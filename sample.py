@@ -37,6 +37,9 @@ FLAGS = flags_of(globals())
 
 
 def main(argv):
+    out_dir = next((arg.split('=', 1)[1] for arg in argv if arg.startswith('--out_dir=')), None)
+    if out_dir is not None:  # nanoGPT's sample.py takes --out_dir; here the checkpoint is named
+        raise SystemExit(f"sample.py reads a checkpoint file: --ckpt={os.path.join(out_dir, 'ckpt.pt')}")
     cfg, _ = configure(argv, FLAGS, __doc__)
     check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
     if cfg.num_samples < 0 or cfg.seed < 0:

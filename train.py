@@ -192,8 +192,11 @@ def main(argv):
     if master_process:
         print(f"data: {cfg.data_dir}")
     cfg.vocab_size = cfg.vocab_size or meta['vocab_size']
-    if checkpoint is not None and checkpoint.get('tokenizer') != meta['tokenizer']:
-        raise SystemExit(f"the checkpoint's tokenizer {checkpoint.get('tokenizer')} is not the one of "
+    if checkpoint is not None and checkpoint.get('tokenizer') is None:
+        raise SystemExit(f"--init_from={cfg.init_from}: the checkpoint records no tokenizer, so which data fits it is "
+                         f"unknown; train.py writes one with its checkpoints")
+    if checkpoint is not None and checkpoint['tokenizer'] != meta['tokenizer']:
+        raise SystemExit(f"the checkpoint's tokenizer {checkpoint['tokenizer']} is not the one of "
                          f"{cfg.data_dir} ({meta['tokenizer']}): use a dataset prepared with the same tokenizer")
 
     # model

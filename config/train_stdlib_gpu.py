@@ -2,6 +2,7 @@
 # library's source, 1024 bytes of context, 98M tokens in all (8 passes over the corpus).
 # python train.py config/train_stdlib_gpu.py
 out_dir = 'out'
+device = 'cuda'  # this file is for a GPU: on a machine without one, train.py stops with one line
 dataset = 'python_stdlib'
 eval_interval = 500
 eval_iters = 100

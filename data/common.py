@@ -91,7 +91,7 @@ class TiktokenTokenizer:
         return self.enc.decode([i for i in ids if 0 <= i < self.vocab_size])
 
 
-def load_tiktoken(name, timeout=TIKTOKEN_TIMEOUT):
+def load_tiktoken(name, timeout=TIKTOKEN_TIMEOUT, instead="prepare the data with --tokenizer=byte (or char) instead"):
     """tiktoken.get_encoding(name), or a one-line SystemExit when it cannot be had (it is downloaded on first use).
     tiktoken's download has no timeout, so on a machine whose network drops packets it would hang: wait in a
     thread for at most `timeout` seconds."""
@@ -116,7 +116,8 @@ def load_tiktoken(name, timeout=TIKTOKEN_TIMEOUT):
         return result['enc']
     reason = result.get('error', f'no answer in {timeout:g} s')
     raise SystemExit(f"cannot load tiktoken's '{name}' encoding, which is downloaded on first use and needs the "
-                     f"internet ({reason}); prepare the data with --tokenizer=byte (or char) instead")
+                     f"internet ({reason}); offline, copy the files of tiktoken's cache from a machine that has them "
+                     f"into a folder and set TIKTOKEN_CACHE_DIR to it, or {instead}")
 
 
 def get_tokenizer(name, text=None):
@@ -140,9 +141,17 @@ def tokenizer_from_meta(meta):
         return ByteTokenizer()
     if kind == 'char':
         return CharTokenizer(identity['chars'])
-    if kind == 'tiktoken':
-        return TiktokenTokenizer(load_tiktoken(identity['name']))
+    if kind == 'tiktoken':  # a model trained on these tokens: its ids become text only through them
+        return TiktokenTokenizer(load_tiktoken(identity['name'], instead="use a model trained on byte or char data"))
     raise ValueError(f"unknown tokenizer identity {identity!r}: expected kind 'byte', 'char' or 'tiktoken'")
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Reads plain data only (dicts, lists, strings, numbers), which is all a meta.pkl holds: a pickle that names a
+    class or a function could run code when read, so it is refused instead."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
 
 
 def load_meta(data_dir):
@@ -152,7 +161,12 @@ def load_meta(data_dir):
         raise SystemExit(f"no {path}: prepare the dataset first (python data/<name>/prepare.py)")
     try:
         with open(path, 'rb') as f:
-            meta = pickle.load(f)
+            meta = PlainUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        if 'it names' not in str(e):
+            raise SystemExit(f"{path} cannot be read ({type(e).__name__}); prepare the dataset again") from None
+        raise SystemExit(f"{path} is not plain data ({e}), so it could run code when read and is not read; "
+                         f"prepare the dataset again with this repository's prepare.py") from None
     except Exception as e:  # truncated, empty, or not a pickle: the unpickler's own message says little
         raise SystemExit(f"{path} cannot be read ({type(e).__name__}); prepare the dataset again") from None
     if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int) or 'tokenizer' not in meta:

@@ -93,3 +93,98 @@ def test_evaluate_says_when_there_is_nothing_to_do(tmp_path):
         evaluate.main([*common, '--loss=False'])
     with pytest.raises(SystemExit, match='^--scored=-1: the scored targets'):
         evaluate.main([*common, '--scored=-1', '--contexts=32'])
+
+
+def test_a_meta_pkl_that_would_run_code_is_refused(tmp_path, capsys):
+    import pickle
+
+    from data.common import load_meta
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ('PICKLE CODE RAN',))
+    (tmp_path / 'meta.pkl').write_bytes(pickle.dumps({'vocab_size': 257, 'tokenizer': {'kind': 'byte'}, 'x': Evil()}))
+    with pytest.raises(SystemExit, match=r"meta.pkl is not plain data \(it names builtins.print\)"):
+        load_meta(str(tmp_path))
+    assert 'PICKLE CODE RAN' not in capsys.readouterr().out
+    (tmp_path / 'meta.pkl').write_bytes(pickle.dumps({'vocab_size': 65, 'tokenizer': {'kind': 'char', 'chars': 'ab'}}))
+    assert load_meta(str(tmp_path))['vocab_size'] == 65  # plain data reads as before
+
+
+def test_people_from_nanogpt_are_told_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(f"sample.py reads a checkpoint file: --ckpt={tmp_path}/ckpt.pt")):
+        fresh_module('sample').main([f'--out_dir={tmp_path}'])
+
+
+def test_offline_gpt2_tokens_say_how_to_supply_them(monkeypatch):
+    import tiktoken
+
+    from data import common
+
+    def offline(name):
+        raise ConnectionError('no network')
+    monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    with pytest.raises(SystemExit, match='TIKTOKEN_CACHE_DIR.*use a model trained on byte or char data'):
+        common.tokenizer_from_meta({'tokenizer': {'kind': 'tiktoken', 'name': 'gpt2'}})
+
+
+def test_curves_refuse_what_would_draw_wrongly(train_tiny, tmp_path):
+    for run in ('a/out', 'b/out'):
+        train_tiny(tmp_path / run)
+    with pytest.raises(SystemExit, match=r'--ymax=1 is below every val_loss of these runs'):
+        curves.main([f'--runs={tmp_path / "a" / "out"}', '--ymax=1', '--out='])
+    both = curves.load_curves([str(tmp_path / 'a' / 'out'), str(tmp_path / 'b' / 'out')], 'iter', 'val_loss')
+    assert len(both) == 2  # two folders with the same last name stay two runs
+    (tmp_path / 'c').mkdir()
+    (tmp_path / 'c' / 'log.csv').write_bytes(b'iter,val_loss\n1,2\n\xff\xfe\x00\x01\n')
+    with pytest.raises(SystemExit, match='log.csv is not a train.py log'):
+        curves.main([f'--runs={tmp_path / "c"}', '--out='])
+
+
+def test_evaluate_does_not_put_two_tokenizers_in_one_table(tmp_path):
+    from test_evaluate import make_checkpoint, tiny_dataset
+    data = tiny_dataset(tmp_path / 'data', 4096)
+    byte = make_checkpoint(str(tmp_path / 'byte' / 'ckpt.pt'), 'causal', 64)
+    char = make_checkpoint(str(tmp_path / 'char' / 'ckpt.pt'), 'causal', 64)
+    checkpoint = torch.load(char, weights_only=True)
+    torch.save({**checkpoint, 'tokenizer': {'kind': 'char', 'chars': 'abc'}}, char)
+    with pytest.raises(SystemExit, match='^the checkpoints use different tokenizers'):
+        evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={byte},{char}', '--eval_windows=1',
+                       f'--out_dir={tmp_path}'])
+
+
+@pytest.mark.parametrize('change', ['model of ints', 'unknown model field'])
+def test_odd_checkpoints_are_one_line_in_every_reader(tmp_path, change):
+    from test_evaluate import make_checkpoint
+    path = make_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'), 'causal', 64)
+    checkpoint = torch.load(path, weights_only=True)
+    if change == 'model of ints':
+        checkpoint['model'] = {'a': 1}
+    else:
+        checkpoint['model_args']['foo'] = 1
+    torch.save(checkpoint, path)
+    for script in ('sample', 'tools.visualize'):
+        with pytest.raises(SystemExit) as e:
+            fresh_module(script).main([f'--ckpt={path}', '--device=cpu', '--max_new_tokens=2'])
+        assert 'ckpt.pt' in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+def test_broken_gpt2_folders_are_one_line(tmp_path):
+    import json
+
+    from tools import gpt2
+    config = {'model_type': 'gpt2', 'n_layer': 1, 'n_head': 2, 'n_embd': 8, 'n_positions': 8, 'vocab_size': 10,
+              'activation_function': 'gelu_new'}
+    cases = {'cut': '{"model_type": "gp', 'nolayer': json.dumps({k: v for k, v in config.items() if k != 'n_layer'}),
+             'strlayer': json.dumps({**config, 'n_layer': '1'})}
+    for name, text in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'config.json').write_text(text)
+        with pytest.raises(SystemExit, match=f'{name}/config.json (is not readable JSON|has no whole number for n_layer)'):
+            gpt2.gpt2_checkpoint(str(tmp_path / name))
+    pytest.importorskip('safetensors')
+    (tmp_path / 'emptyst').mkdir()
+    (tmp_path / 'emptyst' / 'config.json').write_text(json.dumps(config))
+    (tmp_path / 'emptyst' / 'model.safetensors').write_bytes(b'')
+    with pytest.raises(SystemExit, match='model.safetensors is not a readable safetensors file'):
+        gpt2.gpt2_checkpoint(str(tmp_path / 'emptyst'))

@@ -34,9 +34,11 @@ def curve(rows, x_col, y_col):
 def load_curves(folders, x_col, y_col):
     """{run name: [(x, y), ...]} of each run; a one-line error when a run has no such column."""
     curves = {}
-    for folder in folders:
+    names = [os.path.basename(os.path.normpath(f if os.path.isdir(f) else os.path.dirname(f))) for f in folders]
+    for folder, name in zip(folders, names):
         rows = read_log(folder)
-        name = os.path.basename(os.path.normpath(folder if os.path.isdir(folder) else os.path.dirname(folder)))
+        if names.count(name) > 1:  # runs/a/out and runs/b/out: the last name alone would merge them
+            name = os.path.normpath(folder)
         known = set().union(*(r.keys() for r in rows)) if rows else set()
         for col in (x_col, y_col):
             if col not in known:
@@ -81,7 +83,10 @@ def plot(curves, x_col, y_col, path, title_text, y_max=0.0):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    try:
+        fig.savefig(path, dpi=120)
+    except ValueError as e:  # a format matplotlib does not write: its message lists those it does
+        raise SystemExit(f"--out={path}: {e}") from None
     plt.close(fig)
     return True
 
@@ -94,6 +99,10 @@ def main(argv):
     if not folders:
         raise SystemExit('--runs is a comma-separated list of out_dirs, like --runs=out,out-selective')
     curves = load_curves(folders, settings.x, settings.y)
+    lowest = min((py for points in curves.values() for _, py in points), default=None)
+    if settings.ymax and lowest is not None and settings.ymax <= lowest:  # the plot would be empty, upside down
+        raise SystemExit(f"--ymax={settings.ymax:g} is below every {settings.y} of these runs (the lowest is "
+                         f"{lowest:.4g}): raise it, or give --ymax=0 for all of it")
     print('\n'.join(table(curves, settings.x)))
     if settings.out:
         if plot(curves, settings.x, settings.y, settings.out, settings.title, settings.ymax):

@@ -521,6 +521,10 @@ def main(argv):
     if settings.search_budgets and len(paths) > 1:
         raise SystemExit("--search_budgets searches one checkpoint's budgets: give one --ckpt")
     runs = [load_evaluated(path, settings) for path in paths]
+    tokenizers = {str(run.checkpoint.get('tokenizer')) for run in runs}
+    if len(tokenizers) > 1:  # their losses are per token: tokens of different tokenizers do not compare
+        raise SystemExit(f"the checkpoints use different tokenizers ({', '.join(sorted(tokenizers))}): evaluate "
+                         f"each on its own, their losses are not per the same tokens")
     model = runs[0].model
     if settings.search_budgets and 'budget' not in model.attention.cache_options:  # before the other evaluations
         raise SystemExit(f"--search_budgets prunes a cache to a budget; {runs[0].path}'s attention "

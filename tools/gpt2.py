@@ -62,8 +62,17 @@ def fetch(init_from):
 
 def read_config(folder):
     """The GPTConfig fields GPT-2's config.json fixes, or a one-line error for a model this code cannot mirror."""
-    with open(os.path.join(folder, 'config.json')) as f:
-        hf = json.load(f)
+    try:
+        with open(os.path.join(folder, 'config.json')) as f:
+            hf = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # cut short, or not JSON
+        raise SystemExit(f"{folder}/config.json is not readable JSON ({type(e).__name__}); save the model "
+                         f"again") from None
+    if not isinstance(hf, dict):
+        raise SystemExit(f"{folder}/config.json is not a GPT-2 config (not a JSON object)")
+    missing = [k for k in ('n_layer', 'n_head', 'n_embd', 'n_positions', 'vocab_size') if type(hf.get(k)) is not int]
+    if missing:
+        raise SystemExit(f"{folder}/config.json has no whole number for {', '.join(missing)}; save the model again")
     gelu = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'none'}.get(hf.get('activation_function'))
     unsupported = [
         (hf.get('model_type') != 'gpt2', f"model_type {hf.get('model_type')!r} is not 'gpt2'"),
@@ -98,7 +107,12 @@ def read_weights(folder):
         raise SystemExit("reading GPT-2's weights needs safetensors: pip install transformers") from None
     weights = {}
     for name in files:
-        for key, tensor in load_file(os.path.join(folder, name)).items():
+        try:
+            tensors = load_file(os.path.join(folder, name))
+        except Exception as e:  # empty, cut short, or not safetensors: safetensors' own message says little
+            raise SystemExit(f"{folder}/{name} is not a readable safetensors file ({type(e).__name__}); save the "
+                             f"model again") from None
+        for key, tensor in tensors.items():
             key = key.removeprefix('transformer.')
             if not key.endswith(('.attn.bias', '.attn.masked_bias')) and key != 'lm_head.weight':
                 weights[key] = tensor

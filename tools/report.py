@@ -164,14 +164,18 @@ def csv_value(v):
 
 
 def check_out_dir(out_dir):
-    """Make out_dir and try a write there, so a bad --out_dir fails before any measuring, in one line."""
+    """Try a write in out_dir, so a bad --out_dir fails before any measuring, in one line. A folder that does not
+    exist yet is made for the try and removed again: the tables make it when they have something to write."""
     if not out_dir:
         raise SystemExit('--out_dir is empty: give the folder the tables go to, like --out_dir=bench_out')
+    made = not os.path.isdir(out_dir)
     probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
     try:
         os.makedirs(out_dir, exist_ok=True)
         open(probe, 'w').close()
         os.remove(probe)
+        if made:
+            os.removedirs(out_dir)  # and its parents that the try made, while they are empty
     except OSError as e:
         raise SystemExit(f'--out_dir={out_dir}: cannot write there ({e.strerror or e})') from None
 

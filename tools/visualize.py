@@ -26,12 +26,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/visualize.py
-from checkpoints import checkpoint_tokenizer, load_checkpoint  # noqa: E402
+from checkpoints import checkpoint_tokenizer, load_model  # noqa: E402
 from configurator import configure, flags_of, run_script  # noqa: E402
 from data.common import encode_prompt  # noqa: E402
 from devices import default_device, device_type_of  # noqa: E402
 from sample import check_sampling, inference_options  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'    # the checkpoint to look at (train.py writes out_dir/ckpt.pt)
@@ -301,10 +300,7 @@ def main(argv):
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir=DIR writes "
                          f"DIR/ckpt.pt), or set --ckpt to a run's ckpt.pt")
-    checkpoint = load_checkpoint(path)
-    model = GPT(GPTConfig(**{**checkpoint['model_args'], 'use_kernels': False}))  # the references, as recomputed
-    model.load_state_dict(checkpoint['model'])
-    model.eval().to(device)
+    model, checkpoint = load_model(path, device, use_kernels=False)  # the references, as the maps recompute them
     config, tok = model.config, checkpoint_tokenizer(checkpoint, path)
     check_index('layer', cfg.layer, config.n_layer, 'this model has {} layers')
     check_index('head', cfg.head, config.n_head, 'this model has {} heads')
