@@ -321,16 +321,17 @@ def plot_speed(path, results, names, Ts, settings):
         print('matplotlib is not installed: no plot (pip install matplotlib to get bench_speed.png)')
         return
     fig, (ax_mem, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5))
-    curves = [(ax_mem, 'inference', 'infer_bytes', '-', 'inference'),
-              (ax_mem, 'training', 'train_bytes', '--', 'training'),
-              (ax_speed, 'inference', 'prefill_tok_s', ':', 'prefill'),
-              (ax_speed, 'inference', 'decode_tok_s', '-', 'decode'),
-              (ax_speed, 'training', 'train_tok_s', '--', 'training')]
+    # each phase has its own line style and marker, so the legend tells inference from training at any size
+    curves = [(ax_mem, 'inference', 'infer_bytes', '-o', 'inference'),
+              (ax_mem, 'training', 'train_bytes', '--s', 'training'),
+              (ax_speed, 'inference', 'prefill_tok_s', ':^', 'prefill'),
+              (ax_speed, 'inference', 'decode_tok_s', '-o', 'decode'),
+              (ax_speed, 'training', 'train_tok_s', '--s', 'training')]
     for i, name in enumerate(names):
         for ax, phase, key, style, what in curves:
             points = [(T, r[key]) for T in Ts if isinstance(r := results[name, phase, T], dict) and r[key]]
             if points:
-                ax.plot(*zip(*points), style, marker='o', ms=3, color=f'C{i}', label=f'{name} {what}')
+                ax.plot(*zip(*points), style, ms=4, color=f'C{i}', label=f'{name} {what}')
     cuda = settings.device_type == 'cuda'
     if settings.vram_gb > 0 and cuda:
         ax_mem.axhline(settings.vram_gb * 2 ** 30, color='grey', lw=0.8, ls=':', label=f'{settings.vram_gb:g} GiB')
@@ -344,7 +345,7 @@ def plot_speed(path, results, names, Ts, settings):
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _, unit=unit: FORMATS[unit](y)))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(True, which='major', alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=4)
     shape = (f'n_layer={settings.n_layer} n_head={settings.n_head} n_embd={settings.n_embd} · {settings.dtype} · '
              f'batch {settings.batch_size}')
     fig.suptitle(f'{header_lines(settings)[0]}\n{shape}', fontsize=8)
