@@ -20,6 +20,7 @@ tensors autograd saves for backward (transient tensors, like an attention matrix
 Timings: warm-up runs first, then the median of `repeats` runs, synchronised on CUDA. Every case runs guarded
 (report.py): after an OOM the longer contexts of that series are not run ('-'); the bench always goes on.
 """
+import dataclasses
 import math
 import os
 import statistics
@@ -60,6 +61,10 @@ case_seconds = 300.0       # a case (all its runs) is stopped after this long, i
 vram_gb = 0.0              # > 0: cap this process's CUDA memory at that many GiB (a smaller GPU)
 out_dir = 'bench_out'      # where the CSV, the markdown tables and the PNG go
 seed = 1337
+PER_CASE = ('attention', 'block_size')  # each case sets these itself
+for _field in dataclasses.fields(GPTConfig):  # every other model field is a flag too, as in train.py
+    if _field.name not in PER_CASE:
+        globals().setdefault(_field.name, _field.default)
 FLAGS = flags_of(globals())
 # -----------------------------------------------------------------------------------------------------------
 
@@ -135,9 +140,8 @@ def timed_runs(run, settings):
 # --mode=speed
 
 def random_model(name, block_size, weights_dtype, settings):
-    config = GPTConfig(block_size=block_size, vocab_size=settings.vocab_size, n_layer=settings.n_layer,
-                       n_head=settings.n_head, n_embd=settings.n_embd, attention=name,
-                       segment_len=settings.segment_len, use_kernels=settings.use_kernels)
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(GPTConfig) if f.name not in PER_CASE}
+    config = GPTConfig(**fields, block_size=block_size, attention=name)
     with torch.device(settings.device):  # initialise on the device: a GPT-2 sized init on the CPU is slow
         model = GPT(config)
     return model.to(weights_dtype)

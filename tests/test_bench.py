@@ -311,3 +311,11 @@ def test_check_mode_fails_on_a_mismatch(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match='6 of 7 checks failed'):
         bench.bench_check(settings)
     assert [r['status'] for r in read_csv(tmp_path / 'bench_check.csv')] == ['MISMATCH'] * 6 + ['ok']
+
+
+def test_every_model_field_is_a_bench_flag(tmp_path):
+    """An attention's options reach the bench as they reach train.py: every GPTConfig field is a flag."""
+    settings = bench.setup(['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=16', '--vocab_size=11',
+                            '--feature_scale=4', '--read_norm=rms', '--selection_head=1', f'--out_dir={tmp_path}'])
+    assert bench.random_model('infini', 32, torch.float32, settings).config.feature_scale == 4.0
+    assert bench.random_model('selective', 32, torch.float32, settings).config.selection_head == 1
