@@ -32,8 +32,8 @@ from torch.nn import functional as nnf  # F is selective's mask (attention_selec
 from tqdm import tqdm
 
 import kernels  # imports without triton too: kernels.triton is then None
-from configurator import configure, flags_of, parse_ints, run_script
-from devices import autocast, default_device, device_type_of, resolve_dtype
+from configurator import configure, flags_of, parse_ints
+from devices import autocast, default_device, device_type_of, resolve_dtype, run_script
 from model import ATTENTIONS, GPT, GPTConfig
 from tools.report import (FORMATS, GrowingTable, cell, check_out_dir, context_list, fmt_context, fmt_ratio,
                           free_memory, guarded, header_lines, markdown_table, write_report)
@@ -600,8 +600,8 @@ def setup(argv):
     """The flags as a settings object, checked, with the device-dependent defaults resolved and the GPU set up."""
     settings, _ = configure(argv, FLAGS, __doc__)
     if settings.mode not in ('speed', 'kernels', 'check'):
-        raise SystemExit(f"--mode is speed, kernels or check, not '{settings.mode}' (checkpoints: python tools/evaluate.py; "
-                         f"the compiler's report: python tools/kernel_report.py)")
+        raise SystemExit(f"--mode is speed, kernels or check, not '{settings.mode}' (checkpoints: python "
+                         f"tools/evaluate.py; the compiler's report: python tools/kernel_report.py)")
     settings.device = settings.device or default_device().replace('mps', 'cpu')  # it measures CUDA or the CPU
     settings.device_type = device_type_of(settings.device)
     if settings.device_type != 'cuda' and settings.device != 'cpu':

@@ -74,15 +74,3 @@ def parse_ints(flag, text, example='1024,4k,1M'):
                 for n in text.replace(' ', '').split(',') if n]
     except ValueError:
         raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None
-
-
-def run_script(main, argv):
-    """Run a script's main(argv). Ctrl-C, a full disk or a read-only folder end it with one line, not a traceback;
-    what the script had written is whole, since every file is written to a temp name and renamed."""
-    try:
-        return main(argv)
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted") from None
-    except OSError as e:
-        raise SystemExit(f"cannot go on: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
-

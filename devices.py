@@ -1,5 +1,6 @@
 """
-The device a script runs on and the dtype it computes in: one rule for every script's --device and --dtype.
+How a script runs: the device it runs on and the dtype it computes in (one rule for every script's --device and
+--dtype), and how it ends on Ctrl-C or a full disk (run_script).
 """
 
 from contextlib import nullcontext
@@ -44,3 +45,15 @@ def resolve_dtype(dtype, device_type):
 def autocast(device_type, dtype):
     """Mixed precision for a dtype name: none in float32."""
     return nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
+def run_script(main, argv):
+    """Run a script's main(argv). Ctrl-C, a full disk or a read-only folder end it with one line, not a traceback;
+    what the script had written is whole, since every file is written to a temp name and renamed."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted") from None
+    except OSError as e:
+        raise SystemExit(f"cannot go on: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
+

@@ -14,9 +14,9 @@ import sys
 import torch
 
 from checkpoints import checkpoint_tokenizer, load_model
-from configurator import configure, flags_of, parse_ints, run_script
+from configurator import configure, flags_of, parse_ints
 from data.common import encode_prompt
-from devices import autocast, default_device, device_type_of, resolve_dtype
+from devices import autocast, default_device, device_type_of, resolve_dtype, run_script
 from tools.gpt2 import is_gpt2, load_model as load_gpt2
 
 # -----------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ log_interval = 10
 eval_iters = 100 if _gpu else 20
 eval_only = False               # evaluate once and exit
 always_save_checkpoint = True   # else only when val loss improves
-init_from = 'scratch'           # 'scratch', 'resume', a run's ckpt.pt, gpt2[-medium|-large|-xl] or a folder (tools/gpt2.py)
+init_from = 'scratch'           # 'scratch', 'resume', a ckpt.pt, gpt2[-medium|-large|-xl] or a folder (tools/gpt2.py)
 overwrite = False               # a new run may replace the checkpoint of another run in out_dir
 # logging: every run writes out_dir/log.csv (runs.py); wandb gets the same numbers
 wandb_log = False               # needs `pip install wandb`; WANDB_MODE=offline keeps it on this machine
@@ -218,6 +218,9 @@ def main(argv):
         if n <= cfg.block_size:
             raise SystemExit(f"{split}.bin in {cfg.data_dir} has {n} tokens, too few for "
                              f"--block_size={cfg.block_size}")
+        if example_len and n < example_len:
+            raise SystemExit(f"{split}.bin in {cfg.data_dir} has {n} tokens, fewer than one {example_len}-token "
+                             f"example (meta.pkl's example_len): prepare the dataset again")
     model.to(run_device)
     ptdtype = resolve_dtype(cfg.dtype, device_type)
     if ptdtype == 'float16' and device_type != 'cuda':

@@ -1,5 +1,5 @@
 """
-Does Infini-attention's compressive memory retrieve a passkey past the training length? (experiments/infini_lab.md)
+Does Infini-attention's compressive memory retrieve a passkey past the training length? (infini_lab.md)
 
 Trains small models on 256-token passkey examples, then tests them on longer prompts, with the memory read on
 and switched off, and measures how the memory's read weight spreads as prompts grow:
@@ -87,7 +87,7 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63': (['--feature_scale=4', '--memory_boost=63'],
                                  "two stages: the paper's mechanism (the paper run, --max_iters iterations), then "
                                  "fine-tuned with both changes (boost 63) for the run's own iterations"),
-    # the read shrinks with the needle's share as inputs grow, while its direction holds (experiments/infini_lab.md, the read
+    # the read shrinks with the needle's share as inputs grow, while its direction holds (infini_lab.md, the read
     # probe): read_norm=rms keeps each head's read at unit RMS, so a long input's read keeps its training-time size
     'paper_then_sharp_boost63_rms': (['--feature_scale=4', '--memory_boost=63', '--read_norm=rms'],
                                      'two stages, the second with both changes and the read at unit RMS per head'),
@@ -104,12 +104,12 @@ RUNS = {  # name: (train.py flags, what it is)
                                          'fine-tuned on 1,024-token examples for the run\'s own iterations'),
     'paper_then_sharp_boost63_then_more': ([], 'three stages: the two-stage run (6,000 + 6,000 iterations), then '
                                            'the same training longer: the control for the third stages'),
-    # the read at unit RMS keeps its size; past 64k its direction still turns to the filler's (experiments/infini_lab.md):
+    # the read at unit RMS keeps its size; past 64k its direction still turns to the filler's (infini_lab.md):
     # a sharper feature map raises the needle's contrast over the filler
     'paper_then_sharp_boost63_then_rms_sharp8': (['--read_norm=rms', '--feature_scale=8'],
                                                  'three stages: the two-stage run, then fine-tuned with the read at '
                                                  'unit RMS and sigma(x) = ELU(8x) + 1'),
-    # each digit fails where its own query loses the needle (experiments/infini_lab.md, "The read probe at each digit's
+    # each digit fails where its own query loses the needle (infini_lab.md, "The read probe at each digit's
     # query"): a still sharper map raises every query's contrast again
     'paper_then_sharp_boost63_then_rms_sharp16': (['--read_norm=rms', '--feature_scale=16'],
                                                   'three stages: the two-stage run, then fine-tuned with the read at '
@@ -131,7 +131,7 @@ RUNS = {  # name: (train.py flags, what it is)
                                                           '--feature_scale=8'],
                                                          'four stages: the rms+sharp8 third stage, then fine-tuned '
                                                          'on 4,096-token examples'),
-    # ELU(16x) + 1 straight after the two stages breaks some seeds' first-digit query (experiments/infini_lab.md); taken in
+    # ELU(16x) + 1 straight after the two stages breaks some seeds' first-digit query (infini_lab.md); taken in
     # two steps, 4 -> 8 -> 16, each query has a sharper map to start from
     'paper_then_sharp_boost63_then_rms_sharp8_then_sharp16': (['--read_norm=rms', '--feature_scale=16'],
                                                               'four stages: the rms+sharp8 third stage, then '
@@ -152,7 +152,7 @@ RUNS = {  # name: (train.py flags, what it is)
                                                                    'first write boosted up to 1,024 times'),
     # a fine-tuning step at the full rate on one 4k example can break a digit query the third stage had learned
     # (seed 3 of the boost1023 run falls to 22% at 256 tokens): a quarter of the rate may keep what the earlier
-    # stages learned while the new examples still move it (experiments/infini_lab.md: it moves the failures to other seeds)
+    # stages learned while the new examples still move it (infini_lab.md: it moves the failures to other seeds)
     'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023_gentle': (['--block_size=4096', '--batch_size=1',
                                                                            '--read_norm=rms', '--feature_scale=8',
                                                                            '--memory_boost=1023',
@@ -164,14 +164,14 @@ RUNS = {  # name: (train.py flags, what it is)
                                                                      'the sharp16 fourth stage at a quarter of the '
                                                                      'learning rate'),
     # a model soup (Wortsman et al. 2022): the mean of the weights of runs fine-tuned from one checkpoint. Each
-    # fourth stage breaks a different digit's query in a different seed (experiments/infini_lab.md); the mean keeps what the
+    # fourth stage breaks a different digit's query in a different seed (infini_lab.md); the mean keeps what the
     # fine-tunes share and averages out what each one broke on its own. Trains no weights of its own.
     'paper_then_sharp_boost63_then_rms_sharp8_soup': (None, 'the mean of the weights of four fourth stages of the '
                                                       'rms+sharp8 third stage: then_more, then_1k, then_4k, '
                                                       'then_4k_boost1023 (each at the iterations given)'),
     'paper_then_sharp_boost63_then_rms_sharp8_soup_short': (None, 'the mean of the weights of the two fourth stages '
                                                             'on short examples: then_more (256 tokens), then_1k'),
-    # the two models that find the key at 1M tokens have ELU(16x) + 1 (experiments/infini_lab.md): the soup of the three
+    # the two models that find the key at 1M tokens have ELU(16x) + 1 (infini_lab.md): the soup of the three
     # fourth stages with it
     'paper_then_sharp_boost63_then_rms_sharp8_soup16': (None, 'the mean of the weights of the three fourth stages '
                                                         'with ELU(16x) + 1: then_sharp16, then_4k_sharp16, '
@@ -188,7 +188,7 @@ SOUPS = {'paper_then_sharp_boost63_then_rms_sharp8_soup':
           for part in ('then_sharp16', 'then_4k_sharp16', 'then_sharp16_gentle')]}
 TRAINING_ONLY = ('block_size', 'memory_boost')  # the parts of a soup may differ in these (the soup keeps the first's)
 # runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
-# which is fast, and the sharper, crowded memory is taught after (experiments/infini_lab.md, "Two stages")
+# which is fast, and the sharper, crowded memory is taught after (infini_lab.md, "Two stages")
 # (which, with its iterations: None = --max_iters)
 BASE = {name: ('paper', None) for name in RUNS if name.startswith('paper_then_') and name not in SOUPS}
 BASE['paper_then_sharp_boost63_then_1k'] = ('paper_then_sharp_boost63', 6000)
@@ -492,7 +492,7 @@ def parse_read_gain(text):
 
 def scale_memory_read(model, layer, head, gain):
     """Edit a trained model's weights so that one head's memory read counts `gain` times in its output, its local
-    attention as before: a test of whether the read's size limits retrieval (experiments/infini_lab.md, "Where retrieval is
+    attention as before: a test of whether the read's size limits retrieval (infini_lab.md, "Where retrieval is
     lost"). The memory is linear in the values (every write is sigma(K)^T times values, less reads of earlier
     values; eq. 4-5), so scaling the head's value weights by c scales A_mem and A_dot by c. A gate g' = gain g / c,
     with c = gain g + 1 - g, then gives the head gain g A_mem + (1 - g) A_dot (eq. 6)."""

@@ -55,7 +55,8 @@ def test_tiny_dry_run_returns_every_step_in_two_files(tmp_path):
     assert (files / 'summary.txt').read_text() == summary
     for step in STEPS:
         assert (files / f'{step}.log').exists(), step
-    for table in ('check/bench_check', 'bench/bench_speed', 'bench-in-long/bench_speed', 'bench-infini-8gb/bench_speed'):
+    for table in ('check/bench_check', 'bench/bench_speed', 'bench-in-long/bench_speed',
+                  'bench-infini-8gb/bench_speed'):
         assert (files / f'{table}.csv').exists() and (files / f'{table}.md').exists(), table
     assert (files / 'kernels' / 'bench_kernels.md').exists()  # on a CPU it says why the kernels are not timed
     for a in ('causal', 'in', 'infini', 'selective'):

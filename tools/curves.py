@@ -12,7 +12,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/curves.py
-from configurator import configure, flags_of, run_script  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
+from devices import run_script  # noqa: E402
 from runs import read_log  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 How good are trained checkpoints at each context? Each evaluation is one function and one flag:
 
-    python tools/evaluate.py --ckpt=out/ckpt.pt                                    # val loss at 1/2, 1, 2, 4 x block_size
+    python tools/evaluate.py --ckpt=out/ckpt.pt                            # val loss at 1/2, 1, 2, 4 x block_size
     python tools/evaluate.py --ckpt=out-in/ckpt.pt,out/ckpt.pt --contexts=256,512,1k    # a column per checkpoint
     python tools/evaluate.py --ckpt=out-passkey-infini/ckpt.pt --contexts=256,1k,4k,16k  # + passkey accuracy table
     python tools/evaluate.py --ckpt=out-selective/ckpt.pt --loss=False --search_budgets=True    # selective's KV budgets
@@ -29,8 +29,8 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/evaluate.py
 from checkpoints import load_model  # noqa: E402
-from configurator import configure, flags_of, run_script  # noqa: E402
-from devices import autocast, default_device, device_type_of, resolve_dtype  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
+from devices import autocast, default_device, device_type_of, resolve_dtype, run_script  # noqa: E402
 from model import cross_entropy  # noqa: E402
 from tools.report import (GrowingTable, check_out_dir, context_list, fmt_bytes, fmt_context, guarded,  # noqa: E402
                           header_lines, markdown_table)
