@@ -101,23 +101,55 @@ def peak_bytes(settings):
     return torch.cuda.max_memory_allocated() if settings.device_type == 'cuda' else None
 
 
-def run_series(label, Ts, measure, settings, messages, bar, record=None):
+def matmul_rate(settings, n=2048):
+    """FLOP/s of one n x n matmul here, in the bench dtype: the most this device does, timed once."""
+    if settings.matmul_rate is None:
+        a = torch.randn(n, n, device=settings.device, dtype=settings.ptdtype)
+        for timed in (False, True):  # the first call warms up
+            sync(settings)
+            t0 = time.perf_counter()
+            a @ a
+            sync(settings)
+            seconds = time.perf_counter() - t0
+        settings.matmul_rate = 2 * n ** 3 / max(seconds, 1e-9)
+    return settings.matmul_rate
+
+
+def predicted_seconds(model, T, phase, settings):
+    """Fewer seconds than the case can take: its FLOPs at the matmul rate. A forward costs 2 N per token plus
+    2 L H Q per key a query sees (half of what the attention declares: a causal query sees half on average); a
+    training step three forwards. A signal cannot stop one long kernel call, so a case predicted past
+    --case_seconds is not started."""
+    c = model.config
+    keys = model.attention.keys_per_query(dataclasses.replace(c, block_size=T)) / 2
+    forward = T * settings.batch_size * (2 * model.get_num_params() + 2 * c.n_layer * c.n_head * c.head_size * keys)
+    return (3 if phase == 'training' else 1) * forward / matmul_rate(settings)
+
+
+def run_series(label, Ts, measure, settings, messages, bar, record=None, predict=None):
     """measure(T) at each context, shortest first, guarded: {T: its result, or a status}. A case running longer
-    than --case_seconds is stopped ('slow'); after it, or after an OOM, the longer contexts are not run ('-'):
-    they would fail or take longer still. messages[label, status] keeps the first message of each failure.
-    record(T, result or status, seconds, message) is called as each case finishes, to write its row at once."""
+    than --case_seconds is stopped ('slow'), and so is one that predict(T) says would ('slow', not started);
+    after it, or after an OOM, the longer contexts are not run ('-'): they would fail or take longer still.
+    messages[label, status] keeps the first message of each failure. record(T, result or status, seconds,
+    message) is called as each case finishes, to write its row at once."""
     out, stopped = {}, False
     for T in Ts:
         bar.set_postfix_str(f'{label} {fmt_context(T)}')
         t0 = time.perf_counter()
+        least = predict(T) if predict and settings.case_seconds else 0.0
         if stopped:
             result, status, message = None, '-', ''
+        elif least > settings.case_seconds:
+            result, status, message = None, 'slow', f'not started: it would take over {least:.3g} s'
         else:
             result, status, message = guarded(lambda: measure(T), settings, settings.case_seconds)
         out[T], seconds = result if status is None else status, time.perf_counter() - t0
         if status not in (None, '-'):
             messages.setdefault((label, status), f'{fmt_context(T)}: {message}')
-        if status == 'slow':
+        if status == 'slow' and message.startswith('not started'):
+            messages[label, 'slow'] = (f'{fmt_context(T)} {message}, past --case_seconds={settings.case_seconds:g}: '
+                                       f'longer contexts not run')
+        elif status == 'slow':
             messages[label, 'slow'] = (f'{fmt_context(T)} stopped after --case_seconds='
                                        f'{settings.case_seconds:g}: longer contexts not run')
         stopped = stopped or status in ('OOM', 'slow')
@@ -242,7 +274,8 @@ def run_speed(names, Ts, settings, table=None):
                     record(T, series[T], 0.0, message if T == Ts[0] else '')
                 bar.update(len(Ts))
             else:
-                series = run_series(f'{name} {phase}', Ts, measure, settings, messages, bar, record)
+                series = run_series(f'{name} {phase}', Ts, measure, settings, messages, bar, record,
+                                    predict=lambda T: predicted_seconds(model, T, phase, settings))
             results.update({(name, phase, T): result for T, result in series.items()})
             model = None  # free it before the next model is built
             free_memory(settings)
@@ -609,6 +642,7 @@ def setup(argv):
     settings.dtype = resolve_dtype(settings.dtype, settings.device_type)
     settings.ptdtype = getattr(torch, settings.dtype)
     settings.gpu_error = ''  # the first CUDA error, kept by guarded
+    settings.matmul_rate = None  # measured once, when a case's time is first predicted (matmul_rate)
     shape = (settings.n_layer, settings.n_head, settings.n_embd, settings.vocab_size, settings.batch_size)
     if min(shape + (settings.repeats,)) < 1 or min(settings.decode_tokens, settings.warmup) < 0:
         raise SystemExit('n_layer, n_head, n_embd, vocab_size, batch_size, repeats must be >= 1, decode_tokens '

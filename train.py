@@ -266,9 +266,10 @@ def main(argv):
             stats = eval_stats(cfg, raw_model, ctx, run_device, examples)
             tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                        + (f", {stats_line(stats)}" if stats else ''))
-            if log:
+            if log:  # the rate of the last step this process took (none yet at a resumed run's first evaluation)
+                lr = get_lr(cfg, iter_num - 1) if iter_num > start_iter else None
                 log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'],
-                          val_loss=losses['val'], lr=get_lr(cfg, iter_num - 1) if iter_num else None, **stats)
+                          val_loss=losses['val'], lr=lr, **stats)
             reference = losses['val'] if reference is None else reference
             stop_if_diverged(losses, iter_num, cfg.out_dir, reference)
             improved = losses['val'] < best_val_loss

@@ -189,3 +189,13 @@ def test_broken_gpt2_folders_are_one_line(tmp_path):
     (tmp_path / 'emptyst' / 'model.safetensors').write_bytes(b'')
     with pytest.raises(SystemExit, match='model.safetensors is not a readable safetensors file'):
         gpt2.gpt2_checkpoint(str(tmp_path / 'emptyst'))
+
+
+def test_bench_does_not_start_a_case_it_cannot_stop(tmp_path):
+    """A signal cannot stop one long kernel call: a case whose FLOPs alone would outlast --case_seconds is not run."""
+    settings = bench.setup(['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=32', '--vocab_size=257',
+                            '--decode_tokens=4', '--warmup=0', '--repeats=1', '--contexts=1M', '--attentions=causal',
+                            '--case_seconds=10', f'--out_dir={tmp_path}'])
+    results, messages = bench.run_speed(['causal'], [2 ** 20], settings)
+    assert results['causal', 'inference', 2 ** 20] == 'slow'
+    assert 'not started: it would take over' in messages['causal inference', 'slow']
