@@ -141,6 +141,8 @@ def prepare_data(cfg, master_process):
     files = [os.path.join(cfg.data_dir, name) for name in ('train.bin', 'val.bin', 'meta.pkl')]
     if all(os.path.isfile(f) for f in files):
         return
+    if os.path.exists(cfg.data_dir) and not os.path.isdir(cfg.data_dir):
+        raise SystemExit(f"--data_dir={cfg.data_dir} is a file, not the folder of a prepared dataset")
     prepare = os.path.join(ROOT, 'data', cfg.dataset, 'prepare.py')
     default_dir = os.path.abspath(cfg.data_dir) == os.path.join(ROOT, 'data', cfg.dataset)
     if cfg.dataset != 'python_stdlib' or not default_dir:

@@ -81,6 +81,8 @@ def check_sampling(temperature, top_k, max_new_tokens):
     """One line for sampling settings no generation could use."""
     if not math.isfinite(temperature) or temperature < 0:
         raise SystemExit(f"--temperature={temperature} must be a finite number >= 0 (0 is greedy decoding)")
+    if 0 < temperature < 1e-3:  # logits divided by it overflow to inf: the softmax is no distribution
+        raise SystemExit(f"--temperature={temperature:g} is too small to sample with; 0 takes the likeliest token")
     if top_k < 0 or max_new_tokens < 0:
         raise SystemExit("--top_k and --max_new_tokens must be >= 0 (top_k 0 keeps every token)")
 

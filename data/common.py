@@ -356,6 +356,8 @@ def encode_prompt(start, tok):
             prompt = f.read()
     try:
         ids = tok.encode(prompt)
+    except UnicodeEncodeError:  # bytes a shell passed that are not UTF-8 (Python keeps them as surrogates)
+        raise SystemExit("--start holds bytes that are not UTF-8 text; give text, or --start=FILE:path") from None
     except ValueError as e:  # a character the char-level vocabulary lacks
         raise SystemExit(str(e)) from None
     if not ids:

@@ -199,3 +199,19 @@ def test_bench_does_not_start_a_case_it_cannot_stop(tmp_path):
     results, messages = bench.run_speed(['causal'], [2 ** 20], settings)
     assert results['causal', 'inference', 2 ** 20] == 'slow'
     assert 'not started: it would take over' in messages['causal inference', 'slow']
+
+
+def test_misleading_inputs_get_lines_that_name_the_fix(tmp_path, train_tiny):
+    from data.common import ByteTokenizer, encode_prompt
+    from sample import check_sampling
+    with pytest.raises(SystemExit, match='too small to sample with; 0 takes the likeliest token'):
+        check_sampling(1e-45, 200, 10)
+    with pytest.raises(SystemExit, match='--start holds bytes that are not UTF-8 text'):
+        encode_prompt('\udcff\udcfehello', ByteTokenizer())
+    with pytest.raises(SystemExit, match='--data_dir=.*README.md is a file, not the folder of a prepared dataset'):
+        fresh_module('train').main([*TINY_FLAGS, f'--data_dir={os.path.join(ROOT, "README.md")}',
+                                    f'--out_dir={tmp_path / "run"}'])
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'log.csv').write_text('iter,val_loss\n')
+    with pytest.raises(SystemExit, match='log.csv has no rows yet'):
+        curves.main([f'--runs={tmp_path / "empty"}', '--out='])

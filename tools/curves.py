@@ -38,6 +38,8 @@ def load_curves(folders, x_col, y_col):
     names = [os.path.basename(os.path.normpath(f if os.path.isdir(f) else os.path.dirname(f))) for f in folders]
     for folder, name in zip(folders, names):
         rows = read_log(folder)
+        if not rows:  # the header alone, or nothing: a run stopped before its first row
+            raise SystemExit(f"{folder}/log.csv has no rows yet: the run has not logged a step")
         if names.count(name) > 1:  # runs/a/out and runs/b/out: the last name alone would merge them
             name = os.path.normpath(folder)
         known = set().union(*(r.keys() for r in rows)) if rows else set()
