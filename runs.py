@@ -77,9 +77,6 @@ def check_settings(cfg):
         raise SystemExit(f"--seed={cfg.seed} must be >= 0 and below 2**63 (torch.manual_seed's range)")
     if cfg.vocab_size > 2 ** 16:
         raise SystemExit(f"--vocab_size={cfg.vocab_size}: token ids are stored as uint16, so at most 65536")
-    if cfg.decay_lr and not cfg.eval_only and 0 < cfg.max_iters <= cfg.warmup_iters:
-        raise SystemExit(f"--max_iters={cfg.max_iters} is not longer than --warmup_iters={cfg.warmup_iters}: the "
-                         f"whole run would be warm-up; give --warmup_iters below {cfg.max_iters}")
     problem = ATTENTIONS[cfg.attention].training_problem(cfg) if cfg.attention in ATTENTIONS else ''
     if problem:  # what the attention knows would not train (an unknown name is GPTConfig's error)
         raise SystemExit(problem)
@@ -126,6 +123,21 @@ def stop_if_diverged(losses, iter_num, out_dir, reference=None):
         kept = f'{path} keeps the last good state' if os.path.exists(path) else 'no checkpoint was written'
         raise SystemExit(f"step {iter_num}: {', '.join(bad)}: the run diverged; {kept}. Lower --learning_rate, or "
                          f"undo the flag that made the numbers blow up")
+
+
+def check_schedule(cfg):
+    """One line for a learning-rate schedule that would train wrongly without a word, once a resumed run's own
+    settings are back: a run that is all warm-up, or a resume whose schedule ended inside its warm-up (the rate
+    would drop 20-fold at once)."""
+    if not cfg.decay_lr or cfg.eval_only:
+        return
+    if 0 < cfg.max_iters <= cfg.warmup_iters:
+        raise SystemExit(f"--max_iters={cfg.max_iters} is not longer than --warmup_iters={cfg.warmup_iters}: the "
+                         f"whole run would be warm-up; give --warmup_iters below {cfg.max_iters}")
+    if 0 < cfg.lr_decay_iters <= cfg.warmup_iters:
+        raise SystemExit(f"the schedule ends at iteration {cfg.lr_decay_iters} (--lr_decay_iters), inside the "
+                         f"warm-up of {cfg.warmup_iters}: the learning rate would drop to --min_lr at once; give "
+                         f"--lr_decay_iters={cfg.max_iters} to decay over the whole run")
 
 
 def data_dir_of(cfg, given):

@@ -31,7 +31,7 @@ from configurator import configure, flags_of
 from data.common import check_tokens, load_meta, stored_data_dir
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import GPTConfig
-from runs import (RunLog, attention_stats, build_model, check_settings, checkpoint_to_start_from,
+from runs import (RunLog, attention_stats, build_model, check_schedule, check_settings, checkpoint_to_start_from,
                   claim_out_dir, data_dir_of, prepare_data, start_wandb, stats_line, stop_if_diverged)
 
 # -----------------------------------------------------------------------------------------------------------
@@ -182,6 +182,7 @@ def main(argv):
 
     # the run to continue or fine-tune from
     checkpoint = checkpoint_to_start_from(cfg, given)
+    check_schedule(cfg)  # now that a resumed run's own settings are back
 
     # data
     cfg.data_dir = data_dir_of(cfg, given)

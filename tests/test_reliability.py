@@ -215,3 +215,15 @@ def test_misleading_inputs_get_lines_that_name_the_fix(tmp_path, train_tiny):
     (tmp_path / 'empty' / 'log.csv').write_text('iter,val_loss\n')
     with pytest.raises(SystemExit, match='log.csv has no rows yet'):
         curves.main([f'--runs={tmp_path / "empty"}', '--out='])
+
+
+def test_resuming_a_run_that_was_all_warm_up_is_one_line(train_tiny, tmp_path):
+    train_tiny(tmp_path, '--max_iters=4', '--warmup_iters=2')
+    checkpoint = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    checkpoint['config']['warmup_iters'] = 4  # as a run from before the rule against all-warm-up runs
+    torch.save(checkpoint, tmp_path / 'ckpt.pt')
+    resume = [f'--out_dir={tmp_path}', '--init_from=resume', '--max_iters=8', '--device=cpu', '--dtype=float32',
+              '--compile=False']  # the run's own settings come back from its checkpoint
+    with pytest.raises(SystemExit, match='inside the warm-up of 4: the learning rate would drop to --min_lr'):
+        fresh_module('train').main(resume)
+    fresh_module('train').main([*resume, '--lr_decay_iters=8'])  # the fix it names works
