@@ -237,8 +237,9 @@ def trials_by_length(text, length_list):
 def train_run(run_dir, flags, train_seed, iters, data_dir, base=None):
     """Train (or resume) one run; base: the checkpoint a fine-tuning run starts from."""
     if not finished(run_dir, iters):
-        run_train(run_dir, [*COMMON, *flags, f'--data_dir={data_dir}', f'--seed={train_seed}', f'--max_iters={iters}'],
-                  init_from=base)
+        warmup = min(20, iters // 10)  # train.py's 20 for every real run; shorter for a quick try
+        run_train(run_dir, [*COMMON, *flags, f'--data_dir={data_dir}', f'--seed={train_seed}', f'--max_iters={iters}',
+                            f'--warmup_iters={warmup}'], init_from=base)
 
 
 def make_soup(paths, run_dir):

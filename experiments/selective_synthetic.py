@@ -170,7 +170,8 @@ def train_stages(settings, name, seed, folders, iters):
             length = load_meta(data)['example_len']
             flags = [f'--data_dir={data}', f'--positions={settings.positions}', f'--seed={seed}',
                      f'--block_size={length}', f'--max_iters={iters}',
-                     f'--eval_interval={max(1, iters // 8)}', '--eval_iters=10', '--warmup_iters=50',
+                     f'--eval_interval={max(1, iters // 8)}', '--eval_iters=10',
+                     f'--warmup_iters={min(50, iters // 10)}',  # 50 for a real run; shorter for a quick try
                      f'--learning_rate={settings.learning_rate}',
                      f'--batch_size={max(1, settings.batch_tokens // length)}', '--weight_decay=0']
             flags += ([*model_flags(settings, name), f'--n_layer={settings.n_layer}', f'--n_embd={settings.n_embd}']

@@ -1,0 +1,186 @@
+"""
+One command for the best path to a passkey 4,096 times past the training length (docs/infini.md):
+
+  python experiments/infini_recipe.py --seeds=1                  # train every stage, then test 256 to 1M tokens
+  python experiments/infini_recipe.py --seeds=1,2,3 --train=False  # the tables of the seeds trained so far
+
+The model is the lab's: 2 layers, 4 heads, 64 wide, segments of 64, the delta rule (eq. 5). Each stage fine-tunes the
+one before (train.py --init_from) with a fresh warmup and cosine schedule:
+
+  1. paper, 6,000 iterations: the paper's memory, sigma(x) = ELU(x) + 1 (eq. 3), on 256-token examples. Training
+     with the sharper memory from the start learns to retrieve late or never; the smooth map is learned first.
+  2. sharp4_boost63, 6,000: sigma(x) = ELU(4x) + 1 and the first write counted up to 64 times. The sharper map
+     weighs a needle token far above a filler token; the crowded memory makes the model need that contrast.
+  3. rms_sharp8, 1,000: each head's read at unit RMS, and ELU(8x) + 1. The read keeps its trained size however
+     much filler dilutes it, and the still sharper map keeps its direction past 64k tokens.
+  4. three fine-tunes with ELU(16x) + 1, 1,000 each: on 256-token examples (sharp16), on 4,096-token examples
+     (sharp16_4k: 63 segments in the memory), and at a quarter of the learning rate (sharp16_gentle). The models
+     here that reach 1M tokens keep a contrast above about 25,000 at every digit's query; ELU(16x) + 1 gives it,
+     but each fine-tune breaks a different digit's query in a different seed.
+  5. their soup (Wortsman et al. 2022): the mean of their weights keeps what they share. A greedy soup adds the
+     parts best first, each only if held-out prompts (another seed's, --soup_length tokens) do not get worse, so
+     a part that collapsed cannot spoil the soup. --soup=uniform averages all three.
+
+The soup is tested with its memory read on and off (A_mem = 0, the control), streamed --chunk tokens at a time
+in bounded memory. Finished stages and measured lengths are reused; a stopped run resumes. Tables go to
+out_dir/results.md. One process at a time; set OMP_NUM_THREADS to the cores you give it.
+"""
+import json
+import os
+import sys
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from checkpoints import load_model  # noqa: E402
+from configurator import configure, flags_of  # noqa: E402
+from experiments.common import prepare  # noqa: E402
+from experiments.infini_passkey import (evaluate_checkpoint, evaluate_length, make_soup, parse_list,  # noqa: E402
+                                        passkey_cases, train_run, trials_by_length)
+
+# -----------------------------------------------------------------------------------------------------------
+out_dir = 'out-infini-recipe'  # data, checkpoints and results.md (gitignored: out*/)
+seeds = '1'                    # comma-separated training seeds, trained and tested in order
+train = True                   # train the stages that have no finished checkpoint
+iters = '6000,6000,1000,1000'  # iterations of stages 1, 2, 3 and of each part of the soup
+n_train = 20000                # training examples per length
+long_length = 4096             # the long examples of sharp16_4k
+soup = 'greedy'                # 'greedy': parts that help on held-out prompts; 'uniform': all three
+soup_length = 262144           # the held-out prompts' length for the greedy soup
+soup_trials = 1                # held-out prompts per depth
+soup_seed = 7                  # the held-out prompts' seed (the test prompts use --seed)
+lengths = '256,1024,4096,16384,65536,262144,1048576'  # test prompt lengths (256 = the training length)
+trials = '20,20,20,10,4,1,1'   # test prompts per depth, one per length (5 depths: 100, ..., 5 prompts)
+depths = '0,0.25,0.5,0.75,1'   # where the passkey sits in the filler
+batch_size = 20                # prompts per forward
+chunk = 4096                   # prompt tokens per forward: the cache streams the prompt
+seed = 1337                    # the test prompts
+FLAGS = flags_of(globals())
+# -----------------------------------------------------------------------------------------------------------
+
+# (name, the stage it fine-tunes, train.py flags, on long examples): long examples are --long_length tokens, one per
+# batch (at 4,096 tokens an iteration reads as many tokens as 16 short ones). memory_boost=63 stays from stage 2 on.
+STAGES = [('paper', None, ['--attention=infini'], False),
+          ('sharp4_boost63', 'paper', ['--feature_scale=4', '--memory_boost=63'], False),
+          ('rms_sharp8', 'sharp4_boost63', ['--read_norm=rms', '--feature_scale=8'], False)]
+PARTS = [('sharp16', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=16'], False),
+         ('sharp16_4k', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=16'], True),
+         ('sharp16_gentle', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=16', '--learning_rate=5e-4',
+                                           '--min_lr=5e-5'], False)]
+
+
+def train_stages(settings, counts, folder, s):
+    """Train every stage and part of seed s that is not finished, in order; counts: --iters."""
+    data = {n: prepare('passkey', os.path.join(folder, f'data{n}'),
+                       [f'--length={n}', f'--n_train={settings.n_train}', '--n_val=200'])
+            for n in (256, settings.long_length)}
+    for i, (name, base, flags, long) in enumerate(STAGES + PARTS):
+        flags = flags + ([f'--block_size={settings.long_length}', '--batch_size=1'] if long else [])
+        base_ckpt = os.path.join(folder, f's{s}', base, 'ckpt.pt') if base else None
+        train_run(os.path.join(folder, f's{s}', name), flags, s, counts[min(i, 3)],
+                  data[settings.long_length if long else 256], base_ckpt)
+
+
+def held_out(ckpt, settings):
+    """(accuracy, -digit loss) of a model on the held-out prompts, memory read on: higher is better."""
+    model, _ = load_model(ckpt)
+    depth_list = parse_list('depths', settings.depths, float)
+    cases = passkey_cases(settings.soup_length, depth_list, settings.soup_trials, settings.soup_seed)
+    score = evaluate_length(model, settings.soup_length, cases, ['on'], 'on', settings, depth_list)['scores']['on']
+    return score['accuracy'], -score['digit_loss']
+
+
+def fresh_soup(paths, run_dir):
+    """make_soup, made anew: make_soup keeps a soup that is newer than its parts, whichever parts it had."""
+    path = os.path.join(run_dir, 'ckpt.pt')
+    if os.path.isfile(path):
+        os.remove(path)
+    make_soup(paths, run_dir)
+    return path
+
+
+def make_recipe_soup(settings, folder, s):
+    """The soup of the parts: all of them, or greedily (best held-out part first, then each that does not hurt).
+    Returns its folder and the names of the parts in it."""
+    parts = [os.path.join(folder, f's{s}', name, 'ckpt.pt') for name, *_ in PARTS]
+    run_dir = os.path.join(folder, f's{s}', f'soup_{settings.soup}')
+    if settings.soup == 'uniform':
+        make_soup(parts, run_dir)
+        return run_dir, [name for name, *_ in PARTS]
+    log_path = os.path.join(run_dir, 'greedy.json')
+    if os.path.isfile(log_path) and all(os.path.getmtime(p) <= os.path.getmtime(log_path) for p in parts):
+        chosen = json.load(open(log_path))['chosen']  # chosen from these parts before
+    else:
+        scores = {p: held_out(p, settings) for p in parts}
+        ranked = sorted(parts, key=scores.get, reverse=True)
+        chosen, best = ranked[:1], scores[ranked[0]]
+        for part in ranked[1:]:
+            trial = fresh_soup(chosen + [part], os.path.join(run_dir, 'trial'))
+            scores[' + '.join(chosen + [part])] = score = held_out(trial, settings)
+            os.remove(trial)
+            if score >= best:
+                chosen, best = chosen + [part], score
+        fresh_soup(chosen, run_dir)  # a soup of one part is that part's weights
+        with open(log_path, 'w') as f:
+            json.dump(dict(chosen=chosen, scores=scores, length=settings.soup_length, trials=settings.soup_trials,
+                           seed=settings.soup_seed), f, indent=1)
+    return run_dir, [os.path.basename(os.path.dirname(p)) for p in chosen]
+
+
+def train_minutes(folder, s):
+    """Minutes of training of every stage and part (log.csv's time_s, evaluations included)."""
+    total = 0.0
+    for name, *_ in STAGES + PARTS:
+        with open(os.path.join(folder, f's{s}', name, 'log.csv')) as f:
+            total += float(f.read().strip().splitlines()[-1].split(',')[2])
+    return total / 60
+
+
+def table(s, result, minutes, chosen, length_list):
+    """Markdown: one row per length, the memory read on and off."""
+    lines = [f'### Seed {s}: soup of {", ".join(chosen)}; {minutes:.0f} minutes of training', '',
+             '| length | prompts | read on: accuracy / digit loss | read off (A_mem = 0) | s per prompt (on) '
+             '| peak MB |',
+             '|---:|---:|---:|---:|---:|---:|']
+    for n in length_list:
+        e = result['lengths'][str(n)]
+        on, off = e['scores']['on'], e['scores']['off']
+        lines.append(f"| {n:,} ({n // 256:,}x) | {e['prompts']} | {on['accuracy']:.0%} / {on['digit_loss']:.2f} | "
+                     f"{off['accuracy']:.0%} / {off['digit_loss']:.2f} | {e['seconds']['on'] / e['prompts']:.2f} | "
+                     f"{e['peak_rss_mb']:.0f} |")
+    return lines + ['']
+
+
+def main(argv):
+    settings, _ = configure(argv, FLAGS, __doc__)
+    seed_list = parse_list('seeds', settings.seeds, int)
+    length_list = parse_list('lengths', settings.lengths, int)
+    trials_by_length(settings.trials, length_list)
+    counts = parse_list('iters', settings.iters, int)
+    if len(counts) != 4 or min(counts) < 1:
+        raise SystemExit(f'--iters={settings.iters}: four positive counts (stages 1, 2, 3 and each part)')
+    if settings.soup not in ('greedy', 'uniform'):
+        raise SystemExit(f"--soup={settings.soup}: 'greedy' or 'uniform'")
+    folder = settings.out_dir if os.path.isabs(settings.out_dir) else os.path.join(ROOT, settings.out_dir)
+    # the evaluation's settings (infini_passkey.evaluate_checkpoint): the memory read on and off at every length
+    test = types.SimpleNamespace(**vars(settings), all_reads_up_to=0, read_gain='')
+    lines = ['## The recipe (experiments/infini_recipe.py): passkey accuracy by prompt length', '',
+             "(s per prompt: with the memory read on, in batches of --batch_size; peak MB: the process's peak "
+             "resident memory so far, CPU)", '']
+    for s in seed_list:
+        if settings.train:
+            train_stages(settings, counts, folder, s)
+        if not all(os.path.isfile(os.path.join(folder, f's{s}', n, 'ckpt.pt')) for n, *_ in PARTS):
+            print(f'seed {s}: not trained yet (python experiments/infini_recipe.py --seeds={s})')
+            continue
+        run_dir, chosen = make_recipe_soup(test, folder, s)
+        result = evaluate_checkpoint(os.path.join(run_dir, 'ckpt.pt'), test)
+        lines += table(s, result, train_minutes(folder, s), chosen, length_list)
+        print('\n'.join(lines[-len(length_list) - 5:]), flush=True)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'results.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

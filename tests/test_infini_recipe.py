@@ -1,0 +1,43 @@
+"""experiments/infini_recipe.py at a tiny size: every stage trains, the greedy soup is made, the table is written."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+
+def recipe():
+    """experiments/infini_recipe.py as a module."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'infini_recipe.py')
+    spec = importlib.util.spec_from_file_location('infini_recipe', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ['--iters=2,2,2,2', '--n_train=32', '--long_length=512', '--soup_length=512', '--lengths=256,512',
+        '--trials=1', '--depths=0,1']
+
+
+def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_off(tmp_path):
+    experiment = recipe()
+    experiment.main([f'--out_dir={tmp_path}', *TINY])
+    for name, *_ in experiment.STAGES + experiment.PARTS:
+        assert os.path.isfile(tmp_path / 's1' / name / 'ckpt.pt')
+    greedy = json.load(open(tmp_path / 's1' / 'soup_greedy' / 'greedy.json'))
+    assert 1 <= len(greedy['chosen']) <= 3 and len(greedy['scores']) == 5  # 3 parts, then 2 trial soups
+    text = open(tmp_path / 'results.md').read()
+    assert '### Seed 1: soup of ' in text and '| 512 (2x) | 2 |' in text
+    # everything is reused: a second run trains and chooses nothing, and writes the same table
+    mtime = os.path.getmtime(tmp_path / 's1' / 'soup_greedy' / 'greedy.json')
+    experiment.main([f'--out_dir={tmp_path}', *TINY])
+    assert os.path.getmtime(tmp_path / 's1' / 'soup_greedy' / 'greedy.json') == mtime
+    assert open(tmp_path / 'results.md').read() == text
+
+
+@pytest.mark.parametrize('flag, message', [('--iters=1,2', 'four positive counts'),
+                                           ('--soup=best', "'greedy' or 'uniform'"),
+                                           ('--trials=1,2', 'one per length')])
+def test_bad_flags_are_one_line_errors(tmp_path, flag, message):
+    with pytest.raises(SystemExit, match=message):
+        recipe().main([f'--out_dir={tmp_path}', '--lengths=256,512,1024', '--trials=1', flag])
