@@ -86,6 +86,7 @@ class CausalSelfAttention(nn.Module):
     cache_options = ()       # the inference options its cache takes (selective's budget and evict)
     call_options = ()        # the options one forward takes; GPT.forward refuses any other
     maps_note = ''           # what its attention weights are over, in a few words ('' for plain tokens)
+    own_fields = ()          # the GPTConfig fields only it reads (train.py notes them when another attention runs)
 
     @staticmethod
     def new_cache(config, batch_size, max_len):

@@ -370,6 +370,8 @@ class InfiniAttention(CausalSelfAttention):
                        "position-free memory; 'rope' and 'learned' both leave it so")
     own_head_size = False  # the memory is d x d per head of n_embd / n_head
     streams = True  # no context limit: the GPT has no position table and never crops
+    own_fields = ('segment_len', 'memory_update', 'gate_lr_mult', 'feature_scale', 'memory_boost', 'memory_read',
+                  'read_norm')
     call_options = ('memory_read',)  # an ablation of the read for one forward (forward below)
     maps_note = ' (local, in segments)'
 

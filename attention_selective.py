@@ -285,6 +285,7 @@ class SelectiveAttention(CausalSelfAttention):
 
     cache_options = ('budget', 'evict')
     call_options = ('budget', 'evict')  # without a cache: the simulated pruning (forward)
+    own_fields = ('selection_head', 'selection_loss', 'selection_fn')
 
     @staticmethod
     def new_cache(config, batch_size, max_len, budget=None, evict='F'):

@@ -125,6 +125,18 @@ def stop_if_diverged(losses, iter_num, out_dir, reference=None):
                          f"undo the flag that made the numbers blow up")
 
 
+def note_other_attentions_flags(cfg, given):
+    """A line for each flag that only another attention reads (--memory_read with --attention=causal): the run
+    goes on, and says it ignores them."""
+    own = set(getattr(ATTENTIONS.get(cfg.attention), 'own_fields', ()))
+    for name, attention in ATTENTIONS.items():
+        ignored = sorted((set(getattr(attention, 'own_fields', ())) - own) & set(given))
+        if ignored and name != cfg.attention:
+            print(f"note: {', '.join('--' + k for k in ignored)} only change attention={name}; "
+                  f"attention={cfg.attention} ignores them")
+            own |= set(ignored)  # one note per flag
+
+
 def check_schedule(cfg):
     """One line for a learning-rate schedule that would train wrongly without a word, once a resumed run's own
     settings are back: a run that is all warm-up, or a resume whose schedule ended inside its warm-up (the rate

@@ -32,7 +32,8 @@ from data.common import check_tokens, load_meta, stored_data_dir
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import GPTConfig
 from runs import (RunLog, attention_stats, build_model, check_schedule, check_settings, checkpoint_to_start_from,
-                  claim_out_dir, data_dir_of, prepare_data, start_wandb, stats_line, stop_if_diverged)
+                  claim_out_dir, data_dir_of, note_other_attentions_flags, prepare_data, start_wandb, stats_line,
+                  stop_if_diverged)
 
 # -----------------------------------------------------------------------------------------------------------
 # Defaults. Those that set the run's size follow the device found: a small model that trains in a few minutes
@@ -183,6 +184,8 @@ def main(argv):
     # the run to continue or fine-tune from
     checkpoint = checkpoint_to_start_from(cfg, given)
     check_schedule(cfg)  # now that a resumed run's own settings are back
+    if master_process:
+        note_other_attentions_flags(cfg, given)
 
     # data
     cfg.data_dir = data_dir_of(cfg, given)

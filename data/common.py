@@ -57,6 +57,9 @@ class CharTokenizer:
 
     def __init__(self, chars):
         self.chars = ''.join(sorted(set(chars)))
+        if len(self.chars) >= 2 ** 16:  # ids are stored as uint16, and end-of-text takes one more
+            raise SystemExit(f"the text has {len(self.chars):,} distinct characters, more than a character-level "
+                             f"vocabulary stored as uint16 holds (65,535): use --tokenizer=byte or gpt2")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.eot_token = len(self.chars)
         self.vocab_size = len(self.chars) + 1

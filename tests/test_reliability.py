@@ -227,3 +227,15 @@ def test_resuming_a_run_that_was_all_warm_up_is_one_line(train_tiny, tmp_path):
     with pytest.raises(SystemExit, match='inside the warm-up of 4: the learning rate would drop to --min_lr'):
         fresh_module('train').main(resume)
     fresh_module('train').main([*resume, '--lr_decay_iters=8'])  # the fix it names works
+
+
+def test_a_character_vocabulary_past_uint16_is_one_line():
+    from data.common import CharTokenizer
+    with pytest.raises(SystemExit, match='70,000 distinct characters, more than a character-level vocabulary'):
+        CharTokenizer(''.join(chr(0x4E00 + i) for i in range(70000)))
+
+
+def test_a_flag_of_another_attention_is_noted(train_tiny, tmp_path, capsys):
+    train_tiny(tmp_path, '--attention=causal', '--memory_read=off')
+    out = capsys.readouterr().out
+    assert 'note: --memory_read, --segment_len only change attention=infini; attention=causal ignores them' in out
