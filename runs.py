@@ -37,9 +37,10 @@ import sys
 import time
 
 import torch
+from torch.distributed import barrier
 
 from checkpoints import load_checkpoint
-from data.common import resolve_data_dir
+from data.common import load_meta, resolve_data_dir
 from model import ATTENTIONS, GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -232,26 +233,42 @@ def checkpoint_to_start_from(cfg, given):
     if missing:
         raise SystemExit(f"{path} has no {', '.join(sorted(missing))} to resume a run with; fine-tune from its "
                          f"weights instead: --init_from={path} --out_dir=NEW")
-    for key, value in checkpoint['config'].items():
-        if hasattr(cfg, key) and key not in given and key not in MACHINE_KEYS:
-            setattr(cfg, key, value)
-    if not cfg.lr_decay_iters and 'lr_decay_iters' not in given:  # keep the schedule the run started with
-        cfg.lr_decay_iters = checkpoint['config'].get('max_iters', cfg.max_iters)
-    if checkpoint['iter_num'] >= cfg.max_iters and not cfg.eval_only:
-        raise SystemExit(f"{path} is at iteration {checkpoint['iter_num']} of --max_iters={cfg.max_iters}: raise "
-                         f"--max_iters to train longer (the learning rate keeps the run's schedule, which ends at "
-                         f"min_lr after iteration {cfg.lr_decay_iters}; --lr_decay_iters=N changes that)")
     return checkpoint
 
 
-def build_model(cfg, checkpoint, given):
-    """The GPT this run trains: new from cfg, or the checkpoint's weights in the checkpoint's shape."""
+def settle(cfg, given, checkpoint, master_process, ddp):
+    """Every setting the run decides rather than takes from its flags, in one place, in this order: a resumed
+    run's own settings and schedule, the data folder (prepared on first use), the vocabulary, and the model's
+    settings from a checkpoint. Returns the dataset's meta.pkl dict and the model's arguments."""
+    if cfg.init_from == 'resume':  # the run's settings come back, except the flags given now and the machine's
+        for key, value in checkpoint['config'].items():
+            if hasattr(cfg, key) and key not in given and key not in MACHINE_KEYS:
+                setattr(cfg, key, value)
+        if not cfg.lr_decay_iters and 'lr_decay_iters' not in given:  # keep the schedule the run started with
+            cfg.lr_decay_iters = checkpoint['config'].get('max_iters', cfg.max_iters)
+        if checkpoint['iter_num'] >= cfg.max_iters and not cfg.eval_only:
+            raise SystemExit(f"{os.path.join(cfg.out_dir, 'ckpt.pt')} is at iteration {checkpoint['iter_num']} of "
+                             f"--max_iters={cfg.max_iters}: raise --max_iters to train longer (the learning rate "
+                             f"keeps the run's schedule, which ends at min_lr after iteration {cfg.lr_decay_iters}; "
+                             f"--lr_decay_iters=N changes that)")
+    check_schedule(cfg)
+    cfg.data_dir = data_dir_of(cfg, given)
+    prepare_data(cfg, master_process)
+    if ddp:
+        barrier()  # the other processes wait for the first one to prepare the data
+    meta = load_meta(cfg.data_dir)
+    cfg.vocab_size = cfg.vocab_size or meta['vocab_size']
     if checkpoint is None:
-        args = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    else:
-        args = model_args_from(checkpoint, cfg, given, fine_tune=cfg.init_from != 'resume')
-        for key, value in args.items():  # the run's settings (saved in its checkpoints) are what it trains with
-            setattr(cfg, key, value)
+        return meta, {k: getattr(cfg, k) for k in MODEL_KEYS}
+    args = model_args_from(checkpoint, cfg, given, fine_tune=cfg.init_from != 'resume')
+    for key, value in args.items():  # the run's settings (saved in its checkpoints) are what it trains with
+        setattr(cfg, key, value)
+    return meta, args
+
+
+def build_model(cfg, checkpoint, args):
+    """The GPT this run trains, of the model arguments settle() decided: new, or the checkpoint's weights in the
+    checkpoint's shape, then resized to cfg.block_size."""
     try:
         if checkpoint is None:
             return GPT(GPTConfig(**args))

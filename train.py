@@ -19,21 +19,21 @@ import math
 import os
 import sys
 import time
+import types
 
 import numpy as np
 import torch
-from torch.distributed import barrier, destroy_process_group, init_process_group
+from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import ROPE_LAYOUT, save_checkpoint
 from configurator import configure, flags_of
-from data.common import check_tokens, load_meta, stored_data_dir
+from data.common import check_tokens, stored_data_dir
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import GPTConfig
-from runs import (RunLog, attention_stats, build_model, check_schedule, check_settings, checkpoint_to_start_from,
-                  claim_out_dir, data_dir_of, note_other_attentions_flags, prepare_data, start_wandb, stats_line,
-                  stop_if_diverged)
+from runs import (RunLog, attention_stats, build_model, check_settings, checkpoint_to_start_from, claim_out_dir,
+                  note_other_attentions_flags, settle, start_wandb, stats_line, stop_if_diverged)
 
 # -----------------------------------------------------------------------------------------------------------
 # Defaults. Those that set the run's size follow the device found: a small model that trains in a few minutes
@@ -181,21 +181,12 @@ def main(argv):
     master_process = rank == 0
     device_type = device_type_of(run_device)
 
-    # the run to continue or fine-tune from
+    # the run to continue or fine-tune from, then every setting the run decides itself (runs.settle)
     checkpoint = checkpoint_to_start_from(cfg, given)
-    check_schedule(cfg)  # now that a resumed run's own settings are back
+    meta, model_args = settle(cfg, given, checkpoint, master_process, ddp)
     if master_process:
         note_other_attentions_flags(cfg, given)
-
-    # data
-    cfg.data_dir = data_dir_of(cfg, given)
-    prepare_data(cfg, master_process)
-    if ddp:
-        barrier()
-    meta = load_meta(cfg.data_dir)
-    if master_process:
         print(f"data: {cfg.data_dir}")
-    cfg.vocab_size = cfg.vocab_size or meta['vocab_size']
     if checkpoint is not None and checkpoint.get('tokenizer') is None:
         raise SystemExit(f"--init_from={cfg.init_from}: the checkpoint records no tokenizer, so which data fits it is "
                          f"unknown; train.py writes one with its checkpoints")
@@ -205,7 +196,7 @@ def main(argv):
 
     # model
     torch.manual_seed(cfg.seed + rank)  # the same initial weights for the same seed (DDP copies rank 0's to all)
-    model = build_model(cfg, checkpoint, given)
+    model = build_model(cfg, checkpoint, model_args)
     if cfg.vocab_size < meta['vocab_size']:
         raise SystemExit(f"--vocab_size={cfg.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
     examples = dict(example_len=meta.get('example_len', 0), answer_len=meta.get('answer_len', 0))
@@ -245,6 +236,9 @@ def main(argv):
     reference = best_val_loss if resumed else None  # where the run stood: divergence is measured from here
     if resumed:
         optimizer.load_state_dict(checkpoint['optimizer'])
+    # the schedule the checkpoint's last step ran on: a resumed run's first log row records its rate, whatever
+    # the flags of this run changed
+    last_schedule = types.SimpleNamespace(**{**vars(cfg), **checkpoint['config']}) if resumed else cfg
     checkpoint = None  # free it
     raw_model = model  # the plain module: its state_dict is what a checkpoint holds
     if cfg.compile:
@@ -270,8 +264,8 @@ def main(argv):
             stats = eval_stats(cfg, raw_model, ctx, run_device, examples)
             tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                        + (f", {stats_line(stats)}" if stats else ''))
-            if log:  # the rate of the last step this process took (none yet at a resumed run's first evaluation)
-                lr = get_lr(cfg, iter_num - 1) if iter_num > start_iter else None
+            if log:  # the rate the last step took
+                lr = get_lr(cfg if iter_num > start_iter else last_schedule, iter_num - 1) if iter_num else None
                 log.write(iter=iter_num, tokens=iter_num * tokens_per_iter, train_loss=losses['train'],
                           val_loss=losses['val'], lr=lr, **stats)
             reference = losses['val'] if reference is None else reference

@@ -239,3 +239,12 @@ def test_a_flag_of_another_attention_is_noted(train_tiny, tmp_path, capsys):
     train_tiny(tmp_path, '--attention=causal', '--memory_read=off')
     out = capsys.readouterr().out
     assert 'note: --memory_read, --segment_len only change attention=infini; attention=causal ignores them' in out
+
+
+def test_a_resumed_runs_first_log_row_has_the_rate_its_step_used(train_tiny, tmp_path):
+    from runs import read_log
+    train_tiny(tmp_path / 'run', '--lr_decay_iters=4', '--max_iters=2')
+    before = [r for r in read_log(tmp_path / 'run') if r['iter'] == 2 and r.get('val_loss') is not None][0]['lr']
+    train_tiny(tmp_path / 'run', '--init_from=resume', '--max_iters=4', '--learning_rate=0.01')
+    rows = [r for r in read_log(tmp_path / 'run') if r['iter'] == 2 and r.get('val_loss') is not None]
+    assert len(rows) == 1 and rows[0]['lr'] == before  # not 0.01's schedule: step 1 ran on the old one
