@@ -40,7 +40,7 @@ import torch
 from torch.distributed import barrier
 
 from checkpoints import load_checkpoint
-from data.common import load_meta, resolve_data_dir
+from data.common import check_tokens, load_meta, resolve_data_dir
 from model import ATTENTIONS, GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -264,6 +264,37 @@ def settle(cfg, given, checkpoint, master_process, ddp):
     for key, value in args.items():  # the run's settings (saved in its checkpoints) are what it trains with
         setattr(cfg, key, value)
     return meta, args
+
+
+def check_data(cfg, meta, checkpoint):
+    """One line for data this run cannot train on: another tokenizer than the checkpoint's, a vocabulary or a
+    length that does not fit. Returns the dataset's example_len and answer_len, as get_batch takes them."""
+    if checkpoint is not None and checkpoint.get('tokenizer') is None:
+        raise SystemExit(f"--init_from={cfg.init_from}: the checkpoint records no tokenizer, so which data fits it is "
+                         f"unknown; train.py writes one with its checkpoints")
+    if checkpoint is not None and checkpoint['tokenizer'] != meta['tokenizer']:
+        raise SystemExit(f"the checkpoint's tokenizer {checkpoint['tokenizer']} is not the one of "
+                         f"{cfg.data_dir} ({meta['tokenizer']}): use a dataset prepared with the same tokenizer")
+    if cfg.vocab_size < meta['vocab_size']:
+        raise SystemExit(f"--vocab_size={cfg.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
+    examples = dict(example_len=meta.get('example_len', 0), answer_len=meta.get('answer_len', 0))
+    example_len = examples['example_len']
+    if example_len and cfg.block_size > example_len:
+        raise SystemExit(f"--block_size={cfg.block_size} is longer than the {example_len}-token examples of "
+                         f"{cfg.data_dir}; use --block_size={example_len} or prepare longer examples")
+    if examples['answer_len'] and cfg.block_size < example_len:
+        raise SystemExit(f"{cfg.data_dir} scores only the answer at the end of each {example_len}-token example: "
+                         f"use --block_size={example_len}")
+    for split in ('train', 'val'):
+        check_tokens(os.path.join(cfg.data_dir, f'{split}.bin'), meta['vocab_size'])
+        n = os.path.getsize(os.path.join(cfg.data_dir, f'{split}.bin')) // 2
+        if n <= cfg.block_size:
+            raise SystemExit(f"{split}.bin in {cfg.data_dir} has {n} tokens, too few for "
+                             f"--block_size={cfg.block_size}")
+        if example_len and n < example_len:
+            raise SystemExit(f"{split}.bin in {cfg.data_dir} has {n} tokens, fewer than one {example_len}-token "
+                             f"example (meta.pkl's example_len): prepare the dataset again")
+    return examples
 
 
 def build_model(cfg, checkpoint, args):

@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from checkpoints import ROPE_LAYOUT, save_checkpoint
 from configurator import configure, flags_of
-from data.common import check_tokens, stored_data_dir
+from data.common import stored_data_dir
 from devices import autocast, default_device, device_type_of, resolve_dtype
 from model import GPTConfig
-from runs import (RunLog, attention_stats, build_model, check_settings, checkpoint_to_start_from, claim_out_dir,
-                  note_other_attentions_flags, settle, start_wandb, stats_line, stop_if_diverged)
+from runs import (RunLog, attention_stats, build_model, check_data, check_settings, checkpoint_to_start_from,
+                  claim_out_dir, note_other_attentions_flags, settle, start_wandb, stats_line, stop_if_diverged)
 
 # -----------------------------------------------------------------------------------------------------------
 # Defaults. Those that set the run's size follow the device found: a small model that trains in a few minutes
@@ -184,38 +184,14 @@ def main(argv):
     # the run to continue or fine-tune from, then every setting the run decides itself (runs.settle)
     checkpoint = checkpoint_to_start_from(cfg, given)
     meta, model_args = settle(cfg, given, checkpoint, master_process, ddp)
+    examples = check_data(cfg, meta, checkpoint)
     if master_process:
         note_other_attentions_flags(cfg, given)
         print(f"data: {cfg.data_dir}")
-    if checkpoint is not None and checkpoint.get('tokenizer') is None:
-        raise SystemExit(f"--init_from={cfg.init_from}: the checkpoint records no tokenizer, so which data fits it is "
-                         f"unknown; train.py writes one with its checkpoints")
-    if checkpoint is not None and checkpoint['tokenizer'] != meta['tokenizer']:
-        raise SystemExit(f"the checkpoint's tokenizer {checkpoint['tokenizer']} is not the one of "
-                         f"{cfg.data_dir} ({meta['tokenizer']}): use a dataset prepared with the same tokenizer")
 
     # model
     torch.manual_seed(cfg.seed + rank)  # the same initial weights for the same seed (DDP copies rank 0's to all)
     model = build_model(cfg, checkpoint, model_args)
-    if cfg.vocab_size < meta['vocab_size']:
-        raise SystemExit(f"--vocab_size={cfg.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
-    examples = dict(example_len=meta.get('example_len', 0), answer_len=meta.get('answer_len', 0))
-    example_len = examples['example_len']
-    if example_len and cfg.block_size > example_len:
-        raise SystemExit(f"--block_size={cfg.block_size} is longer than the {example_len}-token examples of "
-                         f"{cfg.data_dir}; use --block_size={example_len} or prepare longer examples")
-    if examples['answer_len'] and cfg.block_size < example_len:
-        raise SystemExit(f"{cfg.data_dir} scores only the answer at the end of each {example_len}-token example: "
-                         f"use --block_size={example_len}")
-    for split in ('train', 'val'):
-        check_tokens(os.path.join(cfg.data_dir, f'{split}.bin'), meta['vocab_size'])
-        n = os.path.getsize(os.path.join(cfg.data_dir, f'{split}.bin')) // 2
-        if n <= cfg.block_size:
-            raise SystemExit(f"{split}.bin in {cfg.data_dir} has {n} tokens, too few for "
-                             f"--block_size={cfg.block_size}")
-        if example_len and n < example_len:
-            raise SystemExit(f"{split}.bin in {cfg.data_dir} has {n} tokens, fewer than one {example_len}-token "
-                             f"example (meta.pkl's example_len): prepare the dataset again")
     model.to(run_device)
     ptdtype = resolve_dtype(cfg.dtype, device_type)
     if ptdtype == 'float16' and device_type != 'cuda':
