@@ -36,7 +36,7 @@ from configurator import configure, flags_of, parse_ints
 from devices import autocast, default_device, device_type_of, resolve_dtype, run_script
 from model import ATTENTIONS, GPT, GPTConfig
 from tools.report import (FORMATS, GrowingTable, cell, check_out_dir, context_list, fmt_context, fmt_ratio,
-                          free_memory, guarded, header_lines, markdown_table, write_report)
+                          free_memory, guarded, header_lines, least_seconds, markdown_table, write_report)
 
 # -----------------------------------------------------------------------------------------------------------
 mode = 'speed'             # speed | kernels | check
@@ -101,29 +101,10 @@ def peak_bytes(settings):
     return torch.cuda.max_memory_allocated() if settings.device_type == 'cuda' else None
 
 
-def matmul_rate(settings, n=2048):
-    """FLOP/s of one n x n matmul here, in the bench dtype: the most this device does, timed once."""
-    if settings.matmul_rate is None:
-        a = torch.randn(n, n, device=settings.device, dtype=settings.ptdtype)
-        for timed in (False, True):  # the first call warms up
-            sync(settings)
-            t0 = time.perf_counter()
-            a @ a
-            sync(settings)
-            seconds = time.perf_counter() - t0
-        settings.matmul_rate = 2 * n ** 3 / max(seconds, 1e-9)
-    return settings.matmul_rate
-
-
 def predicted_seconds(model, T, phase, settings):
-    """Fewer seconds than the case can take: its FLOPs at the matmul rate. A forward costs 2 N per token plus
-    2 L H Q per key a query sees (half of what the attention declares: a causal query sees half on average); a
-    training step three forwards. A signal cannot stop one long kernel call, so a case predicted past
-    --case_seconds is not started."""
-    c = model.config
-    keys = model.attention.keys_per_query(dataclasses.replace(c, block_size=T)) / 2
-    forward = T * settings.batch_size * (2 * model.get_num_params() + 2 * c.n_layer * c.n_head * c.head_size * keys)
-    return (3 if phase == 'training' else 1) * forward / matmul_rate(settings)
+    """Fewer seconds than the case can take (report.least_seconds): a case predicted past --case_seconds is not
+    started, since a signal cannot stop one long kernel call."""
+    return least_seconds(model, T, settings.batch_size, settings.device, settings.ptdtype, phase == 'training')
 
 
 def run_series(label, Ts, measure, settings, messages, bar, record=None, predict=None):
@@ -642,7 +623,6 @@ def setup(argv):
     settings.dtype = resolve_dtype(settings.dtype, settings.device_type)
     settings.ptdtype = getattr(torch, settings.dtype)
     settings.gpu_error = ''  # the first CUDA error, kept by guarded
-    settings.matmul_rate = None  # measured once, when a case's time is first predicted (matmul_rate)
     shape = (settings.n_layer, settings.n_head, settings.n_embd, settings.vocab_size, settings.batch_size)
     if min(shape + (settings.repeats,)) < 1 or min(settings.decode_tokens, settings.warmup) < 0:
         raise SystemExit('n_layer, n_head, n_embd, vocab_size, batch_size, repeats must be >= 1, decode_tokens '

@@ -248,3 +248,15 @@ def test_a_resumed_runs_first_log_row_has_the_rate_its_step_used(train_tiny, tmp
     train_tiny(tmp_path / 'run', '--init_from=resume', '--max_iters=4', '--learning_rate=0.01')
     rows = [r for r in read_log(tmp_path / 'run') if r['iter'] == 2 and r.get('val_loss') is not None]
     assert len(rows) == 1 and rows[0]['lr'] == before  # not 0.01's schedule: step 1 ran on the old one
+
+
+def test_evaluate_does_not_start_a_case_it_cannot_stop(tmp_path):
+    import csv
+    from test_evaluate import make_checkpoint, tiny_dataset
+    data, ckpt = tiny_dataset(tmp_path / 'data', 4096), make_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'), 'causal', 64)
+    evaluate.main(['--device=cpu', f'--data_dir={data}', f'--ckpt={ckpt}', '--eval_windows=1', '--extend=True',
+                   '--contexts=64,4M', '--case_seconds=10', f'--out_dir={tmp_path}'])
+    rows = list(csv.DictReader(open(tmp_path / 'val_loss.csv')))
+    assert [r['status'] for r in rows] == ['ok', 'slow'] and 'not started' in rows[1]['message']
+    with pytest.raises(SystemExit, match='--case_seconds is a time limit'):
+        evaluate.main(['--device=cpu', f'--ckpt={ckpt}', '--case_seconds=nan', f'--out_dir={tmp_path}'])

@@ -18,6 +18,7 @@ Each evaluation prints a markdown table and writes it, with a CSV of its numbers
 Both grow as the cases finish, so a stopped run keeps what it measured. A case that runs out of memory is OOM, a
 context a model cannot take is n/a: the other cases still run.
 """
+import math
 import os
 import sys
 from types import SimpleNamespace
@@ -33,7 +34,7 @@ from configurator import configure, flags_of  # noqa: E402
 from devices import autocast, default_device, device_type_of, resolve_dtype, run_script  # noqa: E402
 from model import cross_entropy  # noqa: E402
 from tools.report import (GrowingTable, check_out_dir, context_list, fmt_bytes, fmt_context, guarded,  # noqa: E402
-                          header_lines, markdown_table)
+                          header_lines, least_seconds, markdown_table)
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'       # a train.py checkpoint, or several separated by commas (one column each)
@@ -43,6 +44,7 @@ use_kernels = True         # False forces every attention's PyTorch reference
 memory_read = ''           # infini's memory-read ablation: '' = as trained, 'off' (A_mem = 0) or 'local' (gate 0)
 data_dir = ''              # '' = data/<the checkpoint's dataset>
 out_dir = 'eval_out'       # where the markdown and the CSV go
+case_seconds = 600.0       # a case whose FLOPs alone would take longer here is not started (0 = no limit)
 contexts = ''              # comma-separated, k/M suffixes allowed; '' = 1/2, 1, 2, 4 x the first block_size
 eval_windows = 64          # val loss: this many seeded windows (each context reads back from the same ends)
 scored = 0                 # val loss by context: the last tokens of each window that are scored, the same at every
@@ -204,6 +206,16 @@ def mean_and_error(values):
     return float(values.mean()), error
 
 
+def too_slow(model, T, sequences, settings):
+    """Why a case of `sequences` forwards of T tokens is not started: its FLOPs alone would take longer than
+    --case_seconds here (report.least_seconds; a signal cannot stop one long kernel call). '' when it may run."""
+    if not settings.case_seconds:
+        return ''
+    least = least_seconds(model, T, sequences, settings.device, getattr(torch, settings.dtype))
+    return f'not started: it would take over {least:.3g} s, past --case_seconds' if least > settings.case_seconds \
+        else ''
+
+
 def loss_by_context(runs, Ts, settings):
     """Val loss of every checkpoint at every context, on the same targets: out_dir/val_loss.md and .csv, a row as
     each case finishes."""
@@ -221,8 +233,11 @@ def loss_by_context(runs, Ts, settings):
         first = None  # the per-window losses at this checkpoint's shortest context that ran
         for T in Ts:
             mark = '*' if fit_context(run, T, settings.extend) else ''
+            slow = too_slow(run.model, T, settings.eval_windows, settings)
             if not run.model.streams and T > run.model.config.block_size:  # the header says why: no message
                 losses, status, message = None, 'n/a', ''
+            elif slow:
+                losses, status, message = None, 'slow', slow
             else:
                 def case():
                     check_fits(run.model, settings, T, with_logits=True)
@@ -353,7 +368,8 @@ def passkey_by_length_and_depth(runs, Ts, settings):
                     seen = T if run.model.streams else min(T, run.model.config.block_size)  # generate crops
                     check_fits(run.model, settings, seen, with_logits=False)
                     return passkey_accuracy(run.model, tok, T, depth, settings)
-                value, status, message = guarded(case, settings)
+                slow = too_slow(run.model, T, settings.passkey_trials, settings)
+                value, status, message = (None, 'slow', slow) if slow else guarded(case, settings)
                 rows.append(dict(checkpoint=run.label, length=T, depth=depth, accuracy=value,
                                  status=status or 'ok', message=message))
                 table.add(rows[-1])
@@ -496,6 +512,8 @@ def setup(argv):
         raise SystemExit(f'--seed={settings.seed} must be >= 0')
     if not 0 < settings.shrink < 1:
         raise SystemExit(f'--shrink is a fraction between 0 and 1, not {settings.shrink}')
+    if not math.isfinite(settings.case_seconds) or settings.case_seconds < 0:
+        raise SystemExit(f'--case_seconds is a time limit in seconds (0: none), not {settings.case_seconds:g}')
     if settings.evict not in ('F', 'window'):
         raise SystemExit(f"--evict is 'F' (the most-masked entry leaves) or 'window' (the oldest), not "
                          f"'{settings.evict}'")

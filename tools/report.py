@@ -10,12 +10,14 @@ Tables are written as they grow (GrowingTable): each finished case is on disk at
 or hits a time limit, keeps every case it finished.
 """
 import csv
+import dataclasses
 import gc
 import os
 import platform
 import signal
 import sys
 import threading
+import time
 
 import torch
 
@@ -161,6 +163,36 @@ def csv_value(v):
     if isinstance(v, float):
         return str(int(v)) if v.is_integer() else f'{v:.6g}'
     return '' if v is None else v
+
+
+MATMUL_RATES = {}  # (device, dtype): FLOP/s of one large matmul there, measured once
+
+
+def matmul_rate(device, dtype, n=2048):
+    """FLOP/s of one n x n matmul on device in dtype: the most it does, timed once (the second of two calls)."""
+    def sync():
+        if torch.device(device).type == 'cuda':
+            torch.cuda.synchronize()
+    if (device, dtype) not in MATMUL_RATES:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            sync()
+            t0 = time.perf_counter()
+            a @ a
+            sync()
+        MATMUL_RATES[device, dtype] = 2 * n ** 3 / max(time.perf_counter() - t0, 1e-9)
+    return MATMUL_RATES[device, dtype]
+
+
+def least_seconds(model, T, sequences, device, dtype, training=False):
+    """Fewer seconds than `sequences` forwards of T tokens take (three forwards a training step): their FLOPs at
+    the matmul rate. A forward costs 2 N per token plus 2 L H Q per key a query sees (half of what the attention
+    declares: a causal query sees half on average). A signal cannot stop one long kernel call, so bench.py and
+    evaluate.py do not start a case predicted past their time limit."""
+    c = model.config
+    keys = model.attention.keys_per_query(dataclasses.replace(c, block_size=T)) / 2
+    forward = T * sequences * (2 * model.get_num_params() + 2 * c.n_layer * c.n_head * c.head_size * keys)
+    return (3 if training else 1) * forward / matmul_rate(device, dtype)
 
 
 def check_out_dir(out_dir):
