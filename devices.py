@@ -3,6 +3,8 @@ How a script runs: the device it runs on and the dtype it computes in (one rule 
 --dtype), and how it ends on Ctrl-C or a full disk (run_script).
 """
 
+import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -47,13 +49,20 @@ def autocast(device_type, dtype):
     return nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
-def run_script(main, argv):
+def run_script(main, argv, interrupted="interrupted"):
     """Run a script's main(argv). Ctrl-C, a full disk or a read-only folder end it with one line, not a traceback;
-    what the script had written is whole, since every file is written to a temp name and renamed."""
+    what the script had written is whole, since every file is written to a temp name and renamed. A reader that
+    leaves (--help | head) ends it quietly."""
     try:
-        return main(argv)
+        try:
+            return main(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe can still be caught
     except KeyboardInterrupt:
-        raise SystemExit("interrupted") from None
+        raise SystemExit(interrupted) from None
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more goes to the closed pipe
+        raise SystemExit(1) from None
     except OSError as e:
         raise SystemExit(f"cannot go on: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
 

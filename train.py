@@ -30,7 +30,7 @@ from tqdm import tqdm
 from checkpoints import ROPE_LAYOUT, save_checkpoint
 from configurator import configure, flags_of
 from data.common import stored_data_dir
-from devices import autocast, default_device, device_type_of, resolve_dtype
+from devices import autocast, default_device, device_type_of, resolve_dtype, run_script
 from model import GPTConfig
 from runs import (RunLog, attention_stats, build_model, check_data, check_settings, checkpoint_to_start_from,
                   claim_out_dir, note_other_attentions_flags, settle, start_wandb, stats_line, stop_if_diverged)
@@ -307,12 +307,8 @@ def main(argv):
 
 if __name__ == '__main__':
     try:
-        main(sys.argv[1:])
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: the last checkpoint written is whole; --init_from=resume continues the run") \
-            from None
-    except OSError as e:  # a full disk or a read-only folder while writing log.csv: the checkpoint is whole
-        raise SystemExit(f"cannot go on: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
+        run_script(main, sys.argv[1:], interrupted="interrupted: the last checkpoint written is whole; "
+                                                   "--init_from=resume continues the run")
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
             raise

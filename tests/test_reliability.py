@@ -260,3 +260,15 @@ def test_evaluate_does_not_start_a_case_it_cannot_stop(tmp_path):
     assert [r['status'] for r in rows] == ['ok', 'slow'] and 'not started' in rows[1]['message']
     with pytest.raises(SystemExit, match='--case_seconds is a time limit'):
         evaluate.main(['--device=cpu', f'--ckpt={ckpt}', '--case_seconds=nan', f'--out_dir={tmp_path}'])
+
+
+def test_help_into_a_pipe_that_closes_is_quiet():
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which('bash') is None or shutil.which('head') is None:
+        pytest.skip('needs bash and head')
+    for _ in range(3):  # the pipe closes at a moment that varies: try a few
+        result = subprocess.run(['bash', '-c', f'{sys.executable} train.py --help | head -1'], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.stdout.startswith('Train a GPT') and 'Error' not in result.stderr, result.stderr
