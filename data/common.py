@@ -272,9 +272,10 @@ def write_dataset(out_dir, train_ids, val_ids, tok, dataset, **extra):
         raise SystemExit(f'empty split (train {len(train_ids):,} tokens, val {len(val_ids):,}): give more input')
     meta = {'vocab_size': tok.vocab_size, 'tokenizer': tok.identity, 'eot_token': tok.eot_token,
             'dataset': dataset, **extra}
+    meta_path = os.path.join(out_dir, 'meta.pkl')
+    replaced = dataset_that_differs(out_dir, meta, len(train_ids), len(val_ids))
     try:
         os.makedirs(out_dir, exist_ok=True)
-        meta_path = os.path.join(out_dir, 'meta.pkl')
         if os.path.exists(meta_path):
             os.remove(meta_path)
         write_split(os.path.join(out_dir, 'train.bin'), train_ids)
@@ -284,7 +285,23 @@ def write_dataset(out_dir, train_ids, val_ids, tok, dataset, **extra):
         raise SystemExit(f'cannot write the dataset to --out_dir={out_dir} ({e.strerror or e})') from None
     print(f'{dataset}: train {len(train_ids):,} tokens, val {len(val_ids):,} tokens, '
           f'vocab {tok.vocab_size:,} ({tok.identity["kind"]}) -> {out_dir}')
+    if replaced:
+        print(f'note: this replaced another dataset in {out_dir} ({replaced}): a run that trained on it resumes on '
+              f'these tokens')
     return meta
+
+
+def dataset_that_differs(out_dir, meta, n_train, n_val):
+    """What the dataset already in out_dir was, when it is not the one about to be written; '' otherwise."""
+    try:
+        with open(os.path.join(out_dir, 'meta.pkl'), 'rb') as f:
+            old = PlainUnpickler(f).load()
+        sizes = [os.path.getsize(os.path.join(out_dir, f'{split}.bin')) // 2 for split in ('train', 'val')]
+    except Exception:  # nothing there, or nothing whole: nothing to tell
+        return ''
+    if old == meta and sizes == [n_train, n_val]:
+        return ''
+    return f"{old.get('dataset')}, {sizes[0]:,} train tokens, tokenizer {old.get('tokenizer', {}).get('kind')}"
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -272,3 +272,15 @@ def test_help_into_a_pipe_that_closes_is_quiet():
         result = subprocess.run(['bash', '-c', f'{sys.executable} train.py --help | head -1'], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
         assert result.stdout.startswith('Train a GPT') and 'Error' not in result.stderr, result.stderr
+
+
+def test_preparing_over_another_dataset_says_so(tmp_path, capsys):
+    import numpy as np
+
+    from data.common import ByteTokenizer, write_dataset
+    ids = np.arange(100) % 256
+    write_dataset(str(tmp_path), ids, ids, ByteTokenizer(), 'first')
+    write_dataset(str(tmp_path), ids, ids, ByteTokenizer(), 'first')  # the same again: nothing to tell
+    assert 'note:' not in capsys.readouterr().out
+    write_dataset(str(tmp_path), ids[:50], ids, ByteTokenizer(), 'second')
+    assert 'note: this replaced another dataset' in capsys.readouterr().out
