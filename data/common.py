@@ -172,6 +172,9 @@ def load_meta(data_dir):
                          f"prepare the dataset again with this repository's prepare.py") from None
     except Exception as e:  # truncated, empty, or not a pickle: the unpickler's own message says little
         raise SystemExit(f"{path} cannot be read ({type(e).__name__}); prepare the dataset again") from None
+    if isinstance(meta, dict) and 'stoi' in meta and 'tokenizer' not in meta:  # nanoGPT's character-level meta
+        raise SystemExit(f"{path} is nanoGPT's (itos and stoi, no tokenizer entry): prepare the text again with "
+                         f"python data/text/prepare.py --tokenizer=char")
     if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int) or 'tokenizer' not in meta:
         raise SystemExit(f"{path} has no vocab_size and tokenizer (see data/common.py for the format); prepare the "
                          f"dataset again")

@@ -284,3 +284,12 @@ def test_preparing_over_another_dataset_says_so(tmp_path, capsys):
     assert 'note:' not in capsys.readouterr().out
     write_dataset(str(tmp_path), ids[:50], ids, ByteTokenizer(), 'second')
     assert 'note: this replaced another dataset' in capsys.readouterr().out
+
+
+def test_a_nanogpt_meta_pkl_is_named(tmp_path):
+    import pickle
+
+    from data.common import load_meta
+    (tmp_path / 'meta.pkl').write_bytes(pickle.dumps({'vocab_size': 65, 'itos': {0: 'a'}, 'stoi': {'a': 0}}))
+    with pytest.raises(SystemExit, match="is nanoGPT's .*data/text/prepare.py --tokenizer=char"):
+        load_meta(str(tmp_path))
