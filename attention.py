@@ -12,7 +12,8 @@ An attention is an nn.Module called as attention(x, x0, cache=None, **options) -
   options: the settings of one call (call_options below), passed through GPT.forward(idx, targets, cache, **options)
 
 A new attention subclasses CausalSelfAttention and states only what differs: usually forward, and the class
-attributes at the bottom that are not true of it (docs/add_attention.md walks through one).
+attributes at the bottom that are not true of it (docs/add_attention.md walks through one). Below the class: its
+K/V cache, the position schemes every attention draws on (learned, rotary, ALiBi), and the loader of kernels.py.
 """
 
 import importlib.util
@@ -23,7 +24,6 @@ import sys
 import torch
 import torch.nn as nn
 from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)
-
 
 
 class CausalSelfAttention(nn.Module):
