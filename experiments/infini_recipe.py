@@ -4,8 +4,8 @@ One command for the best path to a passkey 4,096 times past the training length 
   python experiments/infini_recipe.py --seeds=1                  # train every stage, then test 256 to 1M tokens
   python experiments/infini_recipe.py --seeds=1,2,3 --train=False  # the tables of the seeds trained so far
 
-The model is the lab's: 2 layers, 4 heads, 64 wide, segments of 64, the delta rule (eq. 5). Each stage fine-tunes the
-one before (train.py --init_from) with a fresh warmup and cosine schedule:
+The model is the one of docs/infini.md: 2 layers, 4 heads, 64 wide, segments of 64, the delta rule (eq. 5). Each
+stage fine-tunes the one before (train.py --init_from) with a fresh warmup and cosine schedule:
 
   1. paper, 6,000 iterations: the paper's memory, sigma(x) = ELU(x) + 1 (eq. 3), on 256-token examples. Training
      with the sharper memory from the start learns to retrieve late or never; the smooth map is learned first.
@@ -108,8 +108,11 @@ def make_recipe_soup(settings, folder, s):
         make_soup(parts, run_dir)
         return run_dir, [name for name, *_ in PARTS]
     log_path = os.path.join(run_dir, 'greedy.json')
-    if os.path.isfile(log_path) and all(os.path.getmtime(p) <= os.path.getmtime(log_path) for p in parts):
-        chosen = json.load(open(log_path))['chosen']  # chosen from these parts before
+    held = dict(length=settings.soup_length, trials=settings.soup_trials, seed=settings.soup_seed)
+    before = json.load(open(log_path)) if os.path.isfile(log_path) else {}
+    if {k: before.get(k) for k in held} == held and all(os.path.getmtime(p) <= os.path.getmtime(log_path)
+                                                        for p in parts):
+        chosen = before['chosen']  # chosen from these parts, on these held-out prompts, before
     else:
         scores = {p: held_out(p, settings) for p in parts}
         ranked = sorted(parts, key=scores.get, reverse=True)
@@ -122,8 +125,7 @@ def make_recipe_soup(settings, folder, s):
                 chosen, best = chosen + [part], score
         fresh_soup(chosen, run_dir)  # a soup of one part is that part's weights
         with open(log_path, 'w') as f:
-            json.dump(dict(chosen=chosen, scores=scores, length=settings.soup_length, trials=settings.soup_trials,
-                           seed=settings.soup_seed), f, indent=1)
+            json.dump(dict(chosen=chosen, scores=scores, **held), f, indent=1)
     return run_dir, [os.path.basename(os.path.dirname(p)) for p in chosen]
 
 

@@ -33,6 +33,9 @@ def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_
     experiment.main([f'--out_dir={tmp_path}', *TINY])
     assert os.path.getmtime(tmp_path / 's1' / 'soup_greedy' / 'greedy.json') == mtime
     assert open(tmp_path / 'results.md').read() == text
+    # other held-out prompts: the parts are chosen again
+    experiment.main([f'--out_dir={tmp_path}', *TINY, '--soup_length=256', '--train=False'])
+    assert json.load(open(tmp_path / 's1' / 'soup_greedy' / 'greedy.json'))['length'] == 256
 
 
 @pytest.mark.parametrize('flag, message', [('--iters=1,2', 'four positive counts'),
