@@ -7,8 +7,9 @@ import warnings
 
 import torch
 
-from data.common import tokenizer_from_meta
 from model import GPT, GPTConfig
+
+ROPE_LAYOUT = 'half'  # attention.rope pairs dims i and i + D/2; train.py marks its checkpoints with it
 
 
 def load_checkpoint(path):
@@ -38,32 +39,12 @@ def load_checkpoint(path):
     checkpoint['model_args'].setdefault('positions', 'learned')
     # a compiled model's state_dict names its weights _orig_mod.*
     checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
-    if checkpoint.get('rope_layout') != ROPE_LAYOUT:
-        to_rotate_half(checkpoint)
-    return checkpoint
-
-
-ROPE_LAYOUT = 'half'  # attention.rope pairs dims i and i + D/2; train.py marks its checkpoints with it
-
-
-def to_rotate_half(checkpoint):
-    """Checkpoints written before the rotate-half layout rotated the dims (2i, 2i+1) of a head together. Moving
-    those query and key rows of c_attn to (i, i + D/2) gives the same model in today's layout, exactly: every
-    score q.k is a sum over the same pairs. Infini always had today's layout, and the other schemes no rotation."""
     args = checkpoint['model_args']
-    if args.get('positions') != 'rope' or args.get('attention') == 'infini':
-        checkpoint['rope_layout'] = ROPE_LAYOUT
-        return
-    n_head, head_size = args['n_head'], args.get('head_size') or args['n_embd'] // args['n_head']
-    width = n_head * head_size
-    within = torch.cat((torch.arange(0, head_size, 2), torch.arange(1, head_size, 2)))  # new dim j <- old within[j]
-    heads = (torch.arange(2 * n_head)[:, None] * head_size + within).flatten()  # the q and k rows of every head
-    order = torch.cat((heads, torch.arange(2 * width, 3 * width)))  # the values stay
-    for key, tensor in checkpoint['model'].items():
-        if key.endswith('attn.c_attn.weight') or key.endswith('attn.c_attn.bias'):
-            checkpoint['model'][key] = tensor[order]
-    checkpoint['rope_layout'] = ROPE_LAYOUT
-    checkpoint['converted'] = True  # its optimizer state is not: train.py refuses to resume it
+    rotates = args['positions'] == 'rope' and args.get('attention') != 'infini'  # Infini had today's layout
+    if rotates and checkpoint.get('rope_layout') != ROPE_LAYOUT:
+        raise SystemExit(f"{path} rotates the older rope layout (pairs 2i, 2i+1): convert it once with python "
+                         f"tools/convert_rope.py --ckpt={path} --out=NEW.pt")
+    return checkpoint
 
 
 def load_model(path, device='cpu', **overrides):
@@ -76,15 +57,6 @@ def load_model(path, device='cpu', **overrides):
     except (TypeError, ValueError, RuntimeError) as e:  # settings or weights from another version of model.py
         raise SystemExit(f"cannot build the model of {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
     return model.to(device).eval(), checkpoint
-
-
-def checkpoint_tokenizer(checkpoint, path):
-    """The tokenizer a checkpoint records (train.py saves it), or a one-line error when it records none."""
-    try:
-        return tokenizer_from_meta(checkpoint['tokenizer'])
-    except (KeyError, TypeError, AttributeError, ValueError):
-        raise SystemExit(f"{path} records no tokenizer train.py knows, so its token ids cannot become text; "
-                         f"was it written by train.py?") from None
 
 
 def save_checkpoint(checkpoint, path):

@@ -1,6 +1,5 @@
-"""
-Flags, as in nanoGPT's configurator: every plain global (bool, int, float, str) at the top of a script is a flag,
-its value the default. Files of flags (python assignments) apply first, then --key=value; each keeps its type.
+"""Flags, as in nanoGPT's configurator: every plain global (bool, int, float, str) at the top of a script is a
+flag, its value the default. Files of flags (python assignments) apply first, then --key=value; each keeps its type.
 """
 
 import types
@@ -36,21 +35,18 @@ def read_config_file(path, defaults):
     for key, value in values.items():
         if key not in defaults:
             raise SystemExit(f"{path} sets unknown key '{key}'; --help lists the flags")
-        if isinstance(defaults[key], float) and type(value) is int:  # an int is a fine float
-            values[key] = float(value)
-        elif type(value) is not type(defaults[key]):
+        if type(value) is not type(defaults[key]) and not (type(value) is int and type(defaults[key]) is float):
             raise SystemExit(f"{path} sets {key}={value!r}: expected {type(defaults[key]).__name__} like the "
                              f"default {defaults[key]!r}")
-    return values
+    return {k: float(v) if type(defaults[k]) is float else v for k, v in values.items()}  # an int is a fine float
 
 
 def configure(argv, defaults, doc=''):
     """Files of flags, then --key=value flags, over defaults: (settings, the flags argv set). --help lists them."""
-    settings, given = dict(defaults), set()
+    given = {}  # the settings argv gives, in order: a later one wins
     for arg in sorted(argv, key=lambda a: a.startswith('--')):  # files first, wherever given: then flags win
         if arg in ('-h', '--help'):
-            print(doc.strip(), '\nflags and their defaults:', *(f'  --{k}={v!r}' for k, v in defaults.items()),
-                  sep='\n')
+            print(doc.strip(), '\nflags and defaults:', *(f'  --{k}={v!r}' for k, v in defaults.items()), sep='\n')
             raise SystemExit(0)
         key, eq, raw = arg[2:].partition('=')
         if not arg.startswith('--'):
@@ -61,16 +57,14 @@ def configure(argv, defaults, doc=''):
             raise SystemExit(f"unknown flag --{key}; --help lists the flags")
         else:
             values = {key: parse_value(key, raw, defaults[key])}
-        settings.update(values)
         given.update(values)
-    return types.SimpleNamespace(**settings), given
+    return types.SimpleNamespace(**{**defaults, **given}), set(given)
 
 
 def parse_ints(flag, text, example='1024,4k,1M'):
     """A flag's comma-separated ints, k and M suffixes allowed: '128,1k,1M' -> [128, 1024, 1048576]."""
-    scale = {'k': 2 ** 10, 'm': 2 ** 20}
+    scale = {'k': 2 ** 10, 'K': 2 ** 10, 'm': 2 ** 20, 'M': 2 ** 20}
     try:
-        return [int(n[:-1]) * scale[n[-1].lower()] if n[-1].lower() in scale else int(n)
-                for n in text.replace(' ', '').split(',') if n]
+        return [int(n[:-1]) * scale[n[-1]] if n[-1] in scale else int(n) for n in text.replace(' ', '').split(',') if n]
     except ValueError:
         raise SystemExit(f"--{flag} is a comma-separated list of integers like {example}, not '{text}'") from None

@@ -227,9 +227,6 @@ def checkpoint_to_start_from(cfg, given):
                          f"the run to resume")
     checkpoint = load_checkpoint(path)
     missing = {'optimizer', 'iter_num', 'best_val_loss', 'config'} - checkpoint.keys()
-    if checkpoint.get('converted'):
-        raise SystemExit(f"{path} was written with an older rope layout: its weights load converted, its optimizer "
-                         f"state does not; fine-tune from its weights instead: --init_from={path} --out_dir=NEW")
     if missing:
         raise SystemExit(f"{path} has no {', '.join(sorted(missing))} to resume a run with; fine-tune from its "
                          f"weights instead: --init_from={path} --out_dir=NEW")

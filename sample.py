@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from checkpoints import checkpoint_tokenizer, load_model
+from checkpoints import load_model
 from configurator import configure, flags_of, parse_ints
-from data.common import encode_prompt
+from data.tokenizers import checkpoint_tokenizer, encode_prompt
 from devices import autocast, default_device, device_type_of, resolve_dtype, run_script
 from tools.gpt2 import is_gpt2, load_model as load_gpt2
 

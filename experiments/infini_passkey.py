@@ -5,10 +5,10 @@ Trains small models on 256-token passkey examples, then tests them on longer pro
 and switched off, and measures how the memory's read weight spreads as prompts grow:
 
   python experiments/infini_passkey.py --runs=paper --seeds=1                   # the paper's mechanism
-  python experiments/infini_passkey.py --runs=sharp_boost@9000 --seeds=1,2      # two changes, 9,000 iterations
+  python experiments/infini_passkey.py --runs=sharp_boost63@9000 --seeds=1,2    # two changes, 9,000 iterations
   python experiments/infini_passkey.py --runs=local,causal --seeds=1            # the controls
   python experiments/infini_passkey.py --runs=paper_then_sharp_boost63@3000 --seeds=1,2,3   # paper, then both
-  python experiments/infini_passkey.py --train=False --runs=paper,sharp_boost@9000,causal --seeds=1,2   # tables
+  python experiments/infini_passkey.py --train=False --runs=paper,sharp_boost63@9000,causal --seeds=1,2  # tables
   python experiments/infini_passkey.py --train=False --runs=paper_then_sharp_boost63@6000 --seeds=5 \
       --lengths=256,4096,16384,65536,262144,1048576 --trials=20,20,4,2,1,1      # to 1M tokens, fewer prompts far out
 
@@ -46,18 +46,19 @@ sys.path.insert(0, ROOT)
 from attention_infini import gate_values, memory_weights, read_memory, sigma  # noqa: E402
 from checkpoints import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
-from data.common import ByteTokenizer  # noqa: E402
+from data.tokenizers import ByteTokenizer  # noqa: E402
 from data.passkey.task import NEEDLE, make_passkey  # noqa: E402
 from tools.evaluate import answer_scores, answer_token_scores  # noqa: E402
 from experiments.common import finished, prepare, run_train  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out-infini-passkey'   # data, checkpoints, evaluations and results.md go here (gitignored: out*/)
-runs = 'paper,sharp_boost'      # comma-separated names of RUNS below; name@iterations trains that run longer
+runs = 'paper,sharp_boost63'    # comma-separated names of RUNS below; name@iterations trains that run longer
 seeds = '1'                     # comma-separated training seeds
 train = True                    # train the runs that have no finished checkpoint
 evaluate = True                 # evaluate every finished checkpoint of the runs and seeds, print the tables
 max_iters = 6000                # training iterations of a run named without @iterations
+n_train = 20000                 # training examples per example length
 lengths = '256,1024,2048,4096'  # prompt lengths to test (256 = the training length)
 depths = '0,0.25,0.5,0.75,1'    # where the passkey sits, as a fraction of the filler
 trials = '20'                   # examples per (length, depth): one number, or one per length (fewer at far lengths)
@@ -73,13 +74,13 @@ FLAGS = flags_of(globals())
 COMMON = ['--dataset=passkey', '--n_layer=2', '--n_head=4', '--n_embd=64', '--block_size=256', '--segment_len=64',
           '--memory_update=delta', '--batch_size=16', '--learning_rate=2e-3', '--eval_interval=1000',
           '--eval_iters=10', '--device=cpu', '--dtype=float32', '--compile=False']
+# The runs the lab notebook's main line needs. The notebook keeps the numbers of the runs that left the script, with
+# the revision whose script still makes them (infini_lab.md, "Runs no longer in the script").
 RUNS = {  # name: (train.py flags, what it is)
     'paper': (['--attention=infini'], "the paper's mechanism: sigma = ELU + 1, no boost"),
-    'sharp': (['--attention=infini', '--feature_scale=4'], 'sigma(x) = ELU(4x) + 1 alone'),
-    'boost': (['--attention=infini', '--memory_boost=15'], "the first write counts 1 + U(0, 15) times alone"),
-    'sharp_boost': (['--attention=infini', '--feature_scale=4', '--memory_boost=15'], 'both changes'),
     'sharp_boost63': (['--attention=infini', '--feature_scale=4', '--memory_boost=63'],
-                      'both changes, the first write counts up to 64 times (a 4k prompt holds 63 segments)'),
+                      'sigma(x) = ELU(4x) + 1 and the first write counted up to 64 times (a 4k prompt holds 63 '
+                      'segments), from scratch'),
     'local': (['--attention=infini', '--memory_read=local'], 'control: infini trained with the memory read off '
               '(gate 0), local attention inside each segment only'),
     'causal': (['--attention=causal', '--positions=learned'],
@@ -87,39 +88,15 @@ RUNS = {  # name: (train.py flags, what it is)
     'paper_then_sharp_boost63': (['--feature_scale=4', '--memory_boost=63'],
                                  "two stages: the paper's mechanism (the paper run, --max_iters iterations), then "
                                  "fine-tuned with both changes (boost 63) for the run's own iterations"),
-    # the read shrinks with the needle's share as inputs grow, while its direction holds (infini_lab.md, the read
-    # probe): read_norm=rms keeps each head's read at unit RMS, so a long input's read keeps its training-time size
-    'paper_then_sharp_boost63_rms': (['--feature_scale=4', '--memory_boost=63', '--read_norm=rms'],
-                                     'two stages, the second with both changes and the read at unit RMS per head'),
-    'paper_then_sharp_boost63_then_rms': (['--read_norm=rms'], 'three stages: the two-stage run (6,000 + 6,000 '
-                                          'iterations), then fine-tuned with the read at unit RMS per head'),
-    'paper_then_sharp': (['--feature_scale=4'], 'two stages, the second with sigma(x) = ELU(4x) + 1 alone'),
-    'paper_then_boost63': (['--memory_boost=63'], 'two stages, the second with the boost (63) alone'),
     'paper_then_more': ([], 'two stages, the second with neither change: the control for the extra training'),
-    # a curriculum over lengths: the two-stage model never saw more than 3 segments in its memory (the boost only
-    # scales the first write); a short third stage on 1,024-token examples (15 segments) shows it real long inputs.
-    # 4 examples per batch keep the tokens per iteration of the other runs.
-    'paper_then_sharp_boost63_then_1k': (['--block_size=1024', '--batch_size=4'],
-                                         'three stages: the two-stage run (6,000 + 6,000 iterations), then '
-                                         'fine-tuned on 1,024-token examples for the run\'s own iterations'),
-    'paper_then_sharp_boost63_then_more': ([], 'three stages: the two-stage run (6,000 + 6,000 iterations), then '
-                                           'the same training longer: the control for the third stages'),
-    # the read at unit RMS keeps its size; past 64k its direction still turns to the filler's (infini_lab.md):
-    # a sharper feature map raises the needle's contrast over the filler
+    # the read at unit RMS keeps its training-time size however much filler dilutes it, and a sharper feature map
+    # keeps its direction past 64k (infini_lab.md, "A third stage")
     'paper_then_sharp_boost63_then_rms_sharp8': (['--read_norm=rms', '--feature_scale=8'],
                                                  'three stages: the two-stage run, then fine-tuned with the read at '
                                                  'unit RMS and sigma(x) = ELU(8x) + 1'),
-    # each digit fails where its own query loses the needle (infini_lab.md, "The read probe at each digit's
-    # query"): a still sharper map raises every query's contrast again
-    'paper_then_sharp_boost63_then_rms_sharp16': (['--read_norm=rms', '--feature_scale=16'],
-                                                  'three stages: the two-stage run, then fine-tuned with the read at '
-                                                  'unit RMS and sigma(x) = ELU(16x) + 1'),
-    'paper_then_sharp_boost63_then_1k_rms': (['--block_size=1024', '--batch_size=4', '--read_norm=rms'],
-                                             'three stages: the two-stage run, then fine-tuned on 1,024-token '
-                                             'examples with the read at unit RMS'),
-    # a curriculum over lengths for the best third stage: the rms+sharp8 model has seen 4 segments per example; a
-    # fourth stage shows it 16 or 64, with the same flags (4,096 tokens at one example per batch keep the tokens
-    # per iteration). The control trains the same model longer on 256-token examples.
+    # fourth stages: the same training longer (the control), or longer examples (4 per batch at 1,024 tokens and one
+    # at 4,096 keep the tokens per iteration), or a memory as crowded as a 64k prompt's (the first write counts up
+    # to 1,024 times)
     'paper_then_sharp_boost63_then_rms_sharp8_then_more': (['--read_norm=rms', '--feature_scale=8'],
                                                            'four stages: the rms+sharp8 third stage, then the same '
                                                            'training longer: the control for the fourth stages'),
@@ -131,83 +108,36 @@ RUNS = {  # name: (train.py flags, what it is)
                                                           '--feature_scale=8'],
                                                          'four stages: the rms+sharp8 third stage, then fine-tuned '
                                                          'on 4,096-token examples'),
-    # ELU(16x) + 1 straight after the two stages breaks some seeds' first-digit query (infini_lab.md); taken in
-    # two steps, 4 -> 8 -> 16, each query has a sharper map to start from
-    'paper_then_sharp_boost63_then_rms_sharp8_then_sharp16': (['--read_norm=rms', '--feature_scale=16'],
-                                                              'four stages: the rms+sharp8 third stage, then '
-                                                              'fine-tuned with sigma(x) = ELU(16x) + 1'),
-    # the two changes that reach 256x in different seeds, together: ELU(16x) + 1 on 4,096-token examples
-    'paper_then_sharp_boost63_then_rms_sharp8_then_4k_sharp16': (['--block_size=4096', '--batch_size=1',
-                                                                  '--read_norm=rms', '--feature_scale=16'],
-                                                                 'four stages: the rms+sharp8 third stage, then '
-                                                                 'fine-tuned on 4,096-token examples with '
-                                                                 'sigma(x) = ELU(16x) + 1'),
-    # the 4k examples with a far more crowded memory: the first write counts up to 1,024 times, so the memory
-    # holds as much filler as a 64k prompt's, at the cost of a 4k one
     'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023': (['--block_size=4096', '--batch_size=1',
                                                                     '--read_norm=rms', '--feature_scale=8',
                                                                     '--memory_boost=1023'],
                                                                    'four stages: the rms+sharp8 third stage, then '
                                                                    'fine-tuned on 4,096-token examples with the '
                                                                    'first write boosted up to 1,024 times'),
-    # a fine-tuning step at the full rate on one 4k example can break a digit query the third stage had learned
-    # (seed 3 of the boost1023 run falls to 22% at 256 tokens): a quarter of the rate may keep what the earlier
-    # stages learned while the new examples still move it (infini_lab.md: it moves the failures to other seeds)
-    'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023_gentle': (['--block_size=4096', '--batch_size=1',
-                                                                           '--read_norm=rms', '--feature_scale=8',
-                                                                           '--memory_boost=1023',
-                                                                           '--learning_rate=5e-4', '--min_lr=5e-5'],
-                                                                          'the boost1023 fourth stage at a quarter '
-                                                                          'of the learning rate'),
-    'paper_then_sharp_boost63_then_rms_sharp8_then_sharp16_gentle': (['--read_norm=rms', '--feature_scale=16',
-                                                                      '--learning_rate=5e-4', '--min_lr=5e-5'],
-                                                                     'the sharp16 fourth stage at a quarter of the '
-                                                                     'learning rate'),
     # a model soup (Wortsman et al. 2022): the mean of the weights of runs fine-tuned from one checkpoint. Each
     # fourth stage breaks a different digit's query in a different seed (infini_lab.md); the mean keeps what the
     # fine-tunes share and averages out what each one broke on its own. Trains no weights of its own.
-    'paper_then_sharp_boost63_then_rms_sharp8_soup': (None, 'the mean of the weights of four fourth stages of the '
-                                                      'rms+sharp8 third stage: then_more, then_1k, then_4k, '
-                                                      'then_4k_boost1023 (each at the iterations given)'),
-    'paper_then_sharp_boost63_then_rms_sharp8_soup_short': (None, 'the mean of the weights of the two fourth stages '
-                                                            'on short examples: then_more (256 tokens), then_1k'),
-    # the two models that find the key at 1M tokens have ELU(16x) + 1 (infini_lab.md): the soup of the three
-    # fourth stages with it
-    'paper_then_sharp_boost63_then_rms_sharp8_soup16': (None, 'the mean of the weights of the three fourth stages '
-                                                        'with ELU(16x) + 1: then_sharp16, then_4k_sharp16, '
-                                                        'then_sharp16_gentle'),
+    'paper_then_sharp_boost63_then_rms_sharp8_soup': (None, 'the mean of the weights of the four fourth stages: '
+                                                      'then_more, then_1k, then_4k, then_4k_boost1023 (each at the '
+                                                      'iterations given)'),
 }
 # soups: what they average, each at the soup's iterations
 SOUPS = {'paper_then_sharp_boost63_then_rms_sharp8_soup':
          [f'paper_then_sharp_boost63_then_rms_sharp8_{part}'
-          for part in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023')],
-         'paper_then_sharp_boost63_then_rms_sharp8_soup_short':
-         [f'paper_then_sharp_boost63_then_rms_sharp8_{part}' for part in ('then_more', 'then_1k')],
-         'paper_then_sharp_boost63_then_rms_sharp8_soup16':
-         [f'paper_then_sharp_boost63_then_rms_sharp8_{part}'
-          for part in ('then_sharp16', 'then_4k_sharp16', 'then_sharp16_gentle')]}
+          for part in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023')]}
 TRAINING_ONLY = ('block_size', 'memory_boost')  # the parts of a soup may differ in these (the soup keeps the first's)
 # runs that fine-tune another run's final checkpoint (train.py --init_from): the paper's mechanism trains first,
 # which is fast, and the sharper, crowded memory is taught after (infini_lab.md, "Two stages")
 # (which, with its iterations: None = --max_iters)
 BASE = {name: ('paper', None) for name in RUNS if name.startswith('paper_then_') and name not in SOUPS}
-BASE['paper_then_sharp_boost63_then_1k'] = ('paper_then_sharp_boost63', 6000)
-BASE['paper_then_sharp_boost63_then_rms'] = ('paper_then_sharp_boost63', 6000)
-BASE['paper_then_sharp_boost63_then_more'] = ('paper_then_sharp_boost63', 6000)
 BASE['paper_then_sharp_boost63_then_rms_sharp8'] = ('paper_then_sharp_boost63', 6000)
-BASE['paper_then_sharp_boost63_then_1k_rms'] = ('paper_then_sharp_boost63', 6000)
-BASE['paper_then_sharp_boost63_then_rms_sharp16'] = ('paper_then_sharp_boost63', 6000)
-for name in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023', 'then_sharp16', 'then_4k_sharp16',
-             'then_4k_boost1023_gentle', 'then_sharp16_gentle'):
+for name in ('then_more', 'then_1k', 'then_4k', 'then_4k_boost1023'):
     BASE[f'paper_then_sharp_boost63_then_rms_sharp8_{name}'] = ('paper_then_sharp_boost63_then_rms_sharp8', 1000)
 DATA_LENGTH = 256  # the training examples' length
 # runs trained on longer examples
-TRAIN_LENGTH = {'paper_then_sharp_boost63_then_1k': 1024, 'paper_then_sharp_boost63_then_1k_rms': 1024,
-                'paper_then_sharp_boost63_then_rms_sharp8_then_1k': 1024,
+TRAIN_LENGTH = {'paper_then_sharp_boost63_then_rms_sharp8_then_1k': 1024,
                 'paper_then_sharp_boost63_then_rms_sharp8_then_4k': 4096,
-                'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023': 4096,
-                'paper_then_sharp_boost63_then_rms_sharp8_then_4k_sharp16': 4096,
-                'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023_gentle': 4096}
+                'paper_then_sharp_boost63_then_rms_sharp8_then_4k_boost1023': 4096}
 EVAL_VERSION = 3  # what eval.json holds: bump when the measurements change, so older files are recomputed
 
 
@@ -712,7 +642,7 @@ def diagnosis_tables(results, length_list, head, rule):
 
 
 def run_list(text, default_iters):
-    """--runs: 'paper,sharp_boost@9000' -> [('paper', default_iters), ('sharp_boost', 9000)]."""
+    """--runs: 'paper,sharp_boost63@9000' -> [('paper', default_iters), ('sharp_boost63', 9000)]."""
     out = []
     for item in parse_list('runs', text, str):
         name, _, iters = item.partition('@')
@@ -752,7 +682,7 @@ def main(argv):
             base = os.path.join(folder(base_name, base_iters, s), 'ckpt.pt')
         length = TRAIN_LENGTH.get(name, DATA_LENGTH)
         data_dir = prepare('passkey', os.path.join(out, f'data{length}'),
-                           [f'--length={length}', '--n_train=20000', '--n_val=200'])
+                           [f'--length={length}', f'--n_train={settings.n_train}', '--n_val=200'])
         train_run(folder(name, iters, s), RUNS[name][0], s, iters, data_dir, base)
 
     if settings.train:

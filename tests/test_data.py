@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import tiktoken
 
-import data.common as common
-from data.common import (ByteTokenizer, CharTokenizer, TiktokenTokenizer, get_tokenizer, load_meta,
-                         tokenizer_from_meta)
+import data.tokenizers as tokenizers
+import data.writing as writing
+from data.common import load_meta
+from data.tokenizers import ByteTokenizer, CharTokenizer, TiktokenTokenizer, get_tokenizer, tokenizer_from_meta
 from data.copy import prepare as copy_task
 from data.passkey import prepare as passkey
 from data.passkey.task import NEEDLE, QUESTION, make_passkey
@@ -42,7 +43,7 @@ def documents(ids, tok):
     """The texts between end-of-text ids (the last one ends the data)."""
     ids = ids.tolist()
     assert ids[-1] == tok.eot_token
-    return tok.decode(ids[:-1]).split(common.EOT_TEXT)
+    return tok.decode(ids[:-1]).split(tokenizers.EOT_TEXT)
 
 
 # tokenizers
@@ -53,7 +54,7 @@ def test_round_trip(tok):
     ids = tok.encode(SAMPLE)
     assert all(0 <= i < tok.vocab_size and i != tok.eot_token for i in ids)
     assert tok.decode(ids) == SAMPLE
-    assert tok.decode(ids + [tok.eot_token] + ids) == SAMPLE + common.EOT_TEXT + SAMPLE
+    assert tok.decode(ids + [tok.eot_token] + ids) == SAMPLE + tokenizers.EOT_TEXT + SAMPLE
     again = tokenizer_from_meta({'tokenizer': tok.identity}) if tok.identity['kind'] != 'tiktoken' else tok
     assert again.encode(SAMPLE) == ids and again.vocab_size == tok.vocab_size
     assert pickle.loads(pickle.dumps(tok.identity)) == tok.identity  # plain Python values only
@@ -103,14 +104,14 @@ def test_gpt2_offline_fails_fast_with_a_hint(monkeypatch, tmp_path):
         assert '--tokenizer=byte' in str(e) and '\n' not in str(e)
     else:  # online: the real GPT-2 encoding
         assert (tok.vocab_size, tok.eot_token, tok.identity) == (50257, 50256, {'kind': 'tiktoken', 'name': 'gpt2'})
-    assert time.time() - t0 < common.TIKTOKEN_TIMEOUT + 5
+    assert time.time() - t0 < tokenizers.TIKTOKEN_TIMEOUT + 5
 
 
 def test_tiktoken_download_that_hangs_times_out(monkeypatch):
     monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: time.sleep(10))
     t0 = time.time()
     with pytest.raises(SystemExit, match='no answer in 0.2 s.*--tokenizer=byte'):
-        common.load_tiktoken('gpt2', timeout=0.2)
+        tokenizers.load_tiktoken('gpt2', timeout=0.2)
     assert time.time() - t0 < 2
 
 
@@ -151,11 +152,11 @@ def test_python_stdlib_prepare_as_a_user_runs_it(tmp_path):
 
 def test_python_stdlib_split_is_by_file_and_deterministic():
     paths = [f'pkg{i // 10}/mod{i}.py' for i in range(400)]
-    train, val = common.split_by_file(paths, 0.05)
+    train, val = writing.split_by_file(paths, 0.05)
     assert sorted(train + val) == sorted(paths) and not set(train) & set(val)
     assert 5 < len(val) < 40
-    assert common.split_by_file(list(reversed(paths)), 0.05)[1] == list(reversed(val))
-    assert len(common.split_by_file(paths[:3], 0.05)[1]) == 1  # tiny inputs still get a val file
+    assert writing.split_by_file(list(reversed(paths)), 0.05)[1] == list(reversed(val))
+    assert len(writing.split_by_file(paths[:3], 0.05)[1]) == 1  # tiny inputs still get a val file
 
 
 def test_python_stdlib_char_and_max_files(tmp_path):
@@ -305,19 +306,19 @@ def test_a_killed_prepare_leaves_no_file_that_looks_whole(tmp_path):
     file as it was. write_dataset removes an old meta.pkl first and writes it last, so a folder whose meta.pkl is
     there holds a whole dataset."""
     path = tmp_path / 'val.bin'
-    common.write_split(str(path), [1, 2, 3])
+    writing.write_split(str(path), [1, 2, 3])
 
     def dies(f):
         f.write(b'\0\0')
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        common.write_atomically(str(path), dies)
+        writing.write_atomically(str(path), dies)
     assert np.fromfile(path, dtype=np.uint16).tolist() == [1, 2, 3]
-    common.write_dataset(str(tmp_path), [1, 2], [3], ByteTokenizer(), 'tiny')
+    writing.write_dataset(str(tmp_path), [1, 2], [3], ByteTokenizer(), 'tiny')
     with pytest.raises(SystemExit, match='cannot write'):  # train.bin cannot be written: a folder is in its way
         (tmp_path / 'train.bin').unlink()
         (tmp_path / 'train.bin').mkdir()
-        common.write_dataset(str(tmp_path), [1, 2], [3], ByteTokenizer(), 'tiny')
+        writing.write_dataset(str(tmp_path), [1, 2], [3], ByteTokenizer(), 'tiny')
     assert not (tmp_path / 'meta.pkl').exists()
 
 

@@ -182,7 +182,7 @@ def test_answer_scores_equal_a_slow_loop_and_greedy_decoding(attention, position
 
 def test_passkey_accuracy_scores_exact_answers(monkeypatch):
     """passkey_accuracy counts the examples whose every answer token answer_scores finds right."""
-    from data.common import tokenizer_from_meta
+    from data.tokenizers import tokenizer_from_meta
     settings = evaluate.setup(['--device=cpu', '--passkey_trials=3'])
     tok = tokenizer_from_meta({'kind': 'byte'})
     for knows in (True, False):

@@ -47,3 +47,36 @@ def test_prepare_runs_once_and_fails_in_one_line(tmp_path):
     common.prepare('copy', folder, ['--length=8'])  # prepared already: not run again (--length=8 would fail)
     with pytest.raises(SystemExit, match='^preparing .*bad failed'):
         common.prepare('copy', str(tmp_path / 'bad'), ['--length=8'])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Every experiment script runs end to end at a tiny size (the real runs take minutes to hours). selective_lm.py
+# and selective_synthetic.py have theirs in test_selective.py, infini_recipe.py in test_infini_recipe.py.
+
+def test_infini_passkey_trains_a_fine_tune_after_its_base_and_tests_it(tmp_path):
+    from experiments import infini_passkey
+    infini_passkey.main([f'--out_dir={tmp_path}', '--runs=paper_then_more', '--max_iters=2', '--n_train=8',
+                         '--lengths=256,512', '--depths=0', '--trials=1', '--batch_size=1', '--all_reads_up_to=256'])
+    assert common.finished(str(tmp_path / 'paper-2-s1'), 2)  # the base trained first
+    text = (tmp_path / 'results.md').read_text()
+    assert text.startswith('paper_then_more: two stages') and '512' in text
+
+
+def test_position_cost_times_each_scheme(capsys):
+    from experiments import position_cost
+    position_cost.main(['--rounds=1', '--iters=1', '--schemes=learned,rope', '--block_size=16', '--batch_size=1'])
+    out = capsys.readouterr().out
+    assert 'learned' in out and 'rope' in out
+
+
+def test_gpt2_tiny_fine_tunes_each_attention_from_a_tiny_gpt2(tmp_path):
+    pytest.importorskip('safetensors')  # the Hugging Face layout (installed with transformers)
+    from experiments import gpt2_tiny
+    text = tmp_path / 'text.txt'
+    text.write_text(''.join(f'def f{i}(x):\n    return x * {i}\n\n' for i in range(400)))
+    data = tmp_path / 'data'
+    common.prepare('text', str(data), [f'--input={text}', '--tokenizer=byte', '--name=tiny'])
+    gpt2_tiny.main([f'--out_dir={tmp_path}', f'--data_dir={data}', '--pretrain_iters=2', '--finetune_iters=1',
+                    '--eval_iters=1', '--attentions=causal,infini'])
+    rows = (tmp_path / 'results.md').read_text().splitlines()
+    assert [r.split(' | ')[0] for r in rows[2:]] == ['| causal', '| infini']

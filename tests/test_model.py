@@ -8,6 +8,7 @@ from torch.nn import functional as nnf
 
 import model as model_module
 from checkpoints import load_checkpoint
+from tools import convert_rope
 from model import ATTENTIONS, GPT, GPTConfig, cross_entropy
 from attention import alibi_bias, alibi_slopes, rope, rope_angles
 
@@ -81,9 +82,9 @@ def interleaved_rope(x, positions):
 
 
 @pytest.mark.parametrize('attention', ['causal', 'selective'])
-def test_checkpoints_of_the_interleaved_rope_load_as_the_same_model(attention, tmp_path):
-    """An old checkpoint (interleaved pairs) loads with its query and key rows moved to the rotate-half layout:
-    every score is the same, so the model is the same."""
+def test_checkpoints_of_the_interleaved_rope_convert_to_the_same_model(attention, tmp_path):
+    """An old checkpoint (interleaved pairs) converts (tools/convert_rope.py) by moving its query and key rows to
+    the rotate-half layout: every score is the same, so the model is the same."""
     model = GPT(tiny(attention, positions='rope', n_head=2, n_embd=16)).double()
     w = model.transformer.h[0].attn.c_attn.weight.detach()
     old = w.clone()
@@ -99,9 +100,15 @@ def test_checkpoints_of_the_interleaved_rope_load_as_the_same_model(attention, t
         torch.testing.assert_close(s_old, s_new)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state['transformer.h.0.attn.c_attn.weight'] = old
-    torch.save({'model_args': dataclasses.asdict(model.config), 'model': state}, tmp_path / 'old.pt')
-    loaded = load_checkpoint(str(tmp_path / 'old.pt'))
+    torch.save({'model_args': dataclasses.asdict(model.config), 'model': state, 'optimizer': {}}, tmp_path / 'old.pt')
+    with pytest.raises(SystemExit, match='tools/convert_rope.py'):  # refused as it is, with the command that converts
+        load_checkpoint(str(tmp_path / 'old.pt'))
+    convert_rope.main([f'--ckpt={tmp_path / "old.pt"}', f'--out={tmp_path / "new.pt"}'])
+    loaded = load_checkpoint(str(tmp_path / 'new.pt'))
     assert torch.equal(loaded['model']['transformer.h.0.attn.c_attn.weight'], w) and loaded['rope_layout'] == 'half'
+    assert 'optimizer' not in loaded  # not converted: train.py refuses to resume it and fine-tunes from it
+    with pytest.raises(SystemExit, match='needs no conversion'):
+        convert_rope.main([f'--ckpt={tmp_path / "new.pt"}', f'--out={tmp_path / "again.pt"}'])
 
 
 def test_alibi_slopes_and_bias():

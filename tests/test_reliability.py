@@ -120,13 +120,13 @@ def test_people_from_nanogpt_are_told_the_flag(tmp_path):
 def test_offline_gpt2_tokens_say_how_to_supply_them(monkeypatch):
     import tiktoken
 
-    from data import common
+    from data import tokenizers
 
     def offline(name):
         raise ConnectionError('no network')
     monkeypatch.setattr(tiktoken, 'get_encoding', offline)
     with pytest.raises(SystemExit, match='TIKTOKEN_CACHE_DIR.*use a model trained on byte or char data'):
-        common.tokenizer_from_meta({'tokenizer': {'kind': 'tiktoken', 'name': 'gpt2'}})
+        tokenizers.tokenizer_from_meta({'tokenizer': {'kind': 'tiktoken', 'name': 'gpt2'}})
 
 
 def test_curves_refuse_what_would_draw_wrongly(train_tiny, tmp_path):
@@ -202,7 +202,7 @@ def test_bench_does_not_start_a_case_it_cannot_stop(tmp_path):
 
 
 def test_misleading_inputs_get_lines_that_name_the_fix(tmp_path, train_tiny):
-    from data.common import ByteTokenizer, encode_prompt
+    from data.tokenizers import ByteTokenizer, encode_prompt
     from sample import check_sampling
     with pytest.raises(SystemExit, match='too small to sample with; 0 takes the likeliest token'):
         check_sampling(1e-45, 200, 10)
@@ -230,7 +230,7 @@ def test_resuming_a_run_that_was_all_warm_up_is_one_line(train_tiny, tmp_path):
 
 
 def test_a_character_vocabulary_past_uint16_is_one_line():
-    from data.common import CharTokenizer
+    from data.tokenizers import CharTokenizer
     with pytest.raises(SystemExit, match='70,000 distinct characters, more than a character-level vocabulary'):
         CharTokenizer(''.join(chr(0x4E00 + i) for i in range(70000)))
 
@@ -277,7 +277,8 @@ def test_help_into_a_pipe_that_closes_is_quiet():
 def test_preparing_over_another_dataset_says_so(tmp_path, capsys):
     import numpy as np
 
-    from data.common import ByteTokenizer, write_dataset
+    from data.tokenizers import ByteTokenizer
+    from data.writing import write_dataset
     ids = np.arange(100) % 256
     write_dataset(str(tmp_path), ids, ids, ByteTokenizer(), 'first')
     write_dataset(str(tmp_path), ids, ids, ByteTokenizer(), 'first')  # the same again: nothing to tell
@@ -293,3 +294,22 @@ def test_a_nanogpt_meta_pkl_is_named(tmp_path):
     (tmp_path / 'meta.pkl').write_bytes(pickle.dumps({'vocab_size': 65, 'itos': {0: 'a'}, 'stoi': {'a': 0}}))
     with pytest.raises(SystemExit, match="is nanoGPT's .*data/text/prepare.py --tokenizer=char"):
         load_meta(str(tmp_path))
+
+
+def test_tokenizer_mismatches_name_what_differs(tmp_path, train_tiny, tiny_data):
+    """N-v14: a prompt a character vocabulary cannot encode names --start, given or default. N-d08s: a checkpoint
+    of a tokenizer this repository cannot rebuild says so, not "was it written by train.py?". N-e02: evaluating a
+    checkpoint on data of another tokenizer blames the pairing, not the data."""
+    from data.tokenizers import CharTokenizer, checkpoint_tokenizer, encode_prompt
+    from tools.evaluate import load_val_data
+    with pytest.raises(SystemExit, match='--start: character \'"\' is not in .* give a --start made of'):
+        encode_prompt('a"', CharTokenizer('ab'))
+    with pytest.raises(SystemExit, match="trained on tokens of {'kind': 'sentencepiece'}, a tokenizer this repo"):
+        checkpoint_tokenizer({'tokenizer': {'kind': 'sentencepiece'}}, 'ckpt.pt')
+    with pytest.raises(SystemExit, match='records no tokenizer'):
+        checkpoint_tokenizer({}, 'ckpt.pt')
+    train_tiny(tmp_path)  # on byte-level data
+    checkpoint = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    checkpoint['tokenizer'] = {'kind': 'char', 'chars': 'abc'}
+    with pytest.raises(SystemExit, match='holds byte tokens; the checkpoint was trained on another vocabulary'):
+        load_val_data(checkpoint, str(tiny_data))

@@ -79,6 +79,11 @@ def load_val_data(checkpoint, data_dir=''):
     if not os.path.isfile(path):
         raise SystemExit(f"no {path}: prepare the dataset (python data/<name>/prepare.py) or pass --data_dir=")
     meta = load_meta(folder)
+    if checkpoint.get('tokenizer') not in (None, meta['tokenizer']):  # fine data, for another model
+        data_kind, model_kind = (t.get('kind') if isinstance(t, dict) else t
+                                 for t in (meta['tokenizer'], checkpoint['tokenizer']))
+        raise SystemExit(f"{folder} holds {data_kind} tokens; the checkpoint was trained on another vocabulary "
+                         f"({model_kind} tokens): give --data_dir= a dataset prepared with the checkpoint's tokenizer")
     check_tokens(path, checkpoint['model_args']['vocab_size'])
     return np.memmap(path, dtype=np.uint16, mode='r'), meta
 
@@ -353,7 +358,7 @@ def heat(accuracy):
 def passkey_by_length_and_depth(runs, Ts, settings):
     """A depth x length table of passkey accuracy per checkpoint: out_dir/passkey.md and .csv, a row as each case
     finishes."""
-    from data.common import tokenizer_from_meta
+    from data.tokenizers import tokenizer_from_meta
     fractions = depth_list(settings.depths)
     table = GrowingTable(settings, 'passkey', ['checkpoint', 'length', 'depth', 'accuracy', 'status', 'message'])
     rows = []

@@ -26,9 +26,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: this script runs as python tools/visualize.py
-from checkpoints import checkpoint_tokenizer, load_model  # noqa: E402
+from checkpoints import load_model  # noqa: E402
 from configurator import configure, flags_of  # noqa: E402
-from data.common import encode_prompt  # noqa: E402
+from data.tokenizers import checkpoint_tokenizer, encode_prompt  # noqa: E402
 from devices import default_device, device_type_of, run_script  # noqa: E402
 from sample import check_sampling, inference_options  # noqa: E402
 

@@ -18,7 +18,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import ByteTokenizer, example_splits, parse_flags, seeded_rng, write_dataset  # noqa: E402
+from data.tokenizers import ByteTokenizer  # noqa: E402
+from data.writing import example_splits, parse_flags, seeded_rng, write_dataset  # noqa: E402
 
 ALPHABET = np.frombuffer(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/', dtype=np.uint8)
 

@@ -21,8 +21,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import (encode_documents, get_tokenizer, parse_flags, read_text, split_by_file,  # noqa: E402
-                         write_dataset)
+from data.tokenizers import get_tokenizer  # noqa: E402
+from data.writing import encode_documents, parse_flags, read_text, split_by_file, write_dataset  # noqa: E402
 
 HUB_ID = 'emozilla/pg19'  # PG-19 as Parquet (the original loading script no longer runs in datasets >= 3)
 SPLITS = {'train': 'train', 'val': 'validation'}  # our split: PG-19's

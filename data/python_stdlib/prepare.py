@@ -19,8 +19,9 @@ import sysconfig
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import (TOKENIZERS, check_val_fraction, encode_documents, get_tokenizer, parse_flags,  # noqa: E402
-                         read_text, split_by_file, write_dataset)
+from data.tokenizers import TOKENIZERS, get_tokenizer  # noqa: E402
+from data.writing import (check_val_fraction, encode_documents, parse_flags, read_text, split_by_file,  # noqa: E402
+                          write_dataset)
 
 SKIP_DIRS = {'site-packages', 'test', 'tests', 'idle_test', '__pycache__'}
 

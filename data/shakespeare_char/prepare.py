@@ -11,7 +11,8 @@ import sys
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import CharTokenizer, is_binary, parse_flags, read_text, write_dataset  # noqa: E402
+from data.tokenizers import CharTokenizer, is_binary  # noqa: E402
+from data.writing import parse_flags, read_text, write_dataset  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 

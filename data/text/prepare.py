@@ -11,8 +11,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import (TOKENIZERS, check_val_fraction, encode_documents, get_tokenizer, is_binary,  # noqa: E402
-                         parse_flags, read_text, write_dataset)
+from data.tokenizers import TOKENIZERS, get_tokenizer, is_binary  # noqa: E402
+from data.writing import check_val_fraction, encode_documents, parse_flags, read_text, write_dataset  # noqa: E402
 
 
 def text_files(root, extensions):

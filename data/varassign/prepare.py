@@ -22,8 +22,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import (ByteTokenizer, example_splits, make_examples, parse_flags, seeded_rng,  # noqa: E402
-                         write_dataset)
+from data.tokenizers import ByteTokenizer  # noqa: E402
+from data.writing import example_splits, make_examples, parse_flags, seeded_rng, write_dataset  # noqa: E402
 
 VARIABLES = 'abcdefghijklmnopqrstuvwxyz'
 PAD = ' '
