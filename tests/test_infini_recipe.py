@@ -1,18 +1,10 @@
 """experiments/infini_recipe.py at a tiny size: every stage trains, the greedy soup is made, the table is written."""
-import importlib.util
 import json
 import os
 
 import pytest
 
-
-def recipe():
-    """experiments/infini_recipe.py as a module."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'infini_recipe.py')
-    spec = importlib.util.spec_from_file_location('infini_recipe', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from experiments import infini_recipe as experiment
 
 
 TINY = ['--iters=2,2,2,2', '--n_train=32', '--long_length=512', '--soup_length=512', '--lengths=256,512',
@@ -20,7 +12,6 @@ TINY = ['--iters=2,2,2,2', '--n_train=32', '--long_length=512', '--soup_length=5
 
 
 def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_off(tmp_path):
-    experiment = recipe()
     experiment.main([f'--out_dir={tmp_path}', *TINY])
     for name, *_ in experiment.STAGES + experiment.PARTS:
         assert os.path.isfile(tmp_path / 's1' / name / 'ckpt.pt')
@@ -43,4 +34,4 @@ def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_
                                            ('--trials=1,2', 'one per length')])
 def test_bad_flags_are_one_line_errors(tmp_path, flag, message):
     with pytest.raises(SystemExit, match=message):
-        recipe().main([f'--out_dir={tmp_path}', '--lengths=256,512,1024', '--trials=1', flag])
+        experiment.main([f'--out_dir={tmp_path}', '--lengths=256,512,1024', '--trials=1', flag])
