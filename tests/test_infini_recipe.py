@@ -13,12 +13,14 @@ TINY = ['--iters=2,2,2,2', '--n_train=32', '--long_length=512', '--soup_length=5
 
 def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_off(tmp_path):
     experiment.main([f'--out_dir={tmp_path}', *TINY])
-    for name, *_ in experiment.STAGES + experiment.PARTS:
+    for name, *_ in experiment.STAGES + experiment.PARTS + experiment.FALLBACK:
         assert os.path.isfile(tmp_path / 's1' / name / 'ckpt.pt')
     greedy = json.load(open(tmp_path / 's1' / 'soup_greedy' / 'greedy.json'))
     assert 1 <= len(greedy['chosen']) <= 3 and len(greedy['scores']) == 5  # 3 parts, then 2 trial soups
+    # two iterations find no held-out key, so the soup of the four ELU(8x) + 1 fine-tunes is tested instead
+    assert greedy['accuracy'] < 1 and os.path.isfile(tmp_path / 's1' / 'soup_sharp8' / 'ckpt.pt')
     text = open(tmp_path / 'results.md').read()
-    assert '### Seed 1: soup of ' in text and '| 512 (2x) | 2 |' in text
+    assert '### Seed 1: soup of sharp8_more, sharp8_1k' in text and '| 512 (2x) | 2 |' in text
     # everything is reused: a second run trains and chooses nothing, and writes the same table
     mtime = os.path.getmtime(tmp_path / 's1' / 'soup_greedy' / 'greedy.json')
     experiment.main([f'--out_dir={tmp_path}', *TINY])
@@ -27,6 +29,9 @@ def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_
     # other held-out prompts: the parts are chosen again
     experiment.main([f'--out_dir={tmp_path}', *TINY, '--soup_length=256', '--train=False'])
     assert json.load(open(tmp_path / 's1' / 'soup_greedy' / 'greedy.json'))['length'] == 256
+    # without the fallback, the greedy soup is tested whatever it scored
+    experiment.main([f'--out_dir={tmp_path}', *TINY, '--fallback=False', '--train=False'])
+    assert 'soup of sharp8' not in open(tmp_path / 'results.md').read()
 
 
 @pytest.mark.parametrize('flag, message', [('--iters=1,2', 'four positive counts'),
