@@ -24,8 +24,12 @@ import dataclasses
 import math
 import os
 import statistics
+import signal
 import sys
 import time
+
+if __name__ == '__main__':  # Ctrl-C while torch loads ends with one line; run_script (devices.py) takes over
+    signal.signal(signal.SIGINT, lambda *_: sys.exit('interrupted while starting: nothing was written'))
 
 import torch
 from torch.nn import functional as nnf  # F is selective's mask (attention_selective.py)

@@ -4,6 +4,7 @@ How a script runs: the device it runs on and the dtype it computes in (one rule 
 """
 
 import os
+import signal
 import sys
 from contextlib import nullcontext
 
@@ -54,6 +55,7 @@ def run_script(main, argv, interrupted="interrupted"):
     what the script had written is whole, since every file is written to a temp name and renamed. A reader that
     leaves (--help | head) ends it quietly."""
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again, caught below
         try:
             return main(argv)
         finally:

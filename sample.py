@@ -9,7 +9,11 @@ Sample from a trained model, nanoGPT style; every global below is a flag:
 
 import math
 import os
+import signal
 import sys
+
+if __name__ == '__main__':  # Ctrl-C while torch loads ends with one line; run_script (devices.py) takes over
+    signal.signal(signal.SIGINT, lambda *_: sys.exit('interrupted while starting: nothing was written'))
 
 import torch
 

@@ -17,9 +17,13 @@ them.
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 import types
+
+if __name__ == '__main__':  # Ctrl-C while torch loads ends with one line; run_script (devices.py) takes over
+    signal.signal(signal.SIGINT, lambda *_: sys.exit('interrupted while starting: nothing was written'))
 
 import numpy as np
 import torch

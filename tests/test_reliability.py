@@ -3,6 +3,10 @@ write keeps the last checkpoint."""
 import errno
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -33,6 +37,30 @@ def test_ctrl_c_and_a_full_disk_are_one_line():
 def test_every_script_runs_its_main_through_run_script(script):
     text = open(os.path.join(ROOT, script)).read()
     assert text.rstrip().endswith("if __name__ == '__main__':\n    run_script(main, sys.argv[1:])")
+
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'bench.py', 'tools/evaluate.py', 'tools/visualize.py'])
+def test_every_script_that_loads_torch_takes_ctrl_c_before_it_does(script):
+    text = open(os.path.join(ROOT, script)).read()
+    assert text.index('signal.signal(signal.SIGINT') < text.index('import torch')
+
+
+@pytest.mark.parametrize('moment', ['while torch loads', 'while it trains'])
+def test_ctrl_c_at_any_moment_of_a_training_run_is_one_line(tmp_path, tiny_data, moment):
+    proc = subprocess.Popen([sys.executable, 'train.py', f'--data_dir={tiny_data}', f'--out_dir={tmp_path}',
+                             *TINY_FLAGS, '--max_iters=100000'], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if moment == 'while torch loads':
+        time.sleep(0.3)  # torch takes a second or more to load
+    else:
+        for line in proc.stdout:  # until the second evaluation: training runs
+            if line.startswith('step 2:'):
+                break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and 'Traceback' not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('interrupted while starting' if moment == 'while torch loads' else 'interrupted: the last')
 
 
 def test_a_checkpoint_write_that_fails_keeps_the_last_one(tmp_path, monkeypatch):

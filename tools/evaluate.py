@@ -20,8 +20,12 @@ context a model cannot take is n/a: the other cases still run.
 """
 import math
 import os
+import signal
 import sys
 from types import SimpleNamespace
+
+if __name__ == '__main__':  # Ctrl-C while torch loads ends with one line; run_script (devices.py) takes over
+    signal.signal(signal.SIGINT, lambda *_: sys.exit('interrupted while starting: nothing was written'))
 
 import numpy as np
 import torch

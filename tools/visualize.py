@@ -20,7 +20,11 @@ against the model's own.
 """
 
 import os
+import signal
 import sys
+
+if __name__ == '__main__':  # Ctrl-C while torch loads ends with one line; run_script (devices.py) takes over
+    signal.signal(signal.SIGINT, lambda *_: sys.exit('interrupted while starting: nothing was written'))
 
 import torch
 
