@@ -55,6 +55,7 @@ soup_length = 262144           # the held-out prompts' length for the greedy sou
 soup_trials = 1                # held-out prompts per depth
 soup_seed = 7                  # the held-out prompts' seed (the test prompts use --seed)
 fallback = True                # a greedy soup that misses a held-out key gives way to the ELU(8x) + 1 soup (stage 6)
+score = ''                     # runs of each seed (e.g. rms_sharp8,sharp8_4k): print their held-out scores, then stop
 lengths = '256,1024,4096,16384,65536,262144,1048576'  # test prompt lengths (256 = the training length)
 trials = '20,20,20,10,4,1,1'   # test prompts per depth, one per length (5 depths: 100, ..., 5 prompts)
 depths = '0,0.25,0.5,0.75,1'   # where the passkey sits in the filler
@@ -186,6 +187,16 @@ def main(argv):
     folder = settings.out_dir if os.path.isabs(settings.out_dir) else os.path.join(ROOT, settings.out_dir)
     # the evaluation's settings (infini_passkey.evaluate_checkpoint): the memory read on and off at every length
     test = types.SimpleNamespace(**vars(settings), all_reads_up_to=0, read_gain='')
+    if settings.score:  # which runs find the held-out keys: no training, no table
+        for s in seed_list:
+            for name in settings.score.split(','):
+                path = os.path.join(folder, f's{s}', name, 'ckpt.pt')
+                if not os.path.isfile(path):
+                    raise SystemExit(f'--score: {path} does not exist (a run name of STAGES, PARTS or FALLBACK)')
+                accuracy, loss = held_out(path, test)
+                print(f'seed {s}, {name}: {accuracy:.0%} of the held-out keys at {settings.soup_length:,} tokens, '
+                      f'digit loss {-loss:.2f}', flush=True)
+        return
     lines = ['## The recipe (experiments/infini_recipe.py): passkey accuracy by prompt length', '',
              "(s per prompt: with the memory read on, in batches of --batch_size; peak MB: the process's peak "
              "resident memory so far, CPU)", '']

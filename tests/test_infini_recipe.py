@@ -11,7 +11,7 @@ TINY = ['--iters=2,2,2,2', '--n_train=32', '--long_length=512', '--soup_length=5
         '--trials=1', '--depths=0,1']
 
 
-def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_off(tmp_path):
+def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_off(tmp_path, capsys):
     experiment.main([f'--out_dir={tmp_path}', *TINY])
     for name, *_ in experiment.STAGES + experiment.PARTS + experiment.FALLBACK:
         assert os.path.isfile(tmp_path / 's1' / name / 'ckpt.pt')
@@ -32,6 +32,11 @@ def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_
     # without the fallback, the greedy soup is tested whatever it scored
     experiment.main([f'--out_dir={tmp_path}', *TINY, '--fallback=False', '--train=False'])
     assert 'soup of sharp8' not in open(tmp_path / 'results.md').read()
+    # the held-out score of single runs, and nothing else
+    experiment.main([f'--out_dir={tmp_path}', *TINY, '--score=rms_sharp8,sharp8_4k'])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith('seed 1, sharp8_4k: ')
+    with pytest.raises(SystemExit, match='does not exist'):
+        experiment.main([f'--out_dir={tmp_path}', *TINY, '--score=sharp32'])
 
 
 @pytest.mark.parametrize('flag, message', [('--iters=1,2', 'four positive counts'),
