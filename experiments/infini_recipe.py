@@ -20,11 +20,11 @@ stage fine-tunes the one before (train.py --init_from) with a fresh warmup and c
   5. their soup (Wortsman et al. 2022): the mean of their weights keeps what they share. A greedy soup adds the
      parts best first, each only if held-out prompts (another seed's, --soup_length tokens) do not get worse, so
      a part that collapsed cannot spoil the soup. --soup=uniform averages all three.
-  6. the fallback: when the greedy soup misses a held-out key, its parts have no contrast to share at that length.
-     Then four fine-tunes of stage 3 that keep ELU(8x) + 1 train, 1,000 each: on 256-, 1,024- and 4,096-token
-     examples, and on 4,096 with the first write counted up to 1,024 times. Their uniform soup is the model.
-     It reached 256x in every seed the lab measured, and 1M in none (experiments/infini_lab.md): it trades
-     reach for reliability. --fallback=False keeps the greedy soup whatever it scores.
+  6. the fallback: when the greedy soup misses a held-out key, its parts lack the contrast at that length. Then
+     stage 3 is fine-tuned once more, keeping ELU(8x) + 1, for --fallback_iters on 4,096-token examples. Where a
+     soup failed, only parts trained on long examples found keys at 64k (experiments/infini_recipe_notes.md), and
+     longer training on them found more. Of the soup and stage 6, the one that finds more held-out keys at
+     --fallback_length (64k) is tested; a tie keeps the soup. --fallback=False keeps the soup.
 
 The soup is tested with its memory read on and off (A_mem = 0, the control), streamed --chunk tokens at a time
 in bounded memory. Finished stages and measured lengths are reused; a stopped run resumes. Tables go to
@@ -49,13 +49,16 @@ seeds = '1'                    # comma-separated training seeds, trained and tes
 train = True                   # train the stages that have no finished checkpoint
 iters = '6000,6000,1000,1000'  # iterations of stages 1, 2, 3 and of each part of the soup
 n_train = 20000                # training examples per length
-long_length = 4096             # the long examples of sharp16_4k, sharp8_4k and sharp8_4k_boost1023
+long_length = 4096             # the long examples of sharp16_4k and of stage 6
 soup = 'greedy'                # 'greedy': parts that help on held-out prompts; 'uniform': all three
 soup_length = 262144           # the held-out prompts' length for the greedy soup
 soup_trials = 1                # held-out prompts per depth
 soup_seed = 7                  # the held-out prompts' seed (the test prompts use --seed)
-fallback = True                # a greedy soup that misses a held-out key gives way to the ELU(8x) + 1 soup (stage 6)
-score = ''                     # runs of each seed (e.g. rms_sharp8,sharp8_4k): print their held-out scores, then stop
+fallback = True                # a greedy soup that misses a held-out key gives way to stage 6
+fallback_iters = 3000          # stage 6's iterations
+fallback_length = 65536        # stage 6 or the soup: the one that finds more held-out keys this long is kept
+fallback_trials = 2            # held-out prompts per depth for that choice
+score = ''                     # runs of each seed (e.g. rms_sharp8,sharp16_4k): print their held-out scores, then stop
 lengths = '256,1024,4096,16384,65536,262144,1048576'  # test prompt lengths (256 = the training length)
 trials = '20,20,20,10,4,1,1'   # test prompts per depth, one per length (5 depths: 100, ..., 5 prompts)
 depths = '0,0.25,0.5,0.75,1'   # where the passkey sits in the filler
@@ -75,12 +78,8 @@ PARTS = [('sharp16', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=16'], 25
          ('sharp16_4k', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=16'], LONG),
          ('sharp16_gentle', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=16', '--learning_rate=5e-4',
                                            '--min_lr=5e-5'], 256)]
-# stage 6, the fallback: the lab's four fourth stages with ELU(8x) + 1 (infini_lab.md, "A soup of the fourth stages")
-FALLBACK = [('sharp8_more', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=8'], 256),
-            ('sharp8_1k', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=8'], 1024),
-            ('sharp8_4k', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=8'], LONG),
-            ('sharp8_4k_boost1023', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=8', '--memory_boost=1023'],
-             LONG)]
+# stage 6, the fallback: ELU(8x) + 1 on long examples, longer than a part
+FALLBACK = [('sharp8_4k_long', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=8'], LONG)]
 
 
 def train_stages(settings, counts, folder, s, runs):
@@ -93,7 +92,8 @@ def train_stages(settings, counts, folder, s, runs):
         flags = flags + ([f'--block_size={n}', f'--batch_size={max(1, 16 * 256 // n)}'] if n != 256 else [])
         base_ckpt = os.path.join(folder, f's{s}', base, 'ckpt.pt') if base else None
         i = [r[0] for r in STAGES].index(name) if any(name == r[0] for r in STAGES) else 3
-        train_run(os.path.join(folder, f's{s}', name), flags, s, counts[i], data, base_ckpt)
+        iters = settings.fallback_iters if name == FALLBACK[0][0] else counts[i]
+        train_run(os.path.join(folder, f's{s}', name), flags, s, iters, data, base_ckpt)
 
 
 def held_out(ckpt, settings):
@@ -159,9 +159,9 @@ def trained(folder, s, runs):
     return all(os.path.isfile(os.path.join(folder, f's{s}', name, 'ckpt.pt')) for name, *_ in runs)
 
 
-def table(s, result, minutes, chosen, length_list):
+def table(s, result, minutes, model, length_list):
     """Markdown: one row per length, the memory read on and off."""
-    lines = [f'### Seed {s}: soup of {", ".join(chosen)}; {minutes:.0f} minutes of training', '',
+    lines = [f'### Seed {s}: {model}; {minutes:.0f} minutes of training', '',
              '| length | prompts | read on: accuracy / digit loss | read off (A_mem = 0) | s per prompt (on) '
              '| peak MB |',
              '|---:|---:|---:|---:|---:|---:|']
@@ -182,6 +182,8 @@ def main(argv):
     counts = parse_list('iters', settings.iters, int)
     if len(counts) != 4 or min(counts) < 1:
         raise SystemExit(f'--iters={settings.iters}: four positive counts (stages 1, 2, 3 and each part)')
+    if settings.fallback_iters < 1:
+        raise SystemExit(f'--fallback_iters={settings.fallback_iters}: a positive count')
     if settings.soup not in ('greedy', 'uniform'):
         raise SystemExit(f"--soup={settings.soup}: 'greedy' or 'uniform'")
     folder = settings.out_dir if os.path.isabs(settings.out_dir) else os.path.join(ROOT, settings.out_dir)
@@ -207,20 +209,28 @@ def main(argv):
             print(f'seed {s}: not trained yet (python experiments/infini_recipe.py --seeds={s})')
             continue
         run_dir, chosen, accuracy = make_recipe_soup(test, folder, s)
-        runs = STAGES + PARTS
+        runs, model = STAGES + PARTS, f'soup of {", ".join(chosen)}'
         if settings.fallback and accuracy is not None and accuracy < 1:
-            print(f'seed {s}: the greedy soup finds {accuracy:.0%} of the held-out keys; stage 6, the soup of the '
-                  'ELU(8x) + 1 fine-tunes, takes its place', flush=True)
+            print(f'seed {s}: the greedy soup finds {accuracy:.0%} of the held-out keys; stage 6 trains', flush=True)
             if settings.train:
                 train_stages(settings, counts, folder, s, FALLBACK)
             if not trained(folder, s, FALLBACK):
                 print(f'seed {s}: stage 6 not trained yet (python experiments/infini_recipe.py --seeds={s})')
                 continue
-            run_dir = os.path.join(folder, f's{s}', 'soup_sharp8')
-            make_soup([os.path.join(folder, f's{s}', name, 'ckpt.pt') for name, *_ in FALLBACK], run_dir)
-            chosen, runs = [name for name, *_ in FALLBACK], runs + FALLBACK
+            runs = runs + FALLBACK
+            # the model that finds more held-out keys at --fallback_length is kept; a tie keeps the soup
+            check = types.SimpleNamespace(**{**vars(test), 'soup_length': settings.fallback_length,
+                                             'soup_trials': settings.fallback_trials})
+            stage6 = os.path.join(folder, f's{s}', FALLBACK[0][0])
+            soup_score, stage6_score = (held_out(os.path.join(d, 'ckpt.pt'), check) for d in (run_dir, stage6))
+            print(f'seed {s}: held-out keys at {settings.fallback_length:,} tokens: the soup {soup_score[0]:.0%}, '
+                  f'stage 6 {stage6_score[0]:.0%}', flush=True)
+            if stage6_score > soup_score:
+                run_dir, model = stage6, f'stage 6, {FALLBACK[0][0]}'
+            else:
+                model += ', kept over stage 6'
         result = evaluate_checkpoint(os.path.join(run_dir, 'ckpt.pt'), test)
-        lines += table(s, result, train_minutes(folder, s, runs), chosen, length_list)
+        lines += table(s, result, train_minutes(folder, s, runs), model, length_list)
         print('\n'.join(lines[-len(length_list) - 5:]), flush=True)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, 'results.md'), 'w') as f:

@@ -7,7 +7,7 @@ import pytest
 from experiments import infini_recipe as experiment
 
 
-TINY = ['--iters=2,2,2,2', '--n_train=32', '--long_length=512', '--soup_length=512', '--lengths=256,512',
+TINY = ['--iters=2,2,2,2', '--fallback_iters=2', '--fallback_length=512', '--fallback_trials=1', '--n_train=32', '--long_length=512', '--soup_length=512', '--lengths=256,512',
         '--trials=1', '--depths=0,1']
 
 
@@ -17,10 +17,12 @@ def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_
         assert os.path.isfile(tmp_path / 's1' / name / 'ckpt.pt')
     greedy = json.load(open(tmp_path / 's1' / 'soup_greedy' / 'greedy.json'))
     assert 1 <= len(greedy['chosen']) <= 3 and len(greedy['scores']) == 5  # 3 parts, then 2 trial soups
-    # two iterations find no held-out key, so the soup of the four ELU(8x) + 1 fine-tunes is tested instead
-    assert greedy['accuracy'] < 1 and os.path.isfile(tmp_path / 's1' / 'soup_sharp8' / 'ckpt.pt')
+    # two iterations find no held-out key, so stage 6 trains, and the one of the two that does better is tested
+    assert greedy['accuracy'] < 1 and os.path.isfile(tmp_path / 's1' / 'sharp8_4k_long' / 'ckpt.pt')
+    assert 'seed 1: held-out keys at 512 tokens: the soup 0%, stage 6 0%' in capsys.readouterr().out
     text = open(tmp_path / 'results.md').read()
-    assert '### Seed 1: soup of sharp8_more, sharp8_1k' in text and '| 512 (2x) | 2 |' in text
+    assert ('### Seed 1: stage 6, sharp8_4k_long;' in text or ', kept over stage 6;' in text)
+    assert '| 512 (2x) | 2 |' in text
     # everything is reused: a second run trains and chooses nothing, and writes the same table
     mtime = os.path.getmtime(tmp_path / 's1' / 'soup_greedy' / 'greedy.json')
     experiment.main([f'--out_dir={tmp_path}', *TINY])
@@ -31,10 +33,10 @@ def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_
     assert json.load(open(tmp_path / 's1' / 'soup_greedy' / 'greedy.json'))['length'] == 256
     # without the fallback, the greedy soup is tested whatever it scored
     experiment.main([f'--out_dir={tmp_path}', *TINY, '--fallback=False', '--train=False'])
-    assert 'soup of sharp8' not in open(tmp_path / 'results.md').read()
+    assert '### Seed 1: soup of ' in open(tmp_path / 'results.md').read()
     # the held-out score of single runs, and nothing else
-    experiment.main([f'--out_dir={tmp_path}', *TINY, '--score=rms_sharp8,sharp8_4k'])
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith('seed 1, sharp8_4k: ')
+    experiment.main([f'--out_dir={tmp_path}', *TINY, '--score=rms_sharp8,sharp8_4k_long'])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith('seed 1, sharp8_4k_long: ')
     with pytest.raises(SystemExit, match='does not exist'):
         experiment.main([f'--out_dir={tmp_path}', *TINY, '--score=sharp32'])
 
