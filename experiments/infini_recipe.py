@@ -26,9 +26,9 @@ stage fine-tunes the one before (train.py --init_from) with a fresh warmup and c
      longer training on them found more. Of the soup and stage 6, the one that finds more held-out keys at
      --fallback_length (64k) is tested; a tie keeps the soup. --fallback=False keeps the soup.
 
-The soup is tested with its memory read on and off (A_mem = 0, the control), streamed --chunk tokens at a time
-in bounded memory. Finished stages and measured lengths are reused; a stopped run resumes. Tables go to
-out_dir/results.md. One process at a time; set OMP_NUM_THREADS to the cores you give it.
+The model kept (the soup, or stage 6) is tested with its memory read on and off (A_mem = 0, the control),
+streamed --chunk tokens at a time in bounded memory. Finished stages and measured lengths are reused; a stopped
+run resumes. Tables go to out_dir/results.md. One process at a time; set OMP_NUM_THREADS to the cores you give it.
 """
 import json
 import os
@@ -125,8 +125,8 @@ def make_recipe_soup(settings, folder, s):
     log_path = os.path.join(run_dir, 'greedy.json')
     held = dict(length=settings.soup_length, trials=settings.soup_trials, seed=settings.soup_seed)
     before = json.load(open(log_path)) if os.path.isfile(log_path) else {}
-    if {k: before.get(k) for k in held} == held and 'accuracy' in before and all(os.path.getmtime(p) <= os.path.getmtime(log_path)
-                                                        for p in parts):
+    fresh = all(os.path.getmtime(p) <= os.path.getmtime(log_path) for p in parts) if before else False
+    if fresh and {k: before.get(k) for k in held} == held and 'accuracy' in before:
         chosen, accuracy = before['chosen'], before['accuracy']  # chosen from these parts and prompts before
     else:
         scores = {p: held_out(p, settings) for p in parts}
@@ -211,7 +211,7 @@ def main(argv):
         run_dir, chosen, accuracy = make_recipe_soup(test, folder, s)
         runs, model = STAGES + PARTS, f'soup of {", ".join(chosen)}'
         if settings.fallback and accuracy is not None and accuracy < 1:
-            print(f'seed {s}: the greedy soup finds {accuracy:.0%} of the held-out keys; stage 6 trains', flush=True)
+            print(f'seed {s}: the greedy soup finds {accuracy:.0%} of the held-out keys; stage 6 is tried', flush=True)
             if settings.train:
                 train_stages(settings, counts, folder, s, FALLBACK)
             if not trained(folder, s, FALLBACK):

@@ -7,7 +7,8 @@ import pytest
 from experiments import infini_recipe as experiment
 
 
-TINY = ['--iters=2,2,2,2', '--fallback_iters=2', '--fallback_length=512', '--fallback_trials=1', '--n_train=32', '--long_length=512', '--soup_length=512', '--lengths=256,512',
+TINY = ['--iters=2,2,2,2', '--fallback_iters=2', '--fallback_length=512', '--fallback_trials=1',
+        '--n_train=32', '--long_length=512', '--soup_length=512', '--lengths=256,512',
         '--trials=1', '--depths=0,1']
 
 
