@@ -23,8 +23,8 @@ Timings: warm-up runs first, then the median of `repeats` runs, synchronised on 
 import dataclasses
 import math
 import os
-import statistics
 import signal
+import statistics
 import sys
 import time
 

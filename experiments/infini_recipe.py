@@ -80,20 +80,19 @@ PARTS = [('sharp16', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=16'], 25
                                            '--min_lr=5e-5'], 256)]
 # stage 6, the fallback: ELU(8x) + 1 on long examples, longer than a part
 FALLBACK = [('sharp8_4k_long', 'rms_sharp8', ['--read_norm=rms', '--feature_scale=8'], LONG)]
+STAGE6 = FALLBACK[0][0]
 
 
-def train_stages(settings, counts, folder, s, runs):
-    """Train every run of seed s in runs (STAGES, PARTS or FALLBACK) that is not finished, in order; counts: --iters
-    (stages 1, 2, 3, then each part)."""
-    for name, base, flags, length in runs:
+def train_stages(settings, folder, s, runs, iters):
+    """Train every run of seed s in runs (STAGES, PARTS or FALLBACK) that is not finished, in order, each for its
+    count in iters."""
+    for (name, base, flags, length), count in zip(runs, iters):
         n = settings.long_length if length == LONG else length
         data = prepare('passkey', os.path.join(folder, f'data{n}'),
                        [f'--length={n}', f'--n_train={settings.n_train}', '--n_val=200'])
         flags = flags + ([f'--block_size={n}', f'--batch_size={max(1, 16 * 256 // n)}'] if n != 256 else [])
         base_ckpt = os.path.join(folder, f's{s}', base, 'ckpt.pt') if base else None
-        i = [r[0] for r in STAGES].index(name) if any(name == r[0] for r in STAGES) else 3
-        iters = settings.fallback_iters if name == FALLBACK[0][0] else counts[i]
-        train_run(os.path.join(folder, f's{s}', name), flags, s, iters, data, base_ckpt)
+        train_run(os.path.join(folder, f's{s}', name), flags, s, count, data, base_ckpt)
 
 
 def held_out(ckpt, settings):
@@ -194,7 +193,7 @@ def main(argv):
             for name in settings.score.split(','):
                 path = os.path.join(folder, f's{s}', name, 'ckpt.pt')
                 if not os.path.isfile(path):
-                    raise SystemExit(f'--score: {path} does not exist (a run name of STAGES, PARTS or FALLBACK)')
+                    raise SystemExit(f'--score: {path} does not exist (name a run or soup folder of seed {s})')
                 accuracy, loss = held_out(path, test)
                 print(f'seed {s}, {name}: {accuracy:.0%} of the held-out keys at {settings.soup_length:,} tokens, '
                       f'digit loss {-loss:.2f}', flush=True)
@@ -204,7 +203,7 @@ def main(argv):
              "resident memory so far, CPU)", '']
     for s in seed_list:
         if settings.train:
-            train_stages(settings, counts, folder, s, STAGES + PARTS)
+            train_stages(settings, folder, s, STAGES + PARTS, counts[:3] + counts[3:] * len(PARTS))
         if not trained(folder, s, PARTS):
             print(f'seed {s}: not trained yet (python experiments/infini_recipe.py --seeds={s})')
             continue
@@ -213,7 +212,7 @@ def main(argv):
         if settings.fallback and accuracy is not None and accuracy < 1:
             print(f'seed {s}: the greedy soup finds {accuracy:.0%} of the held-out keys; stage 6 is tried', flush=True)
             if settings.train:
-                train_stages(settings, counts, folder, s, FALLBACK)
+                train_stages(settings, folder, s, FALLBACK, [settings.fallback_iters])
             if not trained(folder, s, FALLBACK):
                 print(f'seed {s}: stage 6 not trained yet (python experiments/infini_recipe.py --seeds={s})')
                 continue
@@ -221,12 +220,12 @@ def main(argv):
             # the model that finds more held-out keys at --fallback_length is kept; a tie keeps the soup
             check = types.SimpleNamespace(**{**vars(test), 'soup_length': settings.fallback_length,
                                              'soup_trials': settings.fallback_trials})
-            stage6 = os.path.join(folder, f's{s}', FALLBACK[0][0])
+            stage6 = os.path.join(folder, f's{s}', STAGE6)
             soup_score, stage6_score = (held_out(os.path.join(d, 'ckpt.pt'), check) for d in (run_dir, stage6))
             print(f'seed {s}: held-out keys at {settings.fallback_length:,} tokens: the soup {soup_score[0]:.0%}, '
                   f'stage 6 {stage6_score[0]:.0%}', flush=True)
             if stage6_score > soup_score:
-                run_dir, model = stage6, f'stage 6, {FALLBACK[0][0]}'
+                run_dir, model = stage6, f'stage 6, {STAGE6}'
             else:
                 model += ', kept over stage 6'
         result = evaluate_checkpoint(os.path.join(run_dir, 'ckpt.pt'), test)
