@@ -70,7 +70,10 @@ else
   in_long="256k"
   infini_long="1M"
   iters=60
-  tests=""
+  # the files that run differently on a GPU first (native kernels; a real out-of-memory), then the rest; the CPU
+  # dry runs of this script last, since they are the CPU's check of it
+  tests="tests/test_kernels.py tests/test_bench.py $(ls tests/test_*.py | grep -vx -e tests/test_kernels.py \
+    -e tests/test_bench.py -e tests/test_gpu_check.py | tr '\n' ' ')tests/test_gpu_check.py"
 fi
 
 summary="$res/summary.txt"
@@ -145,8 +148,9 @@ step bench-infini-8gb 20 python bench.py $gpt2 --attentions=infini --contexts=$i
   --repeats=1 --vram_gb=8 --case_seconds=15 --out_dir="$res/bench-infini-8gb"
 note "$(rows "$res/bench-infini-8gb/bench_speed.csv") of 2 cases"
 
-# 6. The test suite, natively (kernel tests in bf16, fp16, fp32; the CUDA out-of-memory test). No -x: one
-#    failure hides nothing else; TEST_TIMEOUT (tests/conftest.py) fails one test that runs past 30 s.
+# 6. The test suite, natively (kernel tests in bf16, fp16, fp32; the CUDA out-of-memory test), those files first:
+#    the whole suite may not fit in the limit. No -x: one failure hides nothing else; TEST_TIMEOUT
+#    (tests/conftest.py) fails one test that runs past 30 s.
 step pytest 80 env TEST_TIMEOUT=30 python -m pytest -q -rfE -p no:cacheprovider $tests
 note "$(grep -E '(passed|failed|error)' "$res/pytest.log" | tail -n 1)"
 

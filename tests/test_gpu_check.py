@@ -123,3 +123,17 @@ def test_test_timeout_fails_one_test_and_runs_the_next(tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert 'FAILED test_hang.py::test_hangs - Failed: took longer than TEST_TIMEOUT=1 s' in result.stdout
     assert '1 failed, 1 passed' in result.stdout
+
+
+@needs_bash
+def test_on_a_gpu_the_suite_starts_with_the_kernel_tests_and_keeps_every_file():
+    """The GPU run's pytest step may stop at its limit: it runs the files that differ on a GPU first, the script's
+    own CPU dry runs last, and every test file once (the --tiny dry run never runs this branch)."""
+    text = open(os.path.join(ROOT, 'gpu_check.sh')).read()
+    statement = re.search(r'^  tests="tests/test_kernels\.py.*?"$', text, re.M | re.S).group(0)
+    files = subprocess.run(['bash', '-c', statement + '\necho $tests'], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert files[:2] == ['tests/test_kernels.py', 'tests/test_bench.py'] and files[-1] == 'tests/test_gpu_check.py'
+    every = sorted(f'tests/{name}' for name in os.listdir(os.path.join(ROOT, 'tests'))
+                   if name.startswith('test_') and name.endswith('.py'))
+    assert sorted(files) == every
