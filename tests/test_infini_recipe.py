@@ -22,7 +22,7 @@ def test_the_recipe_trains_every_stage_then_tests_its_soup_with_the_read_on_and_
     assert greedy['accuracy'] < 1 and os.path.isfile(tmp_path / 's1' / 'sharp8_4k_long' / 'ckpt.pt')
     assert 'seed 1: held-out keys at 512 tokens: the soup 0%, stage 6 0%' in capsys.readouterr().out
     text = open(tmp_path / 'results.md').read()
-    assert ('### Seed 1: stage 6, sharp8_4k_long;' in text or ', kept over stage 6;' in text)
+    assert ', kept over stage 6;' in text  # both find no key: a tie keeps the soup
     assert '| 512 (2x) | 2 |' in text
     # everything is reused: a second run trains and chooses nothing, and writes the same table
     mtime = os.path.getmtime(tmp_path / 's1' / 'soup_greedy' / 'greedy.json')
